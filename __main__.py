@@ -1,0 +1,8 @@
+"""``python -m comfy_finetune``: the headless runner."""
+
+import sys
+
+from .runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

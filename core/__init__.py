@@ -1,0 +1,1 @@
+"""Plain-Python core of comfyui-finetune. Nothing in this package imports ComfyUI."""

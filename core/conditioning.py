@@ -1,0 +1,158 @@
+"""Prompt → conditioning tensors, with ComfyUI's weighting, chunking and embedding rules.
+
+Run inside :meth:`ModelHandle.patched` so LoRAs on the text encoders take effect.
+Per encoder: the prompt is cut into 77-token windows (:mod:`.prompt_syntax`), all windows
+are encoded in one batch, the conditioning layer is picked per family (SD 1.x / 2.x: last
+layer with final layer norm; SDXL: penultimate layer without it), weights are applied as
+``z_empty + w * (z - z_empty)`` (ComfyUI's ``ClipTokenWeightEncoder``), and the windows are
+concatenated on the token axis. SDXL concatenates CLIP-L and bigG on the channel axis and
+takes the pooled output of bigG's first window.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .embeddings import Embedding, find_embedding_file, inject, load_embedding_file
+from .errors import FinetuneError
+from .families import Family
+from .prompt_syntax import Token, chunk_count_equalize, tokenize_chunks
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .handle import ModelHandle
+
+log = logging.getLogger("comfy_finetune")
+
+
+@dataclass
+class Conditioning:
+    cond: "torch.Tensor"  # [1, 77*k, D]
+    pooled: "torch.Tensor | None" = None  # [1, P] (SDXL)
+
+
+class PromptEncoder:
+    """Encodes prompts for one (patched) handle; caches embedding files it loaded."""
+
+    def __init__(self, handle: "ModelHandle", *, node: str = "Sample", input: str = "prompt") -> None:
+        self.handle = handle
+        self.base = handle.base
+        self.node = node
+        self.input = input
+        self.widths = [int(te.config.hidden_size) for te in self.base.text_encoders]
+        self._embeddings: dict[str, Embedding | None] = {}
+
+    # ------------------------------------------------------------------ embeddings
+    def embedding(self, name: str) -> Embedding | None:
+        if name in self._embeddings:
+            return self._embeddings[name]
+        emb = self.handle.embeddings.get(name)
+        if emb is None:
+            path = find_embedding_file(name)
+            if path is not None:
+                try:
+                    emb = load_embedding_file(path, self.widths)
+                except FinetuneError as exc:
+                    raise FinetuneError(f"embedding:{name}: {exc.detail}", node=self.node, input=self.input,
+                                        fix=exc.fix) from exc
+        self._embeddings[name] = emb
+        return emb
+
+    def _missing(self, name: str) -> None:
+        raise FinetuneError(f"embedding:{name} was not found in models/embeddings or among this model's embeddings",
+                            node=self.node, input=self.input,
+                            fix="check the name (sub-folders allowed, extension optional) or remove it from the prompt")
+
+    # ------------------------------------------------------------------ encoding
+    def tokenize(self, text: str) -> list[list[list[Token]]]:
+        """Chunks per encoder, equal in count across encoders."""
+        per_encoder = []
+        for i, tok in enumerate(self.base.tokenizers):
+            comp = f"te{i + 1}"
+            pad_kind = self.base.info.te_pad_ids[min(i, len(self.base.info.te_pad_ids) - 1)]
+            pad = tok.eos_token_id if pad_kind == "eos" else 0
+
+            def size(name: str, comp=comp) -> int | None:
+                emb = self.embedding(name)
+                if emb is None:
+                    return None
+                vec = emb.vectors.get(comp)
+                return None if vec is None else int(vec.shape[0])
+
+            def tokenize(s: str, tok=tok) -> list[int]:
+                return list(tok(s, add_special_tokens=False, truncation=False).input_ids)
+
+            chunks = tokenize_chunks(text, tokenize, bos=tok.bos_token_id, eos=tok.eos_token_id, pad=pad,
+                                     embedding_size=size, placeholder=0, on_missing_embedding=self._missing)
+            per_encoder.append((chunks, tok.bos_token_id, tok.eos_token_id, pad))
+        if len(per_encoder) == 2:
+            (a, *sa), (b, *sb) = per_encoder
+            a, b = chunk_count_equalize(a, b, bos=sa[0], eos=sa[1], pad=sa[2]) if len(a) < len(b) else (a, b)
+            b, a = chunk_count_equalize(b, a, bos=sb[0], eos=sb[1], pad=sb[2]) if len(b) < len(a) else (b, a)
+            return [a, b]
+        return [per_encoder[0][0]]
+
+    def encode(self, text: str) -> Conditioning:
+        import torch  # noqa: PLC0415
+
+        chunks_per_encoder = self.tokenize(text)
+        conds, pooled = [], None
+        for i, chunks in enumerate(chunks_per_encoder):
+            hidden, pool = self._encode_chunks(i, chunks)
+            conds.append(hidden.reshape(1, -1, hidden.shape[-1]))
+            if i == 1:
+                pooled = pool[:1]
+        cond = torch.cat(conds, dim=-1) if len(conds) > 1 else conds[0]
+        return Conditioning(cond=cond, pooled=pooled)
+
+    def _encode_chunks(self, index: int, chunks: list[list[Token]]):
+        import torch  # noqa: PLC0415
+
+        te = self.base.text_encoders[index]
+        comp = f"te{index + 1}"
+        device = next(te.parameters()).device
+        ids = torch.tensor([[t.id for t in ch] for ch in chunks], dtype=torch.long, device=device)
+        weights = torch.tensor([[t.weight for t in ch] for ch in chunks], dtype=torch.float32, device=device)
+        repl = []
+        for b, ch in enumerate(chunks):
+            for pos, t in enumerate(ch):
+                if t.embedding is not None:
+                    emb = self.embedding(t.embedding)
+                    repl.append((b, pos, emb.vectors[comp][t.vector]))
+        hidden, pooled = self._run(te, index, ids, repl)
+        if bool((weights != 1.0).any()):
+            tok = self.base.tokenizers[index]
+            pad = chunks[0][-1].id if chunks[0][-1].id in (0, tok.eos_token_id) else tok.eos_token_id
+            empty = torch.full_like(ids[:1], pad)
+            empty[0, 0], empty[0, 1] = tok.bos_token_id, tok.eos_token_id
+            z_empty, _ = self._run(te, index, empty, [])
+            w = weights.to(hidden.dtype).unsqueeze(-1)
+            hidden = z_empty + w * (hidden - z_empty)
+        return hidden, pooled
+
+    def _run(self, te, index: int, ids, repl):
+        layer = self.base.info.te_layers[min(index, len(self.base.info.te_layers) - 1)]
+        with inject(te.get_input_embeddings(), repl):
+            out = te(input_ids=ids, output_hidden_states=layer != -1)
+        if layer == -1:
+            hidden = out.last_hidden_state  # includes the final layer norm
+        else:
+            hidden = out.hidden_states[layer]
+            if self.base.info.te_final_norm:  # pragma: no cover - no family uses this combination today
+                hidden = te.text_model.final_layer_norm(hidden)
+        pooled = getattr(out, "text_embeds", None)
+        if pooled is None:
+            pooled = getattr(out, "pooler_output", None)
+        return hidden, pooled
+
+
+def encode_prompt(handle: "ModelHandle", text: str, **kwargs) -> Conditioning:
+    """Encode ``text`` with the handle's (already patched) text encoders."""
+    return PromptEncoder(handle, **kwargs).encode(text)
+
+
+def is_sdxl(handle: "ModelHandle") -> bool:
+    return handle.family is Family.SDXL

@@ -1,0 +1,117 @@
+"""Textual-inversion embeddings: reading every common file layout, and injecting vectors.
+
+An :class:`Embedding` holds one ``[N, width]`` tensor per text encoder (``te1``; ``te2`` for
+SDXL's bigG). Prompts name them ``embedding:<name>`` (ComfyUI syntax). The vectors never
+enter the tokenizer or the embedding table: pseudo-tokens are encoded with a placeholder id
+and a forward hook on the encoder's token-embedding layer swaps in the vectors, so the base
+model and its tokenizer stay untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from .errors import FinetuneError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    name: str
+    vectors: dict  # "te1" -> Tensor[N, 768/1024/...], "te2" -> Tensor[N, 1280]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_vectors(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+
+def _as_2d(t):
+    return t.unsqueeze(0) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
+
+
+def embedding_from_state_dict(name: str, sd: dict, widths: list[int], metadata: dict | None = None) -> Embedding:
+    """Pick the vectors for each encoder width from any known layout (formats.md 3)."""
+    import torch  # noqa: PLC0415
+
+    if "string_to_param" in sd and isinstance(sd["string_to_param"], dict):  # A1111 .pt
+        sd = {"emb_params": next(iter(sd["string_to_param"].values()))}
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise FinetuneError(f"embedding '{name}' holds no tensors", input="embedding",
+                            fix="check that the file is a textual-inversion embedding")
+    vectors: dict[str, torch.Tensor] = {}
+    keyed = {"clip_l": "te1", "clip_h": "te1", "clip_g": "te2"}
+    for key, comp in keyed.items():
+        if key in tensors:
+            vectors.setdefault(comp, _as_2d(tensors[key]).float())
+    if not vectors:
+        first = _as_2d(next(iter(tensors.values()))).float()
+        vectors["te1"] = first
+    # SDXL: a 1-encoder embedding made for SD 1.x (768 wide) works on CLIP-L only, as in ComfyUI.
+    for comp, width in zip(("te1", "te2"), widths):
+        vec = vectors.get(comp)
+        if vec is not None and vec.shape[-1] != width:
+            got = vec.shape[-1]
+            raise FinetuneError(
+                f"embedding '{name}' has vectors of size {got}, but this model's text encoder "
+                f"{comp[-1]} expects {width} (it was made for another model family)",
+                input="embedding", fix="use an embedding trained for this model family")
+    return Embedding(name=name, vectors=vectors, metadata=dict(metadata or {}))
+
+
+def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
+    from .loading import read_state_dict  # noqa: PLC0415
+
+    path = Path(path)
+    sd, metadata = read_state_dict(path, node="Sample", input="prompt")
+    if not sd and path.suffix.lower() not in (".safetensors", ".sft"):
+        raise FinetuneError(f"'{path.name}' holds no tensors", input="prompt")
+    return embedding_from_state_dict(path.stem, sd, widths, metadata)
+
+
+def find_embedding_file(name: str) -> Path | None:
+    """``embedding:name`` → a file under models/embeddings (sub-folders searched, extension optional)."""
+    from .. import host  # noqa: PLC0415
+
+    name = name.strip().rstrip(",")
+    candidates = [name] + [name + ext for ext in EMBEDDING_EXTENSIONS]
+    for cand in candidates:
+        path = host.resolve_model("embeddings", cand)
+        if path is not None and path.is_file():
+            return path
+    stem = Path(name).name
+    for rel in host.list_files("embeddings", EMBEDDING_EXTENSIONS):
+        if Path(rel).stem == stem or Path(rel).name == stem:
+            return host.resolve_model("embeddings", rel)
+    return None
+
+
+@contextmanager
+def inject(token_embedding: "torch.nn.Module", replacements: list[tuple[int, int, "torch.Tensor"]]) -> Iterator[None]:
+    """Within the block, the output of ``token_embedding`` at (batch, position) is replaced by a vector.
+
+    Gradients flow into the vectors (textual-inversion training uses the same path).
+    """
+    if not replacements:
+        yield
+        return
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        for b, pos, vec in replacements:
+            output[b, pos] = vec.to(device=output.device, dtype=output.dtype)
+        return output
+
+    handle = token_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,147 @@
+"""The model handle (``FT_PIPE``): shared base weights plus an ordered list of patches.
+
+ComfyUI caches every node output and hands the same object to every consumer, so a node
+must never change what it receives. A :class:`ModelHandle` therefore never owns weights:
+it points at a :class:`BaseModel` (loaded once, shared by every handle made from it) and
+carries an immutable tuple of patches. ``AddLoRA`` returns ``handle.with_patch(...)``, a new
+handle over the same base. Patches touch the base weights only inside
+:meth:`ModelHandle.patched`, which merges every LoRA delta (in fp32, rounded back to the
+weight dtype) and puts the original tensors back, bit for bit, when the block exits - also on
+errors and cancel. A lock per base keeps two patched sections from overlapping.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterator, Union
+
+from .families import Family, FamilyInfo, info
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .embeddings import Embedding
+    from .lora import LoraWeights
+
+
+@dataclass(eq=False)
+class BaseModel:
+    """Loaded components of one checkpoint. Shared; only :meth:`ModelHandle.patched` changes weights, temporarily."""
+
+    family: Family
+    prediction_type: str  # "epsilon" or "v_prediction"
+    unet: Any
+    vae: Any
+    text_encoders: list  # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection] for SDXL
+    tokenizers: list
+    scheduler_config: dict
+    dtype: "torch.dtype"
+    device: "torch.device"
+    source: str  # file or folder it came from, or a built-in name
+    label: str = ""  # short name for messages and metadata
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def info(self) -> FamilyInfo:
+        return info(self.family)
+
+    def component(self, name: str):
+        """``unet``, ``te1`` or ``te2``."""
+        if name == "unet":
+            return self.unet
+        index = {"te1": 0, "te2": 1}[name]
+        if index >= len(self.text_encoders):
+            raise KeyError(name)
+        return self.text_encoders[index]
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return ("unet",) + tuple(f"te{i + 1}" for i in range(len(self.text_encoders)))
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    lora: "LoraWeights"
+    strength_unet: float = 1.0
+    strength_text: float = 1.0
+
+
+@dataclass(frozen=True)
+class EmbeddingPatch:
+    embedding: "Embedding"
+
+
+Patch = Union[LoraPatch, EmbeddingPatch]
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """What flows along ``FT_PIPE`` links: a base model and the patches to apply on top of it."""
+
+    base: BaseModel
+    patches: tuple[Patch, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        return self.base.family
+
+    def with_patch(self, patch: Patch) -> "ModelHandle":
+        """A new handle with ``patch`` appended; this one is unchanged."""
+        return replace(self, patches=self.patches + (patch,))
+
+    @property
+    def loras(self) -> tuple[LoraPatch, ...]:
+        return tuple(p for p in self.patches if isinstance(p, LoraPatch))
+
+    @property
+    def embeddings(self) -> dict[str, "Embedding"]:
+        """Embeddings carried by this handle, by name (later patches win)."""
+        return {p.embedding.name: p.embedding for p in self.patches if isinstance(p, EmbeddingPatch)}
+
+    def describe(self) -> str:
+        parts = [self.base.label or self.base.source]
+        for p in self.loras:
+            parts.append(f"+ LoRA {p.lora.name} ({p.strength_unet:g}/{p.strength_text:g})")
+        for name in self.embeddings:
+            parts.append(f"+ embedding {name}")
+        return " ".join(parts)
+
+    @contextmanager
+    def patched(self) -> Iterator["ModelHandle"]:
+        """Merge this handle's LoRAs into the base weights for the duration of the block."""
+        import torch  # noqa: PLC0415
+
+        with self.base.lock:
+            saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            try:
+                with torch.no_grad():
+                    for param, delta in self._lora_deltas():
+                        original = param.data
+                        merged = (original.float() + delta.to(device=original.device)).to(original.dtype)
+                        saved.append((param, original))
+                        param.data = merged
+                yield self
+            finally:
+                for param, original in reversed(saved):
+                    param.data = original
+
+    def _lora_deltas(self) -> Iterator[tuple["torch.nn.Parameter", "torch.Tensor"]]:
+        """Sum every LoRA's delta per target weight (fp32) and yield (parameter, delta)."""
+        totals: dict[tuple[str, str], Any] = {}
+        for patch in self.loras:
+            for (component, path), module in patch.lora.modules.items():
+                strength = patch.strength_unet if component == "unet" else patch.strength_text
+                if strength == 0:
+                    continue  # exactly no effect
+                try:
+                    model = self.base.component(component)
+                except KeyError:
+                    continue
+                param = model.get_submodule(path).weight
+                delta = module.delta(strength).reshape(param.shape)
+                key = (component, path)
+                totals[key] = delta if key not in totals else totals[key] + delta
+        for (component, path), delta in totals.items():
+            yield self.base.component(component).get_submodule(path).weight, delta

@@ -1,0 +1,191 @@
+"""Sampling: ComfyUI sampler/scheduler names mapped to diffusers schedulers, and the denoising loop.
+
+The loop is the plain text-to-image loop of diffusers' SD pipelines (scale the input,
+predict, classifier-free guidance ``uncond + cfg * (cond - uncond)``, scheduler step), run
+on our patched handle. Noise follows ComfyUI: the whole batch drawn on the CPU from
+``torch.manual_seed(seed)``, so a seed gives the same image on any device and batch item
+``i`` of a batch is reproducible. Every call builds a fresh scheduler (they keep state).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .errors import FinetuneError
+from .families import Family
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .handle import ModelHandle
+
+# ComfyUI sampler name -> (diffusers scheduler class, extra config)   (formats.md 5, last tables)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False}),
+    "ddpm": ("DDPMScheduler", {}),
+    # ComfyUI's uni_pc is the bh1 variant, but diffusers 0.42's bh1 update produces NaNs; bh2 is close.
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+# ComfyUI scheduler name -> diffusers config options
+SCHEDULES: dict[str, dict] = {
+    "normal": {"timestep_spacing": "linspace"},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+    "simple": {"timestep_spacing": "trailing"},
+    "ddim_uniform": {"timestep_spacing": "leading", "steps_offset": 1},
+}
+
+SAMPLER_NAMES = tuple(SAMPLERS)
+SCHEDULER_NAMES = tuple(SCHEDULES)
+_RESET_SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def make_scheduler(base_config: dict, sampler: str, schedule: str, *, node: str = "Sample"):
+    """A new diffusers scheduler for a ComfyUI sampler + scheduler pair over the model's noise schedule."""
+    import diffusers  # noqa: PLC0415
+
+    if sampler not in SAMPLERS:
+        raise FinetuneError(f"unknown sampler '{sampler}'", node=node, input="sampler_name",
+                            fix=f"use one of: {', '.join(SAMPLER_NAMES)}")
+    if schedule not in SCHEDULES:
+        raise FinetuneError(f"unknown scheduler '{schedule}'", node=node, input="scheduler",
+                            fix=f"use one of: {', '.join(SCHEDULER_NAMES)}")
+    cls_name, extra = SAMPLERS[sampler]
+    cls = getattr(diffusers, cls_name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    options = SCHEDULES[schedule]
+    unsupported = [k for k, v in options.items() if k not in accepted and v is True]
+    if unsupported:
+        ok = [name for name, opts in SCHEDULES.items() if all(k in accepted or v is not True for k, v in opts.items())]
+        raise FinetuneError(f"sampler '{sampler}' cannot use the '{schedule}' schedule", node=node, input="scheduler",
+                            fix=f"with {sampler} use one of: {', '.join(ok)}")
+    config = {k: v for k, v in base_config.items() if k not in _RESET_SIGMA_OPTIONS}
+    config.update(extra)
+    config.update({k: v for k, v in options.items() if k in accepted})
+    return cls.from_config(config)
+
+
+@dataclass
+class SampleSettings:
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+
+    def validate(self, node: str = "Sample") -> None:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:
+                raise FinetuneError(f"{name} {value} is not a positive multiple of 8", node=node, input=name,
+                                    fix=f"use {max(8, (value // 8) * 8)} or {max(8, -(-value // 8) * 8)}")
+        if self.steps < 1:
+            raise FinetuneError(f"steps must be at least 1 (got {self.steps})", node=node, input="steps",
+                                fix="use 20-30 steps for most samplers")
+        if self.batch_size < 1:
+            raise FinetuneError(f"batch_size must be at least 1 (got {self.batch_size})", node=node,
+                                input="batch_size", fix="use 1 or more")
+
+
+def comfy_noise(seed: int, shape: tuple[int, ...]) -> "torch.Tensor":
+    """ComfyUI's initial noise: CPU generator seeded with ``seed``, whole batch at once (comfy/sample.py)."""
+    import torch  # noqa: PLC0415
+
+    generator = torch.Generator("cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _repeat_to(a, b):
+    """Make two conds the same token length by repetition (ComfyUI ``CONDCrossAttn.concat``)."""
+    import math  # noqa: PLC0415
+
+    la, lb = a.shape[1], b.shape[1]
+    if la == lb:
+        return a, b
+    lcm = la * lb // math.gcd(la, lb)
+    return a.repeat(1, lcm // la, 1), b.repeat(1, lcm // lb, 1)
+
+
+def sample(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
+           node: str = "Sample") -> "torch.Tensor":
+    """Generate images; returns ``[B, H, W, 3]`` float32 in 0..1 on the CPU (ComfyUI's IMAGE)."""
+    import torch  # noqa: PLC0415
+
+    from .conditioning import PromptEncoder  # noqa: PLC0415
+
+    s.validate(node)
+    base = handle.base
+    scheduler = make_scheduler(base.scheduler_config, s.sampler, s.scheduler, node=node)
+    device, dtype = base.device, base.dtype
+    with torch.inference_mode(), handle.patched():
+        encoder = PromptEncoder(handle, node=node)
+        pos = encoder.encode(s.prompt)
+        neg = encoder.encode(s.negative or "")
+        cond, uncond = _repeat_to(pos.cond, neg.cond)
+        use_cfg = s.cfg != 1.0
+        b = s.batch_size
+        context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]) if use_cfg else cond.expand(b, -1, -1)
+        added = None
+        if base.family is Family.SDXL:
+            time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dtype, device=device)
+            pooled = [pos.pooled.expand(b, -1)]
+            if use_cfg:
+                pooled.insert(0, neg.pooled.expand(b, -1))
+            text_embeds = torch.cat(pooled).to(device=device, dtype=dtype)
+            added = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+        context = context.to(device=device, dtype=dtype)
+
+        scheduler.set_timesteps(s.steps, device=device)
+        latents = comfy_noise(s.seed, (b, base.unet.config.in_channels, s.height // 8, s.width // 8))
+        latents = latents.to(device) * scheduler.init_noise_sigma
+        step_gen = torch.Generator("cpu").manual_seed(int(s.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        timesteps = scheduler.timesteps
+        accepts_gen = "generator" in inspect.signature(scheduler.step).parameters
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t).to(dtype)
+            pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+            if use_cfg:
+                p_uncond, p_cond = pred.chunk(2)
+                pred = p_uncond + s.cfg * (p_cond - p_uncond)
+            kwargs = {"generator": step_gen} if accepts_gen else {}
+            latents = scheduler.step(pred, t, latents, **kwargs).prev_sample
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        return decode(handle, latents)
+
+
+def decode(handle: "ModelHandle", latents: "torch.Tensor") -> "torch.Tensor":
+    """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch."""
+    import torch  # noqa: PLC0415
+
+    vae = handle.base.vae
+    vae_dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        out = []
+        for chunk in latents.split(1):  # one image at a time keeps VAE memory flat
+            x = vae.decode(chunk.to(vae_dtype) / vae.config.scaling_factor).sample
+            out.append(x.float())
+        images = torch.cat(out)
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()

@@ -1,0 +1,106 @@
+"""Headless runner: execute ComfyUI workflow files (UI or API format) without ComfyUI.
+
+``python -m comfy_finetune run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR]``
+
+The same node classes as inside ComfyUI run here, plus headless stand-ins for the core nodes
+our example workflows use (LoadImage, SaveImage, PreviewImage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import host
+from .core.errors import FinetuneError, Interrupted
+
+log = logging.getLogger("comfy_finetune")
+
+
+def node_classes() -> dict[str, type]:
+    """Every class the headless runner can execute: ours plus the native stand-ins."""
+    from .nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
+    from .nodes.native import NATIVE_NODE_CLASSES  # noqa: PLC0415
+
+    return {**NATIVE_NODE_CLASSES, **NODE_CLASS_MAPPINGS}
+
+
+def run_workflow(path_or_dict, overrides: list[str] | None = None, *, executor=None):
+    """Load, override and execute a workflow; returns the executor's result."""
+    from .core.executor import Executor  # noqa: PLC0415
+    from .core.workflow import apply_overrides, is_ui_workflow, load_workflow, read_workflow_json  # noqa: PLC0415
+
+    classes = node_classes()
+    raw = read_workflow_json(path_or_dict)
+    api = load_workflow(raw, classes)
+    if overrides:
+        api = apply_overrides(api, overrides, classes)
+    executor = executor or Executor(classes)
+    return executor.execute(api, workflow=raw if is_ui_workflow(raw) else None)
+
+
+def _print_outputs(result) -> None:
+    for node_id, ui in result.ui.items():
+        for img in ui.get("images", []) if isinstance(ui, dict) else []:
+            folder = host.output_dir() if img.get("type") == "output" else host.temp_dir()
+            print(f"node {node_id}: wrote {folder / img.get('subfolder', '') / img['filename']}")
+        for text in ui.get("text", []) if isinstance(ui, dict) else []:
+            print(f"node {node_id}: {text}")
+
+
+def _quiet_libraries() -> None:
+    """Headless only: keep diffusers/transformers load chatter out of the runner's output."""
+    try:
+        import diffusers.utils.logging as dlog  # noqa: PLC0415
+        import transformers.utils.logging as tlog  # noqa: PLC0415
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfy_finetune",
+                                     description="Run comfyui-finetune workflows headless, without ComfyUI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute a workflow JSON (UI or API format)")
+    run.add_argument("workflow", help="path to the workflow .json")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input; NODE is a node id, title or unique type (repeatable)")
+    run.add_argument("--models", help="models folder with checkpoints/, loras/, embeddings/, diffusers/ "
+                                      "(default: $COMFY_FINETUNE_MODELS or ./models)")
+    run.add_argument("--output", help="output folder (default: ./output)")
+    run.add_argument("--input", help="input folder for LoadImage (default: ./input)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("nodes", help="list the nodes this pack provides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "nodes":
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: PLC0415
+
+        for node_id, cls in NODE_CLASS_MAPPINGS.items():
+            print(f"{node_id:18} {NODE_DISPLAY_NAME_MAPPINGS[node_id]:34} {cls.CATEGORY}")
+        return 0
+
+    _quiet_libraries()
+    host.configure(models_dir=args.models, output_dir=args.output, input_dir=args.input,
+                   progress=not args.quiet)
+    try:
+        result = run_workflow(Path(args.workflow), args.overrides)
+    except (KeyboardInterrupt, Interrupted):
+        print("cancelled", file=sys.stderr)
+        return 130
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_outputs(result)
+    return 0

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny real-architecture models built once per session, in a temp models folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A ComfyUI-style models folder with tiny diffusers models of every family, configured as the host's."""
+    from comfy_finetune import host
+    from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+
+    root = tmp_path_factory.mktemp("models")
+    for sub in ("checkpoints", "loras", "embeddings", "diffusers"):
+        (root / sub).mkdir()
+    for fam in FAMILIES:
+        build_tiny_pipeline_folder(root / "diffusers" / f"tiny-{fam}", fam, seed=0)
+    out = tmp_path_factory.mktemp("output")
+    inp = tmp_path_factory.mktemp("input")
+    host.configure(models_dir=root, output_dir=out, input_dir=inp, progress=False)
+    os.environ["COMFY_FINETUNE_CACHE"] = str(root / "cache")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_handles(models_dir):
+    """family -> ModelHandle over the tiny diffusers folders (fp32, CPU)."""
+    from comfy_finetune.core.loading import load_base
+
+    return {fam: load_base(f"diffusers/tiny-{fam}", "fp32", "cpu") for fam in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
