@@ -248,7 +248,7 @@ def load_single_file(path: str | os.PathLike, dtype, device, *, label: str = "")
         cls = CLIPTextModelWithProjection if (family is Family.SDXL and i == 1) else CLIPTextModel
         tes.append(_materialize(cls, CLIPTextConfig(**cfg), sd, what=f"text encoder {i + 1}", name=path.name))
         pad = info(family).te_pad_ids[min(i, len(info(family).te_pad_ids) - 1)]
-        toks.append(find_clip_tokenizer(pad))
+        toks.append(find_clip_tokenizer(pad, vocab_size=int(cfg["vocab_size"])))
     prediction = _prediction_for_single_file(path, family, metadata, conv.prediction_hint, conv.unet)
     return _finish(dict(family=family, prediction_type=prediction, unet=unet, vae=vae, text_encoders=tes,
                         tokenizers=toks, scheduler_config=default_scheduler_config(family, prediction),

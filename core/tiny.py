@@ -54,11 +54,13 @@ def vae_config() -> dict:
     )
 
 
-def text_config(vocab_size: int, bos: int, eos: int, pad: int, hidden: int = 32, projection: int | None = None) -> dict:
+def text_config(vocab_size: int, bos: int, eos: int, pad: int, hidden: int = 32, projection: int | None = None,
+                act: str = "quick_gelu") -> dict:
+    """CLIP text config; OpenAI CLIP-L uses quick_gelu, the OpenCLIP encoders (SD 2.x, SDXL bigG) gelu."""
     cfg = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=2,
         num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad, hidden_act="quick_gelu",
+        pad_token_id=pad, hidden_act=act,
     )
     if projection is not None:
         cfg["projection_dim"] = projection
@@ -120,7 +122,7 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
         te1 = CLIPTextModel(CLIPTextConfig(**text_config(len(vocab), bos, eos, eos, hidden=32)))
         write_tokenizer(folder / "tokenizer_2", vocab, merges, pad_token="!")
         torch.manual_seed(seed + 3)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(len(vocab), bos, eos, 0, hidden=32, projection=32)))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(len(vocab), bos, eos, 0, hidden=32, projection=32, act="gelu")))
         te1.save_pretrained(folder / "text_encoder")
         te2.save_pretrained(folder / "text_encoder_2")
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
@@ -129,7 +131,8 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
         index["force_zeros_for_empty_prompt"] = False
     else:
         pad = eos if family is Family.SD1 else 0
-        te = CLIPTextModel(CLIPTextConfig(**text_config(len(vocab), bos, eos, pad, hidden=32)))
+        act = "quick_gelu" if family is Family.SD1 else "gelu"
+        te = CLIPTextModel(CLIPTextConfig(**text_config(len(vocab), bos, eos, pad, hidden=32, act=act)))
         te.save_pretrained(folder / "text_encoder")
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
         index["safety_checker"] = [None, None]

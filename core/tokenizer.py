@@ -20,7 +20,6 @@ import gzip
 import importlib.util
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -120,34 +119,45 @@ def _candidate_dirs() -> list[Path]:
     if comfy_dir is not None:
         dirs.append(comfy_dir)
     dirs.append(host.models_dir() / "tokenizers" / "clip")
+    tok_root = host.models_dir() / "tokenizers"
+    if tok_root.is_dir():
+        dirs.extend(sorted(p.parent for p in tok_root.glob("*/vocab.json")))
     for root in host.folder_paths_for("diffusers"):
         if root.is_dir():
             dirs.extend(sorted(p.parent for p in root.glob("*/tokenizer/vocab.json")))
     return dirs
 
 
-def _is_full_clip_vocab(folder: Path) -> bool:
+CLIP_VOCAB_SIZE = 49408
+
+
+def _is_full_clip_vocab(folder: Path, size: int = CLIP_VOCAB_SIZE) -> bool:
     try:
-        return len(json.loads((folder / "vocab.json").read_text(encoding="utf-8"))) == 49408
+        return len(json.loads((folder / "vocab.json").read_text(encoding="utf-8"))) == size
     except (OSError, ValueError):
         return False
 
 
-@lru_cache(maxsize=4)
-def find_clip_tokenizer(pad: str = "eos"):
-    """The standard CLIP tokenizer (49408 tokens) from an offline source; ``pad`` is 'eos' or 'zero'."""
+def find_clip_tokenizer(pad: str = "eos", vocab_size: int = CLIP_VOCAB_SIZE):
+    """A CLIP tokenizer with ``vocab_size`` tokens from an offline source; ``pad`` is 'eos' or 'zero'.
+
+    The standard vocabulary (49408) has several fallbacks; a custom vocabulary (a small model trained with
+    its own tokenizer) must be in one of the candidate folders (e.g. ``<models>/tokenizers/<name>``).
+    """
     from .. import host  # noqa: PLC0415
 
     tried: list[str] = []
     folder: Path | None = None
     for cand in _candidate_dirs():
         tried.append(str(cand))
-        if (cand / "vocab.json").exists() and (cand / "merges.txt").exists() and _is_full_clip_vocab(cand):
+        if (cand / "vocab.json").exists() and (cand / "merges.txt").exists() and _is_full_clip_vocab(cand, vocab_size):
             folder = cand
             break
     tok = None
     if folder is not None:
         tok = load_tokenizer(folder)
+    elif vocab_size != CLIP_VOCAB_SIZE:
+        tried.append(f"(only folders with a {vocab_size}-token vocabulary fit this model)")
     else:
         try:
             from transformers import CLIPTokenizer  # noqa: PLC0415
@@ -172,7 +182,8 @@ def find_clip_tokenizer(pad: str = "eos"):
                 tried.append(f"python package '{pkg}'")
     if tok is None:
         raise FinetuneError(
-            "no CLIP tokenizer found offline (single-file checkpoints carry none); looked in: " + "; ".join(tried),
+            f"no CLIP tokenizer with {vocab_size} tokens found offline (single-file checkpoints carry none); "
+            "looked in: " + "; ".join(tried),
             node="LoadBase",
             input="ckpt_name",
             fix="put the 'tokenizer' folder of any SD diffusers model (vocab.json + merges.txt) in "

@@ -1,0 +1,395 @@
+"""LoRA weights in and out: kohya/A1111, diffusers/PEFT and ComfyUI files <-> one in-memory form.
+
+:class:`LoraWeights` keys every adapted module by ``(component, path)``: component ``"unet"``, ``"te1"`` (SD1/SD2
+text encoder, SDXL CLIP-L) or ``"te2"`` (SDXL bigG); path as the loaded model's ``named_modules()`` gives it.
+:func:`parse_lora` reads any supported layout and reports the keys it could not place; :func:`to_kohya_state_dict`
+writes what ComfyUI, A1111, diffusers and kohya all load (formats.md 2.7); :func:`to_diffusers_state_dict` writes
+the PEFT layout of diffusers' training scripts with its ``lora_adapter_metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import FinetuneError
+from .families import Family, info
+from .lora_keys import (
+    ModuleResolver,
+    canonical_te_path,
+    detect_lora_family,
+    split_part,
+    te_target_name,
+)
+from .ldm_names import unet_name_map
+
+__all__ = [
+    "LoraModule", "LoraWeights", "parse_lora", "lora_from_file", "to_kohya_state_dict", "to_diffusers_state_dict",
+    "detect_lora_family", "ADAPTER_METADATA_KEY",
+]
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers >= 0.34 (formats.md 2.3)
+_DIFFUSERS_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+_RESOLUTION = {Family.SD1: "512x512", Family.SD2: "768x768", Family.SDXL: "1024x1024"}
+_SAFE_SUFFIXES = (".safetensors", ".sft")
+_PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+_STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", ADAPTER_METADATA_KEY, "format")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ``delta W = strength * (alpha / rank) * up @ down`` (rank = ``down.shape[0]``).
+
+    Shapes: Linear ``down [r, in]``, ``up [out, r]``; 1x1 conv ``[r, in, 1, 1]`` / ``[out, r, 1, 1]``; kohya LoCon
+    3x3 conv ``down [r, in, 3, 3]``, ``up [out, r, 1, 1]``; LyCORIS Tucker adds ``mid [r, r, k, k]``.
+    ``alpha`` None means scale 1 (``alpha = rank``), as in ComfyUI and A1111.
+    """
+
+    down: Tensor
+    up: Tensor
+    alpha: float | None
+    mid: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank if self.alpha else 1.0
+
+    def delta(self, strength: float = 1.0, shape: Sequence[int] | None = None) -> Tensor:
+        """The weight delta in fp32, shaped like the target weight (``shape``, default from the factors)."""
+        down, up = self.down.float(), self.up.float()
+        if self.mid is not None:  # Tucker: delta[p, r, k, l] = sum_ij mid[i, j, k, l] * down[j, r] * up[p, i]
+            full = torch.einsum("ijkl,jr,pi->prkl", self.mid.float(), down.flatten(1), up.flatten(1))
+        else:
+            full = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        full = full * (strength * self.scale)
+        return full.reshape(tuple(shape)) if shape is not None else full
+
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of the weight this module adapts, as far as the factors tell (Linear or conv)."""
+        if self.mid is not None:
+            return (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
+        return (int(self.up.shape[0]), *self.down.shape[1:])
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA as modules keyed by ``(component, module path)``, plus the file's metadata and a display name."""
+
+    family: Family | None
+    modules: dict[tuple[str, str], LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    name: str = "lora"
+
+    def components(self) -> set[str]:
+        return {c for c, _ in self.modules}
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+def _adapter_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Per diffusers component (``unet``, ``text_encoder``...), the LoraConfig kwargs stored in the metadata."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        comp, _, name = key.partition(".")
+        out.setdefault(comp, {})[name] = value
+    return out
+
+
+def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
+    # PEFT's get_pattern_key: a pattern matches a module whose name ends with it after a dot.
+    for pat, value in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", path):
+            return value
+    return None
+
+
+def _metadata_alpha(cfg: Mapping[str, Any], path: str, rank: int) -> float | None:
+    if not cfg:
+        return None
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path)
+    if alpha is None:
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, te_target_name(path))
+    if alpha is None:
+        alpha = cfg.get("lora_alpha")
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    return alpha * rank**0.5 if cfg.get("use_rslora") else alpha  # rsLoRA scale alpha/sqrt(r) as alpha'/r
+
+
+def _mismatch(lora_family: Family, target: Family, why: str) -> FinetuneError:
+    return FinetuneError(
+        f"this LoRA is for {lora_family.label} but the model is {target.label} ({why})", node="AddLoRA",
+        input="lora_name", fix=f"pick a LoRA trained for {target.label}, or load a {lora_family.label} checkpoint")
+
+
+def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None, *, family: Family | None,
+               unet_config: Mapping[str, Any] | None, unet_modules: Collection[str] | Mapping[str, Any] | None,
+               te_modules: list[Collection[str] | Mapping[str, Any]] | None, name: str = "lora",
+               ) -> tuple[LoraWeights, list[str]]:
+    """Read a LoRA state dict of any supported layout into :class:`LoraWeights`.
+
+    Args:
+        state_dict: the file's tensors.
+        metadata: the safetensors header metadata (str -> str), or None.
+        family: the target model's family; a LoRA detected as another family raises. None skips the check.
+        unet_config: the target UNet's config (LDM/SGM names need it).
+        unet_modules: the UNet's ``named_modules()`` names, or a mapping name -> weight shape (then every module's
+            delta shape is checked: the structural family check for models of unusual widths).
+        te_modules: the same per text encoder ([te1] or [te1, te2]).
+        name: display name.
+    Returns:
+        ``(weights, unmatched keys)``: keys that are not LoRA parts, lack a down/up partner, name no module of
+        these models, or repeat a module already read. Nothing is dropped silently.
+    Raises:
+        FinetuneError(node="AddLoRA", input="lora_name") on a family mismatch or when fewer than half of the
+            LoRA's modules fit the model.
+    """
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    lora_family, why = detect_lora_family({k: v for k, v in state_dict.items() if isinstance(v, Tensor)}, metadata)
+    if family is not None and lora_family is not None and lora_family is not Family(family):
+        raise _mismatch(lora_family, Family(family), why)
+
+    groups: dict[str, dict[str, Tensor]] = {}
+    group_keys: dict[str, list[str]] = {}
+    unmatched: list[str] = []
+    for key, value in state_dict.items():
+        split = split_part(key) if isinstance(value, Tensor) else None
+        if split is None:
+            unmatched.append(key)
+            continue
+        module_key, part = split
+        if part in groups.setdefault(module_key, {}):
+            unmatched.append(key)  # two spellings of the same part
+            continue
+        groups[module_key][part] = value
+        group_keys.setdefault(module_key, []).append(key)
+
+    resolver = ModuleResolver(unet_config, unet_modules, te_modules)
+    adapter_cfg = _adapter_alphas(metadata)
+    modules: dict[tuple[str, str], LoraModule] = {}
+    misfits: list[str] = []
+    placed: set[str] = set()
+    for module_key, parts in groups.items():
+        target = resolver.resolve(module_key) if "down" in parts and "up" in parts else None
+        if target is None or target in modules:
+            unmatched.extend(group_keys[module_key])
+            continue
+        comp, path = target
+        rank = int(parts["down"].shape[0])
+        if "alpha" in parts:
+            alpha: float | None = float(parts["alpha"].float().item())
+        else:
+            alpha = _metadata_alpha(adapter_cfg.get(_DIFFUSERS_COMPONENT[comp], {}), path, rank)
+            alpha = float(rank) if alpha is None else alpha
+        module = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"))
+        want = resolver.shape(comp, path)
+        have = module.target_shape()
+        # Same output width and element count: a Linear [o, i] and a 1x1 conv [o, i, 1, 1] are interchangeable.
+        if want is not None and (have[0] != want[0] or _numel(have) != _numel(want)):
+            misfits.append(f"{module_key}: LoRA {list(have)} vs model {list(want)}")
+            unmatched.extend(group_keys[module_key])
+            continue
+        modules[target] = module
+        placed.add(module_key)
+
+    # Structural family check (works for any width, e.g. tiny test models): a LoRA made for this model places
+    # (nearly) all of its modules; one made for another family places few of them or with the wrong shapes.
+    pairs = [k for k, parts in groups.items() if "down" in parts and "up" in parts]
+    if pairs and 2 * len(modules) < len(pairs):
+        target_label = Family(family).label if family is not None else "loaded"
+        example = misfits[0] if misfits else next(k for k in pairs if k not in placed)
+        raise FinetuneError(
+            f"this LoRA does not fit the {target_label} model: only {len(modules)} of its {len(pairs)} modules "
+            f"match (e.g. {example})", node="AddLoRA", input="lora_name",
+            fix="pick a LoRA trained for the loaded model's family (kohya, diffusers/PEFT or ComfyUI layout)")
+    weights = LoraWeights(lora_family or (Family(family) if family is not None else None), modules, metadata, name)
+    return weights, unmatched
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapping[str, Any] | None,
+                   unet_modules: Collection[str] | Mapping[str, Any] | None,
+                   te_modules: list[Collection[str] | Mapping[str, Any]] | None) -> tuple[LoraWeights, list[str]]:
+    """Load a LoRA file and :func:`parse_lora` it. ``.safetensors`` with metadata; pickles weights-only.
+
+    ``.pt/.ckpt/.bin/.pth`` files go through ``torch.load(weights_only=True)``: a file that needs anything beyond
+    tensors and plain containers is refused, never unpickled.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FinetuneError(f"LoRA file not found: {path}", node="AddLoRA", input="lora_name",
+                            fix="put the file in models/loras and pick it from the list")
+    metadata: dict[str, str] = {}
+    if suffix in _SAFE_SUFFIXES:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                state: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - any header/IO problem is the same user-facing error
+            raise FinetuneError(f"cannot read '{path.name}' as safetensors: {e}", node="AddLoRA", input="lora_name",
+                                fix="re-download or re-export the file") from e
+    elif suffix in _PICKLE_SUFFIXES:
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError... all mean "not weights only"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FinetuneError(
+                f"'{path.name}' cannot be loaded safely: it contains more than tensors (weights-only load failed: "
+                f"{first[:200]})", node="AddLoRA", input="lora_name",
+                fix="convert it to .safetensors with the tool that made it; pickled code is never run") from e
+        if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, Mapping):
+            raise FinetuneError(f"'{path.name}' holds a {type(loaded).__name__}, not a dict of tensors",
+                                node="AddLoRA", input="lora_name", fix="pick a LoRA file")
+        state = dict(loaded)
+    else:
+        raise FinetuneError(f"unsupported LoRA file type '{suffix}'", node="AddLoRA", input="lora_name",
+                            fix="use .safetensors (or .pt/.ckpt/.bin holding only tensors)")
+    return parse_lora(state, metadata, family=family, unet_config=unet_config, unet_modules=unet_modules,
+                      te_modules=te_modules, name=path.stem)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+def _most_common(values: list[Any], default: Any) -> Any:
+    return Counter(values).most_common(1)[0][0] if values else default
+
+
+def _alpha(module: LoraModule) -> float:
+    return float(module.alpha) if module.alpha else float(module.rank)
+
+
+def _kohya_module_name(comp: str, path: str, family: Family, ldm_map: Mapping[str, str]) -> str:
+    if comp == "unet":
+        name = ldm_map[path] if family is Family.SDXL else path
+        return "lora_unet_" + name.replace(".", "_")
+    prefix = {"te1": "lora_te1_", "te2": "lora_te2_"}[comp] if family is Family.SDXL else "lora_te_"
+    if family is not Family.SDXL and comp != "te1":
+        raise ValueError(f"{family.label} has one text encoder; got a module for {comp}")
+    return prefix + canonical_te_path(path).replace(".", "_")
+
+
+def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mapping[str, Any],
+                        v_prediction: bool | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Write kohya/A1111 keys (formats.md 2.1, 2.7) and the minimum ``ss_*`` + ModelSpec metadata.
+
+    SD1/SD2 UNet modules use diffusers names, SDXL ones SGM names; text encoders ``lora_te_`` (SD1/SD2) or
+    ``lora_te1_``/``lora_te2_`` (SDXL), always with ``text_model_``. Every module gets its real ``alpha``.
+    ``v_prediction`` (SD2 only) picks ``sd_v2_v`` / ``stable-diffusion-v2-768-v``; None follows the family default.
+    """
+    family = Family(family)
+    ldm_map = unet_name_map(unet_config) if family is Family.SDXL else {}
+    sd: dict[str, Tensor] = {}
+    for (comp, path), module in sorted(lora.modules.items()):
+        if module.mid is not None and module.down.ndim != 4:
+            raise ValueError(f"{comp}:{path}: lora_mid needs conv factors")
+        base = _kohya_module_name(comp, path, family, ldm_map)
+        sd[f"{base}.lora_down.weight"] = module.down.contiguous()
+        sd[f"{base}.lora_up.weight"] = module.up.contiguous()
+        if module.mid is not None:
+            sd[f"{base}.lora_mid.weight"] = module.mid.contiguous()
+        sd[f"{base}.alpha"] = torch.tensor(_alpha(module), dtype=torch.float32)
+
+    linear = [m for m in lora.modules.values() if not (m.down.ndim == 4 and m.down.shape[-1] > 1)]
+    convs = [m for m in lora.modules.values() if m.down.ndim == 4 and m.down.shape[-1] > 1]
+    rank = _most_common([m.rank for m in linear], _most_common([m.rank for m in convs], 0))
+    alpha = _most_common([_alpha(m) for m in linear], _most_common([_alpha(m) for m in convs], 0.0))
+    fam = info(family)
+    arch = fam.modelspec_arch
+    v = v_prediction if v_prediction is not None else arch.endswith("-v")
+    if family is Family.SD2:
+        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    version = {Family.SD1: "sd_v1", Family.SD2: "sd_v2", Family.SDXL: "sdxl_base_v1-0"}[family]
+    if v and family is not Family.SDXL:
+        version += "_v"
+    meta = {k: v_ for k, v_ in lora.metadata.items() if k not in _STALE_METADATA}
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _num(alpha),
+        "ss_base_model_version": version,
+        "ss_v2": str(family is Family.SD2),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family is Family.SDXL
+        else "diffusers",
+        "modelspec.title": lora.name or f"LoRA@{int(time.time())}",
+        "modelspec.resolution": _RESOLUTION[family],
+    })
+    if convs:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(_most_common([m.rank for m in convs], 0)),
+                                              "conv_alpha": _num(_most_common([_alpha(m) for m in convs], 0.0))})
+    if v:
+        meta["modelspec.prediction_type"] = "v"
+    return sd, meta
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def to_diffusers_state_dict(lora: LoraWeights, *, family: Family,
+                            unet_config: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Write the PEFT layout diffusers' ``load_lora_weights`` reads, with ``lora_adapter_metadata``.
+
+    Keys ``unet.<path>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.text_model.<path>...`` and
+    ``text_encoder_2.`` for SDXL's bigG. The metadata JSON holds each component's ``r``, ``lora_alpha``,
+    ``target_modules`` and ``rank_pattern``/``alpha_pattern`` for modules that differ, so alphas survive
+    (diffusers files otherwise have none). Tucker (``lora_mid``) modules cannot be expressed and raise.
+    """
+    family = Family(family)
+    sd: dict[str, Tensor] = {}
+    per_comp: dict[str, list[tuple[str, LoraModule]]] = {}
+    for (comp, path), module in sorted(lora.modules.items()):
+        if module.mid is not None:
+            raise ValueError(f"{comp}:{path}: LyCORIS Tucker (lora_mid) has no diffusers/PEFT form; write kohya")
+        if comp == "te2" and family is not Family.SDXL:
+            raise ValueError(f"{family.label} has one text encoder; got a module for te2")
+        name = path if comp == "unet" else canonical_te_path(path)
+        base = f"{_DIFFUSERS_COMPONENT[comp]}.{name}"
+        sd[f"{base}.lora_A.weight"] = module.down.contiguous()
+        sd[f"{base}.lora_B.weight"] = module.up.contiguous()
+        per_comp.setdefault(comp, []).append((path if comp == "unet" else te_target_name(path), module))
+    adapter: dict[str, Any] = {}
+    for comp, items in per_comp.items():
+        r = _most_common([m.rank for _, m in items], 1)
+        alpha = _most_common([_alpha(m) for _, m in items], float(r))
+        prefix = _DIFFUSERS_COMPONENT[comp]
+        adapter[f"{prefix}.r"] = r
+        adapter[f"{prefix}.lora_alpha"] = alpha
+        adapter[f"{prefix}.target_modules"] = sorted(t for t, _ in items)
+        adapter[f"{prefix}.rank_pattern"] = {t: m.rank for t, m in items if m.rank != r}
+        adapter[f"{prefix}.alpha_pattern"] = {t: _alpha(m) for t, m in items if _alpha(m) != alpha}
+    meta = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
+    return sd, meta

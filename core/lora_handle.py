@@ -1,0 +1,51 @@
+"""LoRAs against a loaded model handle: parse a file for the handle's modules, check families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FinetuneError
+from .lora import LoraWeights, lora_from_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .families import Family
+    from .handle import ModelHandle
+
+
+def module_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{module path: weight shape}`` for every module with a weight (the LoRA targets of a component)."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
+            if getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
+
+
+def _targets(handle: "ModelHandle"):
+    base = handle.base
+    cached = getattr(base, "_lora_targets", None)
+    if cached is None:
+        cached = (module_shapes(base.unet), [module_shapes(te) for te in base.text_encoders])
+        base._lora_targets = cached
+    return cached
+
+
+def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str = "AddLoRA", input: str = "lora_name"
+                    ) -> tuple[LoraWeights, list[str]]:
+    """Load ``path`` as a LoRA for ``handle``'s model; returns the weights and the keys that matched nothing."""
+    unet_modules, te_modules = _targets(handle)
+    try:
+        weights, unmatched = lora_from_file(path, family=handle.family, unet_config=dict(handle.base.unet.config),
+                                            unet_modules=unet_modules, te_modules=te_modules)
+    except FinetuneError as exc:
+        raise FinetuneError(exc.detail, node=node, input=input, fix=exc.fix) from exc
+    if not weights.modules:
+        raise FinetuneError(f"no key of '{Path(path).name}' matches a module of this {handle.family.label} model "
+                            f"({len(unmatched)} keys, e.g. {', '.join(unmatched[:3])})", node=node, input=input,
+                            fix="check that the file is a LoRA for this model family")
+    return weights, unmatched
+
+
+def check_family(lora: LoraWeights, family: "Family", *, node: str = "AddLoRA", input: str = "lora") -> None:
+    """Refuse a LoRA (e.g. one trained in the graph) made for another family."""
+    if lora.family is not None and lora.family != family:
+        raise FinetuneError(f"this LoRA is for {lora.family.label} but the model is {family.label}", node=node,
+                            input=input, fix=f"use a LoRA trained on a {family.label} model")

@@ -1,0 +1,112 @@
+"""Every node class honours ComfyUI's V1 node contract (../shared/docs/comfyui-host.md, section 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import comfy_finetune
+from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+ROOT = Path(comfy_finetune.__file__).parent
+PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+NATIVE_TYPES = {"IMAGE", "MASK", "LATENT", "CONDITIONING", "MODEL", "CLIP", "VAE", "LORA_MODEL"}
+# A sample of ComfyUI's built-in node ids: a pack cannot override them (the host skips them silently).
+CORE_IDS = {"KSampler", "CheckpointLoaderSimple", "LoraLoader", "CLIPTextEncode", "SaveImage", "PreviewImage",
+            "LoadImage", "VAEDecode", "EmptyLatentImage", "TrainLoraNode", "SaveLoRANode", "LoraModelLoader"}
+
+NODES = sorted(NODE_CLASS_MAPPINGS.items())
+
+
+def test_expected_nodes_registered():
+    assert {"LoadBase", "AddLoRA", "NegativePrompt", "Sample"} <= set(NODE_CLASS_MAPPINGS)
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    assert not (set(NODE_CLASS_MAPPINGS) & CORE_IDS)
+
+
+def _specs(cls):
+    types = cls.INPUT_TYPES()
+    assert set(types) <= {"required", "optional", "hidden"}, cls
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            yield section, name, spec
+
+
+@pytest.mark.parametrize("node_id,cls", NODES)
+def test_schema(node_id, cls):
+    assert cls.CATEGORY.startswith("finetune"), "one category tree"
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].strip()
+    assert isinstance(cls.RETURN_TYPES, tuple)
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+    assert all(t.strip() for t in cls.OUTPUT_TOOLTIPS)
+    for t in cls.RETURN_TYPES:
+        assert t in NATIVE_TYPES or t.startswith("FT_"), f"custom type {t} must be namespaced"
+    fn = getattr(cls, cls.FUNCTION)
+    params = inspect.signature(fn).parameters
+    for section, name, spec in _specs(cls):
+        assert isinstance(spec, tuple) and len(spec) in (1, 2), (name, spec)
+        typ = spec[0]
+        opts = spec[1] if len(spec) == 2 else {}
+        assert opts.get("tooltip", "").strip(), f"{node_id}.{name} needs a tooltip"
+        if isinstance(typ, list):
+            assert typ, f"{node_id}.{name}: empty combo"
+            if "default" in opts:
+                assert opts["default"] in typ
+        else:
+            assert typ in PRIMITIVES or typ in NATIVE_TYPES or typ.startswith("FT_"), (name, typ)
+        if typ in ("INT", "FLOAT") and "default" in opts:
+            assert opts.get("min", float("-inf")) <= opts["default"] <= opts.get("max", float("inf"))
+        assert name in params, f"{node_id}.{cls.FUNCTION} must accept '{name}'"
+        if section == "optional":
+            assert params[name].default is not inspect.Parameter.empty, f"optional '{name}' needs a default"
+
+
+@pytest.mark.parametrize("node_id,cls", NODES)
+def test_input_types_is_cheap_and_deterministic(node_id, cls):
+    assert repr(cls.INPUT_TYPES()) == repr(cls.INPUT_TYPES())
+
+
+def test_seed_has_control_after_generate():
+    seed = NODE_CLASS_MAPPINGS["Sample"].INPUT_TYPES()["required"]["seed"]
+    assert seed[0] == "INT" and seed[1]["control_after_generate"] is True
+    assert seed[1]["max"] == 0xFFFFFFFFFFFFFFFF
+
+
+def _py_files(*dirs):
+    for d in dirs:
+        yield from (ROOT / d).rglob("*.py") if d else ROOT.glob("*.py")
+
+
+def test_no_absolute_self_imports():
+    """ComfyUI imports the pack by file path: absolute imports of our own name would fail there."""
+    pat = re.compile(r"^\s*(from|import)\s+comfy_finetune\b", re.M)
+    for path in [*_py_files("", "core", "nodes", "training")]:
+        assert not pat.search(path.read_text()), f"{path} imports comfy_finetune absolutely"
+
+
+def test_core_never_imports_comfyui():
+    pat = re.compile(r"^\s*(from|import)\s+(comfy|folder_paths|server|nodes|execution|comfy_execution)\b", re.M)
+    for path in [*_py_files("core", "nodes", "training")]:
+        assert not pat.search(path.read_text()), f"{path} imports ComfyUI; only host.py may"
+
+
+def test_loads_like_comfyui_does(tmp_path):
+    """ComfyUI registers the package under its folder path (dashes and all) via spec_from_file_location."""
+    name = str(tmp_path / "custom_nodes" / "comfyui-finetune").replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+        assert (ROOT / module.WEB_DIRECTORY).is_dir()
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
