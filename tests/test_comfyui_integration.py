@@ -144,6 +144,10 @@ def test_example_workflow_runs(server, node_defs, workflow):
     for nid in save_nodes:
         paths = saved.get(nid) or []
         assert paths, f"{workflow.name}: SaveImage node {nid} saved nothing (outputs: {result.history.get('outputs')})"
+        source = prompt[nid]["inputs"].get("images")
+        batch = prompt[source[0]]["inputs"].get("batch_size") if isinstance(source, list) else None
+        if isinstance(batch, int):
+            assert len(paths) == batch, f"{workflow.name}: node {nid} saved {len(paths)} images, expected {batch}"
         for p in paths:
             assert p.suffix == ".png" and p.is_file(), f"{workflow.name}: node {nid} reported {p}, which is missing"
             assert p.read_bytes()[:8] == PNG_MAGIC, f"{p} is not a PNG"
