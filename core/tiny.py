@@ -27,6 +27,7 @@ def _heads(channels: int, family: Family) -> int:
 
 
 def unet_config(family: Family) -> dict:
+    family = Family(family)
     ch = (32, 64)
     if family is Family.SDXL:
         return dict(
@@ -68,18 +69,11 @@ def text_config(vocab_size: int, bos: int, eos: int, pad: int, hidden: int = 32,
 
 
 def scheduler_config(family: Family) -> dict:
-    return {
-        "_class_name": "EulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "v_prediction" if family is Family.SD2 else "epsilon",
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-        "interpolation_type": "linear",
-        "use_karras_sigmas": False,
-    }
+    """The SD noise schedule (as for real models); the tiny SD 2.x model is a v-prediction model."""
+    from .loading import default_scheduler_config  # noqa: PLC0415
+
+    family = Family(family)
+    return default_scheduler_config(family, "v_prediction" if family is Family.SD2 else "epsilon")
 
 
 def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str = Family.SD1, seed: int = 0,
@@ -122,7 +116,8 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
         te1 = CLIPTextModel(CLIPTextConfig(**text_config(len(vocab), bos, eos, eos, hidden=32)))
         write_tokenizer(folder / "tokenizer_2", vocab, merges, pad_token="!")
         torch.manual_seed(seed + 3)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(len(vocab), bos, eos, 0, hidden=32, projection=32, act="gelu")))
+        te2_config = text_config(len(vocab), bos, eos, 0, hidden=32, projection=32, act="gelu")
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
         te1.save_pretrained(folder / "text_encoder")
         te2.save_pretrained(folder / "text_encoder_2")
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
