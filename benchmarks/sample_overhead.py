@@ -12,7 +12,8 @@ Measures, in one run and on the same tiny randomly initialised model (``core.tin
 3. Loading the diffusers folder: ``core.loading.load_diffusers_folder`` vs. ``from_pretrained``.
 
 Runs are interleaved (the order alternates every repeat) after one warm-up of each side.
-``--sections`` adds a breakdown of where our ``Sample`` time goes.
+``--sections`` adds a per-section breakdown (prompt encoding, UNet, scheduler, VAE decode) of both
+sides of the ``Sample`` comparison.
 
     python benchmarks/sample_overhead.py --family sdxl --steps 20 --repeats 5 --json out.json
 """
@@ -46,17 +47,18 @@ PROMPT = "a photo of a red circle, high quality, detailed"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1", help="tiny model family")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--size", type=int, default=64, help="image width and height in pixels (multiple of 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both pipelines run (loading is always timed on the CPU)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--prompt", default=PROMPT, help="prompt (negative is empty)")
     p.add_argument("--sections", action="store_true",
-                   help="also time the sections of our Sample (encode, patch, UNet, scheduler, decode)")
+                   help="also time sections of both sides (prompt encoding, UNet, scheduler, VAE decode)")
     p.add_argument("--skip-load", action="store_true", help="only the Sample benchmark")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -104,7 +106,7 @@ def row(name: str, t_ours: list[float], t_theirs: list[float], **extra) -> dict:
 
 @contextlib.contextmanager
 def quiet():
-    """Silence library chatter (warnings, stray prints to stderr) during loads."""
+    """Silence Python warnings (deprecations, config notes) from the libraries during loads."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -185,7 +187,7 @@ def bench_sample(args, folder: Path, device) -> dict:
     result = row("Sample vs pipeline()", t_ours, t_theirs, max_abs_diff=diff, image_std=float(img_ours.float().std()),
                  diffusers_pad_aligned=aligned)
     if args.sections:
-        result["sections"] = sample_sections(ours, handle, args.repeats, device)
+        result["sections"] = sample_sections(ours, theirs, handle, pipe, args.repeats, device)
     return result
 
 
@@ -194,9 +196,9 @@ def align_padding(pipe, handle) -> list[str]:
 
     Padding changes the conditioning (the UNet attends to every one of the 77 positions), so the
     two images only match when both pad alike. Real checkpoints ship tokenizers that already agree
-    (SD 1.x and SDXL's CLIP-L pad with the end token, SD 2.x and SDXL's bigG with "!" = id 0), but
-    the tiny SDXL folder's first tokenizer pads with "!"; we pad CLIP-L with the end token
-    (``families.FamilyInfo.te_pad_ids``). Returns the tokenizers changed, for the report.
+    (SD 1.x and SDXL's CLIP-L pad with the end token, SD 2.x and SDXL's bigG with "!" = id 0); a
+    folder whose tokenizer pads otherwise is aligned to our rule (``families.FamilyInfo.te_pad_ids``)
+    so the comparison stays like for like. Returns the tokenizers changed, for the report.
     """
     changed = []
     names = ["tokenizer", "tokenizer_2"]
@@ -211,14 +213,10 @@ def align_padding(pipe, handle) -> list[str]:
     return changed
 
 
-def sample_sections(ours, handle, repeats: int, device) -> dict:
-    """Median seconds per section of our Sample, by wrapping the pieces it calls (no source edits)."""
-    from comfy_finetune.core import conditioning, handle as handle_mod, sampling
-
-    totals: dict[str, float] = {}
-
-    def add(name: str, dt: float) -> None:
-        totals[name] = totals.get(name, 0.0) + dt
+@contextlib.contextmanager
+def _wrapped(targets, device, totals: dict[str, float]):
+    """Temporarily wrap ``getattr(obj, attr)`` for each ``(obj, attr, name)`` to add its time to ``totals[name]``."""
+    originals = []
 
     def wrap(name, fn):
         def inner(*a, **k):
@@ -228,61 +226,56 @@ def sample_sections(ours, handle, repeats: int, device) -> dict:
                 return fn(*a, **k)
             finally:
                 _sync(device)
-                add(name, time.perf_counter() - t0)
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
         return inner
 
-    base = handle.base
-    originals = []
-
-    def patch(obj, attr, name):
-        orig = getattr(obj, attr)
-        originals.append((obj, attr, orig, attr in vars(obj)))
-        setattr(obj, attr, wrap(name, orig))
-
-    # Instance-level wrappers on the shared base's modules, class-level for the rest.
-    patch(sampling, "make_scheduler", "make_scheduler")
-    patch(conditioning.PromptEncoder, "encode", "prompt encoding")
-    patch(sampling, "decode", "VAE decode")
-    patch(base.unet, "forward", "UNet forward")
-
-    orig_patched = handle_mod.ModelHandle.patched
-
-    @contextlib.contextmanager
-    def timed_patched(self):
-        t0 = time.perf_counter()
-        with orig_patched(self) as h:
-            add("patch enter", time.perf_counter() - t0)
-            yield h
-            t1 = time.perf_counter()
-        add("patch exit", time.perf_counter() - t1)
-
-    handle_mod.ModelHandle.patched = timed_patched
     try:
-        import diffusers
-
-        sched_cls = diffusers.EulerDiscreteScheduler
-        patch(sched_cls, "step", "scheduler.step")
-        patch(sched_cls, "scale_model_input", "scale_model_input")
-        patch(sched_cls, "set_timesteps", "set_timesteps")
-        per_run: list[dict[str, float]] = []
-        wall: list[float] = []
-        for _ in range(repeats):
-            totals.clear()
-            dt, _ = _timed(ours, device)
-            wall.append(dt)
-            per_run.append(dict(totals))
+        for obj, attr, name in targets:
+            originals.append((obj, attr, getattr(obj, attr), attr in vars(obj)))
+            setattr(obj, attr, wrap(name, originals[-1][2]))
+        yield totals
     finally:
-        handle_mod.ModelHandle.patched = orig_patched
         for obj, attr, orig, own in reversed(originals):
             if own:
                 setattr(obj, attr, orig)
             else:
-                delattr(obj, attr)  # e.g. unet.forward: we added an instance attribute over the class method
+                delattr(obj, attr)  # e.g. unet.forward: we shadowed the class method with an instance attribute
+
+
+def _sections(fn, targets, repeats: int, device) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    per_run: list[dict[str, float]] = []
+    wall: list[float] = []
+    with _wrapped(targets, device, totals):
+        for _ in range(repeats):
+            totals.clear()
+            dt, _ = _timed(fn, device)
+            wall.append(dt)
+            per_run.append(dict(totals))
     names = sorted({k for d in per_run for k in d})
     out = {k: statistics.median(d.get(k, 0.0) for d in per_run) for k in names}
     out["total (wall)"] = statistics.median(wall)
-    out["other (unaccounted)"] = out["total (wall)"] - sum(v for k, v in out.items() if k != "total (wall)")
+    out["other (not wrapped)"] = out["total (wall)"] - sum(v for k, v in out.items() if k != "total (wall)")
     return out
+
+
+def sample_sections(ours, theirs, handle, pipe, repeats: int, device) -> dict:
+    """Median seconds per section of each side, by wrapping the pieces they call (no source edits)."""
+    import diffusers
+
+    from comfy_finetune.core import conditioning, sampling
+
+    sched = diffusers.EulerDiscreteScheduler
+    common = [(sched, "set_timesteps", "set_timesteps"), (sched, "scale_model_input", "scale_model_input"),
+              (sched, "step", "scheduler.step")]
+    ours_targets = [(sampling, "make_scheduler", "make scheduler"), (conditioning.PromptEncoder, "encode",
+                    "prompt encoding"), (handle.base.unet, "forward", "UNet forward"),
+                    (sampling, "decode", "VAE decode (+to image)"), *common]
+    theirs_targets = [(pipe, "encode_prompt", "prompt encoding"), (pipe.unet, "forward", "UNet forward"),
+                      (pipe.vae, "decode", "VAE decode (+to image)"),
+                      (pipe.image_processor, "postprocess", "VAE decode (+to image)"), *common]
+    return {"ours": _sections(ours, ours_targets, repeats, device),
+            "diffusers": _sections(theirs, theirs_targets, repeats, device)}
 
 
 # ------------------------------------------------------------------------------------------------ 2. loading
@@ -339,11 +332,30 @@ def environment(args, device) -> dict:
         "diffusers": diffusers.__version__, "transformers": transformers.__version__, "device": str(device),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
     }
-    if hasattr(os, "getloadavg"):
-        env["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    busy = busy_cores()
+    if busy is not None:
+        env["busy_cores_at_start"] = round(busy, 2)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def busy_cores(interval: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now (Linux /proc/stat), or None elsewhere."""
+    def read():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = read()
+        time.sleep(interval)
+        t1, i1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = t1 - t0
+    return (os.cpu_count() or 1) * (total - (i1 - i0)) / total if total > 0 else 0.0
 
 
 def print_report(env: dict, settings: dict, rows: list[dict], sections: dict | None) -> None:
@@ -365,10 +377,13 @@ def print_report(env: dict, settings: dict, rows: list[dict], sections: dict | N
         print(f"{r['name']:<{w}}{r['ours_s']:>11.4f}{r['diffusers_s']:>15.4f}{r['ratio']:>8.3f}  {'; '.join(notes)}")
     if sections:
         print()
-        print("our Sample, median seconds per section:")
-        total = sections["total (wall)"]
-        for k, v in sorted(sections.items(), key=lambda kv: -kv[1]):
-            print(f"  {k:<22}{v:>9.4f}  {100 * v / total:5.1f}%")
+        print("Sample sections, median seconds (--sections):")
+        names = sorted(set(sections["ours"]) | set(sections["diffusers"]),
+                       key=lambda k: (k.startswith(("total", "other")), -sections["ours"].get(k, 0.0)))
+        print(f"  {'section':<24}{'ours':>9}{'diffusers':>11}{'ours-diff':>11}")
+        for k in names:
+            o, d = sections["ours"].get(k, 0.0), sections["diffusers"].get(k, 0.0)
+            print(f"  {k:<24}{o:>9.4f}{d:>11.4f}{o - d:>+11.4f}")
 
 
 def main(argv=None) -> int:
@@ -392,10 +407,11 @@ def main(argv=None) -> int:
         pass
 
     env = environment(args, device)
-    busy = env.get("loadavg_1min", 0.0)
-    if device.type == "cpu" and busy > 0.5:
-        print(f"warning: 1-minute load average is {busy} before starting; other processes compete for the "
-              f"{os.cpu_count()} cores and multi-threaded CPU timings get noisy (try --threads 1)", file=sys.stderr)
+    busy = env.get("busy_cores_at_start", 0.0)
+    if device.type == "cpu" and busy > 0.3:
+        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy; multi-threaded CPU "
+              f"timings get noisy and slow under contention (run on an idle machine, or try --threads 1)",
+              file=sys.stderr, flush=True)
     settings = {"family": args.family, "steps": args.steps, "size": args.size, "cfg": args.cfg,
                 "repeats": args.repeats, "seed": args.seed, "prompt": args.prompt}
     rows: list[dict] = []

@@ -129,10 +129,10 @@ def _finish(base_kwargs: dict, dtype, device) -> BaseModel:
     # The SDXL VAE overflows in fp16 (diffusers `force_upcast`): keep it in fp32 then.
     vae_dtype = torch.float32 if (family is Family.SDXL and dtype == torch.float16) else dtype
     # nn.Module.to, not diffusers' override: it would warn about fp32-pinned modules these models do not have.
-    torch.nn.Module.to(unet, device=device, dtype=dtype)
-    torch.nn.Module.to(vae, device=device, dtype=vae_dtype)
-    for te in tes:
-        torch.nn.Module.to(te, device=device, dtype=dtype)
+    for module, want in [(unet, dtype), (vae, vae_dtype), *[(te, dtype) for te in tes]]:
+        first = next(module.parameters())
+        if first.dtype != want or first.device != device:
+            torch.nn.Module.to(module, device=device, dtype=want)
     for module in [unet, vae, *tes]:
         module.eval()
         module.requires_grad_(False)

@@ -92,7 +92,7 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab(words)
-    write_tokenizer(folder / "tokenizer", vocab, merges, pad_token="<|endoftext|>" if family is Family.SD1 else "!")
+    write_tokenizer(folder / "tokenizer", vocab, merges, pad_token="!" if family is Family.SD2 else "<|endoftext|>")
     tok = load_tokenizer(folder / "tokenizer")
     bos, eos = tok.bos_token_id, tok.eos_token_id
     index: dict = {"_class_name": "StableDiffusionXLPipeline" if family is Family.SDXL else "StableDiffusionPipeline",
