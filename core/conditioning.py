@@ -12,6 +12,7 @@ takes the pooled output of bigG's first window.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,33 @@ log = logging.getLogger("comfy_finetune")
 class Conditioning:
     cond: "torch.Tensor"  # [1, 77*k, D]
     pooled: "torch.Tensor | None" = None  # [1, P] (SDXL)
+
+
+_NAME_CHAR = re.compile(r'[^\s()<>:"|?*,\x00-\x1f]')  # characters that would run on into an embedding name
+
+
+def substitute_tokens(text: str, embeddings: dict[str, Embedding]) -> str:
+    """Write each embedding's plain ``token`` (e.g. ``<my-dog>``) in ``text`` as ``embedding:<name>``.
+
+    Whole words only (case-insensitive, like CLIP): after the start, whitespace or ``(`` and before the end,
+    whitespace, punctuation, ``:`` or ``)``; text already written ``embedding:...`` is never touched. Spaces are
+    added where the prompt parser needs them to see the reference (they do not change CLIP tokens).
+    """
+    words = {e.token.lower(): name for name, e in embeddings.items()
+             if getattr(e, "token", None) and ":" not in e.token and not any(c.isspace() for c in e.token)}
+    if not words:
+        return text
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![^\s(])(?:{alternatives})(?=$|[\s,.;:!?)\]])", re.IGNORECASE)
+
+    def repl(m: re.Match) -> str:
+        before = text[m.start() - 1] if m.start() else " "
+        after = text[m.end()] if m.end() < len(text) else " "
+        lead = "" if before in " \n" else " "
+        trail = " " if _NAME_CHAR.match(after) else ""
+        return f"{lead}embedding:{words[m.group().lower()]}{trail}"
+
+    return pattern.sub(repl, text)
 
 
 class PromptEncoder:
@@ -69,6 +97,7 @@ class PromptEncoder:
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str) -> list[list[list[Token]]]:
         """Chunks per encoder, equal in count across encoders."""
+        text = substitute_tokens(text, self.handle.embeddings)
         per_encoder = []
         for i, tok in enumerate(self.base.tokenizers):
             comp = f"te{i + 1}"

@@ -27,6 +27,9 @@ class Embedding:
     name: str
     vectors: dict  # "te1" -> Tensor[N, 768/1024/...], "te2" -> Tensor[N, 1280]
     metadata: dict = field(default_factory=dict)
+    # Optional plain prompt word (e.g. "<my-dog>") that stands for ``embedding:<name>`` in prompts of a handle
+    # carrying this embedding (set by the textual-inversion trainer).
+    token: str | None = None
 
     @property
     def num_vectors(self) -> int:

@@ -327,7 +327,12 @@ def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str 
             loader = lambda: load_single_file(path, dt, dev)  # noqa: E731
     base = _cache.get(key)
     if base is None:
+        import torch  # noqa: PLC0415
+
         host.free_host_models()
-        base = loader()
+        # ComfyUI runs nodes under inference_mode; weights made there could never be trained through
+        # ("Inference tensors cannot be saved for backward"), so the base is built outside it.
+        with torch.inference_mode(False):
+            base = loader()
         _cache[key] = base
     return ModelHandle(base)

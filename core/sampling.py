@@ -130,15 +130,22 @@ def _repeat_to(a, b):
 def sample(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
            node: str = "Sample") -> "torch.Tensor":
     """Generate images; returns ``[B, H, W, 3]`` float32 in 0..1 on the CPU (ComfyUI's IMAGE)."""
+    s.validate(node)
+    with handle.patched():
+        return sample_patched(handle, s, progress=progress, node=node)
+
+
+def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
+                   node: str = "Sample") -> "torch.Tensor":
+    """:func:`sample` for a handle whose patches are already applied (e.g. validation during training)."""
     import torch  # noqa: PLC0415
 
     from .conditioning import PromptEncoder  # noqa: PLC0415
 
-    s.validate(node)
     base = handle.base
     scheduler = make_scheduler(base.scheduler_config, s.sampler, s.scheduler, node=node)
     device, dtype = base.device, base.dtype
-    with torch.inference_mode(), handle.patched():
+    with torch.inference_mode():
         encoder = PromptEncoder(handle, node=node)
         pos = encoder.encode(s.prompt)
         neg = encoder.encode(s.negative or "")

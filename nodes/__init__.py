@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .data import NODES as _DATA
 from .generation import NODES as _GENERATION
+from .training import NODES as _TRAINING
 
-ALL_NODES = [*_GENERATION]
+ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING]
 
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in ALL_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in ALL_NODES}

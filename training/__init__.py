@@ -1,0 +1,1 @@
+"""Training core: data, the shared loop, LoRA / Textual Inversion / DreamBooth trainers. Never imports ComfyUI."""

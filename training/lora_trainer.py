@@ -1,0 +1,211 @@
+"""LoRA training with peft on a shared base model, without changing it.
+
+peft's LoRA layers are injected into the base UNet (and text encoders) for the duration of the
+run, the trained A/B matrices are read out as :class:`~..core.lora.LoraWeights`, and the original
+modules are put back in ``finally``: the base weights are frozen throughout, so every other
+handle on the same base sees exactly what it saw before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..core.errors import FinetuneError
+from ..core.lora import LoraModule, LoraWeights
+from .diffusion import LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.handle import ModelHandle
+    from .data import TrainingSet
+    from .settings import TrainSettings
+
+log = logging.getLogger("comfy_finetune")
+ADAPTER = "ft_train"
+
+UNET_TARGETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+feedforward": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                              "ff.net.2"),
+    "attention+feedforward+conv": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                   "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+}
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: str = "attention+feedforward"
+    train_text_encoder: bool = False
+    text_learning_rate: float = 5e-5
+
+
+def _lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            yield name, module
+
+
+def _min_width(model: torch.nn.Module, targets: tuple[str, ...]) -> tuple[int, str]:
+    smallest, where = 1 << 30, ""
+    for name, m in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            w = getattr(m, "weight", None)
+            if w is None or w.dim() < 2:
+                continue
+            width = min(w.shape[0], w.shape[1])
+            if width < smallest:
+                smallest, where = width, name
+    return smallest, where
+
+
+def remove_lora_layers(model: torch.nn.Module) -> None:
+    """Put every peft-wrapped module back as its original base layer (exact: the base tensors never changed)."""
+    for name, module in list(_lora_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+
+
+class LoraObjective:
+    """peft LoRA on the UNet (and optionally the text encoders) of ``handle``'s base."""
+
+    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: LoraSpec,
+                 *, node: str) -> None:
+        self.handle, self.dataset, self.settings, self.spec, self.node = handle, dataset, settings, spec, node
+        base = handle.base
+        self.components: dict[str, torch.nn.Module] = {"unet": base.unet}
+        if spec.train_text_encoder:
+            for i, te in enumerate(base.text_encoders):
+                self.components[f"te{i + 1}"] = te
+        self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
+        self.latents = LatentCache(handle, dataset)
+        self.text = TextCache(handle, node, cache=not spec.train_text_encoder)
+
+    # ------------------------------------------------------------------ adapters
+    def check(self) -> None:
+        if self.spec.rank < 1:
+            raise FinetuneError(f"rank must be at least 1 (got {self.spec.rank})", node=self.node, input="rank",
+                                fix="use 4-64")
+        if self.spec.targets not in UNET_TARGETS:
+            raise FinetuneError(f"unknown target preset '{self.spec.targets}'", node=self.node, input="targets",
+                                fix=f"use one of {', '.join(UNET_TARGETS)}")
+        for comp, model in self.components.items():
+            targets = UNET_TARGETS[self.spec.targets] if comp == "unet" else TEXT_TARGETS
+            width, where = _min_width(model, targets)
+            if self.spec.rank > width:
+                raise FinetuneError(f"rank {self.spec.rank} is larger than the layer {where} ({width} wide)",
+                                    node=self.node, input="rank", fix=f"use a rank of at most {width}")
+
+    def attach(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed)
+            for comp, model in self.components.items():
+                targets = UNET_TARGETS[self.spec.targets] if comp == "unet" else TEXT_TARGETS
+                config = LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, target_modules=list(targets),
+                                    init_lora_weights=True)
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        for _, param in self.named_trainables():
+            param.data = param.data.float()  # trainables stay fp32 whatever the base precision
+            param.requires_grad_(True)
+
+    def detach(self) -> None:
+        for model in self.components.values():
+            remove_lora_layers(model)
+
+    def named_trainables(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        for comp, model in self.components.items():
+            for name, layer in _lora_layers(model):
+                yield f"{comp}:{name}:A", layer.lora_A[ADAPTER].weight
+                yield f"{comp}:{name}:B", layer.lora_B[ADAPTER].weight
+
+    # ------------------------------------------------------------------ Objective protocol
+    def param_groups(self) -> list[dict]:
+        unet = [p for n, p in self.named_trainables() if n.startswith("unet:")]
+        text = [p for n, p in self.named_trainables() if not n.startswith("unet:")]
+        groups = [{"params": unet, "lr": self.settings.learning_rate}]
+        if text:
+            groups.append({"params": text, "lr": self.spec.text_learning_rate})
+        return groups
+
+    def loss(self, step: int, batch, generator: torch.Generator) -> torch.Tensor:
+        latents = self.latents.latents(batch)
+        h, w = batch.pixels.shape[-2:]
+        context, added = conditioning_for(self.handle, self.text, list(batch.captions), int(h), int(w))
+        return denoise_loss(self.handle.base.unet, latents, context, self.schedule, generator=generator, added=added,
+                            noise_offset=self.settings.noise_offset,
+                            min_snr_gamma=self.settings.min_snr_gamma).mean()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_trainables()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.named_trainables():
+                p.copy_(state[n])
+
+    # ------------------------------------------------------------------ result
+    def extract(self, metadata: dict[str, str] | None = None, name: str = "trained") -> LoraWeights:
+        modules = {}
+        for comp, model in self.components.items():
+            for path, layer in _lora_layers(model):
+                modules[(comp, path)] = LoraModule(down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                                                   up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
+                                                   alpha=float(self.spec.alpha))
+        return LoraWeights(self.handle.family, modules, dict(metadata or {}), name)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["LoraObjective"]:
+        """Adapters and (optionally) gradient checkpointing on for the block; the base restored after."""
+        self.check()
+        checkpointing = []
+        try:
+            self.attach()
+            if self.settings.gradient_checkpointing:
+                for model in self.components.values():
+                    if hasattr(model, "enable_gradient_checkpointing"):
+                        model.enable_gradient_checkpointing()
+                        checkpointing.append(model)
+                    elif hasattr(model, "gradient_checkpointing_enable"):
+                        model.gradient_checkpointing_enable()
+                        checkpointing.append(model)
+            yield self
+        finally:
+            for model in checkpointing:
+                if hasattr(model, "disable_gradient_checkpointing"):
+                    model.disable_gradient_checkpointing()
+                else:
+                    model.gradient_checkpointing_disable()
+            self.detach()
+            for model in self.components.values():
+                model.requires_grad_(False)
+
+
+def train_lora(handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: LoraSpec, *,
+               node: str = "TrainLoRA", validation=None):
+    """Train a LoRA on ``handle`` (its own patches applied) and return ``(LoraWeights, TrainResult)``."""
+    from .runs import run_training  # noqa: PLC0415
+
+    objective = LoraObjective(handle, dataset, settings, spec, node=node)
+    metadata = {"ss_training_comment": f"trained with comfyui-finetune {node}",
+                "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),
+                "ss_text_encoder_lr": str(spec.text_learning_rate if spec.train_text_encoder else 0),
+                "ss_seed": str(settings.seed), "ss_lr_scheduler": settings.lr_schedule,
+                "ss_optimizer": settings.optimizer, "ss_mixed_precision": settings.precision,
+                "ss_min_snr_gamma": str(settings.min_snr_gamma), "ss_noise_offset": str(settings.noise_offset),
+                "ss_num_train_images": str(len(dataset)), "ss_sd_model_name": handle.base.label,
+                "ft_targets": spec.targets}
+    return run_training("lora", handle, dataset, settings, objective, node=node,
+                        config={"rank": spec.rank, "alpha": spec.alpha, "targets": spec.targets,
+                                "te": spec.train_text_encoder, "te_lr": spec.text_learning_rate},
+                        validation=validation, finish=lambda: objective.extract(metadata))

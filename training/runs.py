@@ -1,0 +1,100 @@
+"""Orchestration shared by the training nodes: memory, inference mode, patches, validation, results."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .. import host
+from ..core.errors import FinetuneError
+from ..core.sampling import SampleSettings, sample_patched
+from .loop import TrainResult, checkpoint_path, run_key, train, training_mode
+from .settings import TrainSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.handle import ModelHandle
+    from .data import TrainingSet
+
+log = logging.getLogger("comfy_finetune")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Validation samples during training: the same sampling path, settings and negative as after training."""
+
+    prompt: str = ""
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int = 512
+    height: int = 512
+
+    def settings(self) -> SampleSettings:
+        return SampleSettings(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
+                              cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler, width=self.width,
+                              height=self.height, batch_size=1)
+
+
+def check_dataset(dataset: "TrainingSet", settings: TrainSettings, node: str) -> None:
+    if dataset is None or len(dataset) == 0:
+        raise FinetuneError("the training set is empty", node=node, input="dataset",
+                            fix="connect a Training Data node with at least one image")
+    available = len(dataset) * max(1, int(getattr(dataset, "repeats", 1)))
+    if available < settings.batch_size:
+        raise FinetuneError(f"batch_size {settings.batch_size} is larger than the {len(dataset)} training images "
+                            f"(x{getattr(dataset, 'repeats', 1)} repeats)", node=node, input="batch_size",
+                            fix=f"use batch_size {available} or less, or add images/repeats")
+
+
+def dataset_signature(dataset: "TrainingSet") -> list:
+    """What identifies a training set for checkpoint keys: names, captions and pixel checksums."""
+    sig = getattr(dataset, "signature", None)
+    if callable(sig):
+        return [sig()]
+    return [[ex.name, ex.caption, float(ex.pixels.double().sum())] for ex in dataset.examples]
+
+
+def base_signature(handle: "ModelHandle") -> list:
+    base = handle.base
+    return [base.source, base.label, str(base.dtype), [(type(p).__name__, getattr(getattr(p, "lora", None), "name",
+                                                                               None)) for p in handle.patches]]
+
+
+def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", settings: TrainSettings, objective,
+                 *, node: str, config: dict, validation: Validation | None = None,
+                 finish: Callable[[], object]) -> tuple[object, TrainResult]:
+    """Common frame of every trainer: free the host's models, leave inference mode, apply the handle's
+    patches, attach the objective, run the loop, build the result with ``finish()`` while still attached."""
+    settings.validate(node)
+    check_dataset(dataset, settings, node)
+    key = run_key(kind, base_signature(handle), dataset_signature(dataset), config,
+                  {k: v for k, v in asdict(settings).items()
+                   if k not in ("steps", "save_every", "validate_every", "resume")})
+    ckpt = checkpoint_path(kind, key)
+    host.free_host_models()
+    device = handle.base.device
+
+    def validate(step: int) -> torch.Tensor:
+        return sample_patched(handle, validation.settings(), node=node)
+
+    try:
+        with training_mode(), handle.patched(), objective.attached():
+            result = train(objective, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
+                           node=node, device=device, checkpoint=ckpt,
+                           validate=validate if validation is not None and validation.prompt else None)
+            if validation is not None and validation.prompt and (not result.validation
+                                                                 or result.validation[-1][0] != settings.steps):
+                result.validation.append((settings.steps, validate(settings.steps)))
+            output = finish()
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return output, result

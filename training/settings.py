@@ -1,0 +1,59 @@
+"""Training settings shared by every trainer, validated with errors that name the input and the fix."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..core.errors import FinetuneError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    optimizer: str = "adamw"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
+    noise_offset: float = 0.0
+    seed: int = 0
+    save_every: int = 0  # 0 = only at the end / on cancel
+    validate_every: int = 0  # 0 = off
+    resume: bool = False
+
+    def validate(self, node: str) -> None:
+        def bad(input: str, what: str, fix: str) -> FinetuneError:
+            return FinetuneError(what, node=node, input=input, fix=fix)
+
+        if self.steps < 1:
+            raise bad("steps", f"steps must be at least 1 (got {self.steps})", "use a few hundred steps")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise bad("learning_rate", f"learning rate must be a positive number (got {self.learning_rate})",
+                      "use e.g. 1e-4 for LoRA, 5e-3 for textual inversion, 2e-6 for full DreamBooth")
+        if self.batch_size < 1:
+            raise bad("batch_size", f"batch_size must be at least 1 (got {self.batch_size})", "use 1 or more")
+        if self.grad_accum < 1:
+            raise bad("grad_accum", f"grad_accum must be at least 1 (got {self.grad_accum})", "use 1 or more")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"unknown schedule '{self.lr_schedule}'", f"use one of {', '.join(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"unknown optimizer '{self.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"unknown precision '{self.precision}'", f"use one of {', '.join(PRECISIONS)}")
+        if self.warmup_steps < 0 or self.warmup_steps >= max(self.steps, 1) and self.warmup_steps:
+            raise bad("warmup_steps", f"warmup_steps {self.warmup_steps} must be in [0, steps)",
+                      "use about 5-10 % of the steps, or 0")
+        if self.min_snr_gamma < 0:
+            raise bad("min_snr_gamma", "min_snr_gamma must be 0 (off) or positive", "use 0 or 5")
+
+    def as_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
