@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .data import NODES as _DATA
 from .generation import NODES as _GENERATION
+from .saving import NODES as _SAVING
 from .training import NODES as _TRAINING
 
-ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING]
+ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING, *_SAVING]
 
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in ALL_NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in ALL_NODES}

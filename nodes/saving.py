@@ -47,8 +47,9 @@ class SaveLoRA(FTNode):
     NODE_ID = "FinetuneSaveLoRA"  # ComfyUI core has its own "SaveLoRA" node (nodes_train.py): never clash.
     DISPLAY_NAME = "Save LoRA (Finetune)"
     CATEGORY = f"{CATEGORY}/save"
-    DESCRIPTION = ("Saves a LoRA as .safetensors in models/loras, in the kohya/A1111 layout that ComfyUI's LoraLoader, "
-                   "A1111 and kohya read (or the diffusers/PEFT layout), with the training settings in its metadata.")
+    DESCRIPTION = ("Saves a LoRA as .safetensors in models/loras, in the kohya/A1111 layout that ComfyUI's "
+                   "LoraLoader, A1111 and kohya read (or the diffusers/PEFT layout), with the training settings in "
+                   "its metadata.")
     OUTPUT_NODE = True
     RETURN_TYPES = ()
     RETURN_NAMES = ()

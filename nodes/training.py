@@ -104,7 +104,7 @@ class TrainLoRA(FTNode):
     DISPLAY_NAME = "Train LoRA (Finetune)"
     CATEGORY = TRAIN_CATEGORY
     DESCRIPTION = ("Trains a LoRA on the model handle from a training set. The result chains straight into AddLoRA "
-                   "or Sample (pipe output) and saves with SaveLoRA. The input handle is not changed; cancel keeps a "
+                   "or Sample (pipe output) and saves with Save LoRA (Finetune). The input handle is not changed; cancel keeps a "
                    "resumable checkpoint.")
     RETURN_TYPES = (LORA, "IMAGE", PIPE, "IMAGE")
     RETURN_NAMES = ("lora", "loss_plot", "pipe", "validation")

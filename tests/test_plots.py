@@ -48,6 +48,7 @@ def test_loss_plot_size_and_lrs():
     _check_image(loss_plot(losses, lrs=[]), 384, 768)
     _check_image(loss_plot(losses, lrs=[float("nan")] * 50), 384, 768)
     _check_image(loss_plot([0.3], lrs=[1e-4] * 5), 384, 768)
+    _check_image(loss_plot([0.3, None, torch.tensor(0.2)], lrs=[None, 1e-4]), 384, 768)  # gaps, 0-d tensors
     # Tiny sizes are clamped, never crash.
     _check_image(loss_plot(losses, width=10, height=10), 120, 160)
 

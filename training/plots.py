@@ -35,7 +35,7 @@ def ema(values: Sequence[float], alpha: float = 0.9) -> list[float]:
     out: list[float] = []
     state: float | None = None
     for v in values:
-        x = float(v)
+        x = _num(v)
         if math.isfinite(x):
             state = x if state is None else alpha * state + (1.0 - alpha) * x
         out.append(float("nan") if state is None else state)
@@ -92,8 +92,16 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _num(v) -> float:
+    """A plot value as float; None or anything unconvertible is NaN (a gap, never an error)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _finite(values: Sequence[float] | None) -> list[float]:
-    return [float(v) for v in (values or []) if math.isfinite(float(v))]
+    return [v for v in (_num(x) for x in (values or [])) if math.isfinite(v)]
 
 
 class _Axis:
@@ -159,8 +167,8 @@ def loss_plot(losses: Sequence[float], *, lrs: Sequence[float] | None = None, ti
         x, loss on y (log scale when the finite values span more than two decades), and the last smoothed value.
     """
     width, height = max(int(width), 160), max(int(height), 120)
-    losses = [float(v) for v in losses]
-    lrs_list = [float(v) for v in lrs] if lrs is not None else []
+    losses = [_num(v) for v in losses]
+    lrs_list = [_num(v) for v in lrs] if lrs is not None else []
     img = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(img)
     font = _font()

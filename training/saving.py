@@ -400,7 +400,8 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
     path = Path(path)
     family = Family(family)
     if layout not in LORA_LAYOUTS:
-        raise FinetuneError(f"unknown LoRA layout '{layout}'", input="layout", fix=f"use one of {', '.join(LORA_LAYOUTS)}")
+        raise FinetuneError(f"unknown LoRA layout '{layout}'", input="layout",
+                            fix=f"use one of {', '.join(LORA_LAYOUTS)}")
     if not lora.modules:
         raise FinetuneError("the LoRA has no modules (nothing was trained or loaded)", input="lora",
                             fix="connect a trained LoRA")
@@ -601,11 +602,13 @@ def _write_diffusers_folder(handle: "ModelHandle", folder: Path, unet: dict, vae
         out.mkdir()
         cfg = copy.deepcopy(te.config)
         cfg.architectures = [type(te).__name__]
-        # The saved dtype, so from_pretrained(dtype="auto") loads it as written (transformers 5 `dtype`, 4 `torch_dtype`).
+        # The saved dtype, so from_pretrained(dtype="auto") loads it as written (transformers 5: `dtype`,
+        # 4.x: `torch_dtype`).
         setattr(cfg, "dtype" if "dtype" in cfg.to_dict() or not hasattr(cfg, "torch_dtype") else "torch_dtype",
                 torch_dtype)
         cfg.save_pretrained(out)
-        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them (formats.md 1.7).
+        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them
+        # (formats.md 1.7).
         keys = {k: t for k, t in sd.items() if not k.endswith("position_ids")}
         keys = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): t
                 for k, t in keys.items()}
