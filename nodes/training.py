@@ -106,10 +106,10 @@ class TrainLoRA(FTNode):
     DESCRIPTION = ("Trains a LoRA on the model handle from a training set. The result chains straight into AddLoRA "
                    "or Sample (pipe output) and saves with Save LoRA (Finetune). The input handle is not changed; cancel keeps a "
                    "resumable checkpoint.")
-    RETURN_TYPES = (LORA, "IMAGE", PIPE, "IMAGE")
-    RETURN_NAMES = ("lora", "loss_plot", "pipe", "validation")
-    OUTPUT_TOOLTIPS = ("The trained LoRA (for AddLoRA / SaveLoRA).", "Training loss curve (raw and smoothed).",
-                       "The input handle with the trained LoRA added.",
+    RETURN_TYPES = (LORA, PIPE, "IMAGE", "IMAGE")
+    RETURN_NAMES = ("lora", "pipe", "loss_plot", "validation")
+    OUTPUT_TOOLTIPS = ("The trained LoRA (for AddLoRA / SaveLoRA).", "The input handle with the trained LoRA added.",
+                       "Training loss curve (raw and smoothed).",
                        "Validation samples (one row per validation step), if a validation prompt is set.")
 
     @classmethod
@@ -143,7 +143,7 @@ class TrainLoRA(FTNode):
         lora, result = train_lora(pipe, dataset, settings, spec, node=self.NODE_ID,
                                   validation=validation_from(kwargs))
         plot, grid = outputs_for(result)
-        return (lora, plot, pipe.with_patch(LoraPatch(lora)), grid)
+        return (lora, pipe.with_patch(LoraPatch(lora)), plot, grid)
 
 
 NODES = [TrainLoRA]

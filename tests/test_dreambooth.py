@@ -157,10 +157,11 @@ def test_lora_method_lowers_instance_loss(tiny_handles, red):
     assert isinstance(lora, LoraWeights) and lora.modules and lora.name == "dreambooth"
     assert lora.metadata["ft_dreambooth_instance_prompt"] == INSTANCE
     assert lora.metadata["ft_dreambooth_class_images"] == "3"
+    assert lora.metadata["ft_dreambooth_ignored_captions"] == "6"  # red-circle has a caption per image
     assert out.base is h.base and out.patches == h.patches + (LoraPatch(lora),)
     assert len(result.losses) == 20
     assert evaluation_loss(out, inst) < before
-    assert same(unet_before, state(h.base.unet)) and evaluation_loss(h, inst) == before
+    assert same(unet_before, state(h.base.unet))
 
 
 def test_full_method_trains_a_copy_and_leaves_the_input_untouched(tiny_handles, red):
@@ -181,7 +182,6 @@ def test_full_method_trains_a_copy_and_leaves_the_input_untouched(tiny_handles, 
     assert not same(unet_before, state(out.base.unet))
     assert not same(te_before, state(out.base.text_encoders[0]))
     assert evaluation_loss(out, inst) < before
-    assert evaluation_loss(h, inst) == before
 
 
 def test_full_method_bakes_the_input_loras(tiny_handles, red):
@@ -202,6 +202,17 @@ def test_full_method_bakes_the_input_loras(tiny_handles, red):
     assert same(plain_unet, state(h.base.unet)) and same(plain_te, state(h.base.text_encoders[0]))
 
 
+def test_full_method_resumes_from_its_checkpoint(tiny_handles, red):
+    h = tiny_handles["sd1"]
+    s = spec(method="full", prior_preservation=False)
+    first, _, r1 = db.train_dreambooth(h, red, TrainSettings(steps=2, learning_rate=1e-4, seed=3, save_every=1), s)
+    assert r1.checkpoint is not None and r1.checkpoint.exists()
+    again, _, r2 = db.train_dreambooth(h, red, TrainSettings(steps=2, learning_rate=1e-4, seed=3, resume=True), s)
+    assert r2.resumed_from == 2 and r2.losses == r1.losses
+    assert same(state(first.base.unet), state(again.base.unet))
+    assert not same(state(h.base.unet), state(again.base.unet))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_base_prediction_prior_starts_at_zero(tiny_handles, red, method):
     h = tiny_handles["sd1"]
@@ -215,8 +226,8 @@ def test_base_prediction_prior_starts_at_zero(tiny_handles, red, method):
     with training_mode(), train_handle.patched(), obj.attached():
         instance, prior = obj.terms(0, batch, step_generator(0, 0))
         assert instance.shape == prior.shape == (2,)
-        assert float(instance.min()) > 0.01
-        assert float(prior.abs().max()) < 1e-10  # the trained model is still the frozen one
+        assert float(instance.detach().min()) > 0.01
+        assert float(prior.detach().abs().max()) < 1e-10  # the trained model is still the frozen one
         loss = obj.loss(0, batch, step_generator(0, 0))
         assert float(loss) == pytest.approx(float(instance.mean()), abs=1e-8)
         loss.backward()  # gradients reach the trainables
@@ -232,7 +243,7 @@ def test_other_families_run(tiny_handles, red, fam, monkeypatch, tmp_path):
     monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path))
     h = tiny_handles[fam]
     out, lora, result = db.train_dreambooth(h, red, TrainSettings(steps=2, learning_rate=1e-3, seed=0, batch_size=2),
-                                            spec(num_class_images=2, train_text_encoder=True))
+                                            spec(num_class_images=1, train_text_encoder=True))
     assert len(result.losses) == 2 and lora.components() >= {"unet", "te1"}
     out, lora, result = db.train_dreambooth(h, red, TrainSettings(steps=2, learning_rate=1e-5, seed=0),
                                             spec(method="full", prior_mode="base_prediction"))
@@ -293,9 +304,12 @@ def test_node_end_to_end(tiny_handles, red):
     assert lora.modules and pipe.loras[-1].lora is lora and pipe.base is h.base
     assert plot.ndim == 4 and plot.shape[-1] == 3
     assert tuple(grid.shape[1:]) != (64, 64, 3) or grid.abs().sum() > 0  # a real validation image
-    pipe, lora, plot, grid = node_run(h, red, method="full", learning_rate=1e-5, prior_mode="base_prediction")
+    pipe, lora, plot, grid = node_run(h, red, method="full", learning_rate=1e-5, prior_mode="base_prediction",
+                                      validation_prompt=INSTANCE, validation_size=64, validation_steps=2,
+                                      validate_every=1)
     assert isinstance(lora, LoraWeights) and lora.modules == {}  # empty for full: the weights are in the pipe
     assert pipe.base is not h.base and pipe.base.unet is not h.base.unet
+    assert grid.ndim == 4 and grid.shape[-1] == 3
 
 
 @pytest.mark.parametrize("bad,input", [

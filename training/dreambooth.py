@@ -53,11 +53,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import host
 from ..core.errors import FinetuneError
-from ..core.handle import BaseModel, EmbeddingPatch, LoraPatch, ModelHandle
+from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
 from .diffusion import LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
-from .lora_trainer import ADAPTER, UNET_TARGETS, LoraObjective, LoraSpec, _lora_layers
+from .lora_trainer import UNET_TARGETS, LoraObjective, LoraSpec, _lora_layers
 from .loop import TrainResult, run_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,7 +121,8 @@ class DreamBoothSpec:
             if not self.alpha > 0:
                 raise bad("alpha", f"alpha must be positive (got {self.alpha})", "use the rank, or half of it")
             if self.targets not in UNET_TARGETS:
-                raise bad("targets", f"unknown target preset '{self.targets}'", f"use one of {', '.join(UNET_TARGETS)}")
+                raise bad("targets", f"unknown target preset '{self.targets}'",
+                          f"use one of {', '.join(UNET_TARGETS)}")
         if not self.prior_preservation:
             return
         if not (self.class_prompt or "").strip():
@@ -135,8 +136,8 @@ class DreamBoothSpec:
                           "set num_class_images to 50-200, connect a class_dataset, use prior_mode "
                           "'base_prediction', or turn prior_preservation off")
             if self.class_sample_steps < 1:
-                raise bad("class_sample_steps", f"class_sample_steps must be at least 1 (got {self.class_sample_steps})",
-                          "use 20-30")
+                raise bad("class_sample_steps",
+                          f"class_sample_steps must be at least 1 (got {self.class_sample_steps})", "use 20-30")
             if not (math.isfinite(self.class_cfg) and self.class_cfg >= 0):
                 raise bad("class_cfg", f"class_cfg must be 0 or more (got {self.class_cfg})", "use 5-8")
             if self.class_sampler not in SAMPLER_NAMES:
@@ -282,6 +283,7 @@ def ensure_class_images(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int,
         log.info("[%s] using %d cached class images from %s", node, count, folder)
         return paths
     folder.mkdir(parents=True, exist_ok=True)
+    host.free_host_models()  # the host's own models out of the way before we sample
     params = {"class_prompt": spec.class_prompt, "seed": int(seed), "size": int(size),
               "steps": int(spec.class_sample_steps), "cfg": float(spec.class_cfg), "sampler": spec.class_sampler,
               "scheduler": spec.class_scheduler, "model": handle.describe(), "source": handle.base.source}
@@ -498,7 +500,8 @@ class FullObjective(_PriorMixin):
 
     # ------------------------------------------------------------------ Objective protocol
     def param_groups(self) -> list[dict]:
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": self.settings.learning_rate}]
+        unet = [p for p in self.unet.parameters() if p.requires_grad]
+        groups = [{"params": unet, "lr": self.settings.learning_rate}]
         if self.db.train_text_encoder:
             params = [p for te in self.text_encoders for p in te.parameters() if p.requires_grad]
             if params:
@@ -620,7 +623,8 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
               "ft_dreambooth_class_prompt": spec.class_prompt if spec.prior_preservation else "",
               "ft_dreambooth_prior": (f"{spec.prior_mode} x{spec.prior_loss_weight:g}" if spec.prior_preservation
                                       else "off"),
-              "ft_dreambooth_class_images": str(len(class_set)) if class_set is not None else "0"}
+              "ft_dreambooth_class_images": str(len(class_set)) if class_set is not None else "0",
+              "ft_dreambooth_ignored_captions": str(ignored)}
 
     if spec.method == "lora":
         objective = DreamBoothLoraObjective(handle, instance, settings, spec, node=node, class_set=class_set)
@@ -639,4 +643,4 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
 
 __all__ = ["DreamBoothSpec", "prior_preservation_loss", "train_dreambooth", "with_prompt", "class_image_set",
            "ensure_class_images", "class_images_folder", "PairedSet", "PairedBatch", "DreamBoothLoraObjective",
-           "FullObjective", "ADAPTER"]
+           "FullObjective"]

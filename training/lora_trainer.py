@@ -73,6 +73,11 @@ def remove_lora_layers(model: torch.nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):  # inject_adapter_in_model records its config on the model: forget it too
+        config.pop(ADAPTER, None)
+        if not config:
+            del model.peft_config
 
 
 class LoraObjective:

@@ -218,6 +218,12 @@ class TIObjective:
         """Every model weight frozen (flags restored after); optional gradient checkpointing on."""
         flags = [(p, p.requires_grad) for m in self.models() for p in m.parameters()]
         checkpointing = []
+        # The host runs nodes under inference mode, where a Parameter made in __init__ can never get a gradient:
+        # make the trainable vectors afresh here (run_training enters this inside training_mode()).
+        for comp, p in list(self.params.items()):
+            fresh = torch.nn.Parameter(p.detach().clone())
+            self.params[comp] = fresh
+            self.embedding.vectors[comp] = fresh
         try:
             for m in self.models():
                 m.requires_grad_(False)
