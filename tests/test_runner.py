@@ -30,8 +30,7 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_every_example_runs_headless(path, dirs, models_dir, capsys):
-    code = main(["run", str(path), "--quiet", "--models", str(models_dir), "--output", str(dirs),
-                 "--set", "Sample.steps=2"])
+    code = main(["run", str(path), "--quiet", "--models", str(models_dir), "--output", str(dirs)])
     assert code == 0, capsys.readouterr().err
     pngs = list(dirs.rglob("*.png"))
     assert pngs, "the workflow saved no image"
