@@ -191,6 +191,8 @@ class Progress:
         self.value += n
         if self._bar is not None:
             self._bar.update_absolute(self.value, self.total)
+        if self._bar is not None and postfix:
+            _send_progress_text(" ".join(f"{k} {_fmt(v)}" for k, v in postfix.items()))
         if self._tqdm is not None:
             self._tqdm.update(n)
             if postfix:
@@ -207,6 +209,25 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _send_progress_text(text: str) -> None:
+    """Show a line of text (e.g. the loss) on the running node in ComfyUI's frontend."""
+    try:
+        from comfy_execution.utils import get_executing_context  # noqa: PLC0415
+        from server import PromptServer  # noqa: PLC0415
+
+        context = get_executing_context()
+        server = PromptServer.instance
+        node_id = context.node_id if context is not None else server.last_node_id
+        if node_id is not None:
+            server.send_progress_text(text, node_id, server.client_id)
+    except Exception:  # pragma: no cover - older hosts lack these; progress text is cosmetic
+        log.debug("could not send progress text", exc_info=True)
 
 
 # ---------------------------------------------------------------------------------------------- interrupt
