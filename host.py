@@ -90,8 +90,13 @@ def list_files(key: str, extensions: Iterable[str] = MODEL_EXTENSIONS) -> list[s
     for root in folder_paths_for(key):
         if not root.is_dir():
             continue
+        real_root = root.resolve()
         for path in root.rglob("*"):
             if path.is_file() and path.name.lower().endswith(exts):
+                try:  # list only what resolve_model will load: nothing that leads out of the folder
+                    path.resolve().relative_to(real_root)
+                except ValueError:
+                    continue
                 names.add(path.relative_to(root).as_posix())
     return sorted(names)
 

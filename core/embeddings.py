@@ -71,11 +71,30 @@ def embedding_from_state_dict(name: str, sd: dict, widths: list[int], metadata: 
 
 
 def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
-    from .loading import read_state_dict  # noqa: PLC0415
+    """Read an embedding file through :mod:`.safeio`. For safetensors the vector widths and dtypes are checked
+    against ``widths`` from the header, before any tensor is read; pickles are loaded weights-only."""
+    from .safeio import FLOAT_DTYPES, SAFETENSORS_SUFFIXES, TensorSpec, load_weights  # noqa: PLC0415
 
     path = Path(path)
-    sd, metadata = read_state_dict(path, node="Sample", input="prompt")
-    if not sd and path.suffix.lower() not in (".safetensors", ".sft"):
+    if not path.is_file():
+        raise FinetuneError(f"embedding file not found: {path}", node="Sample", input="prompt",
+                            fix="put the file in models/embeddings")
+
+    def expected(header):  # the same choice of tensors as embedding_from_state_dict, from names alone
+        names = list(header.tensors)
+        picked: dict[int, str] = {}
+        for key, i in (("clip_l", 0), ("clip_h", 0), ("clip_g", 1)):
+            if key in names:
+                picked.setdefault(i, key)
+        if not picked and names:
+            picked[0] = names[0]  # tensors come back ordered by name; the first one is used
+        return {key: TensorSpec((..., widths[i]) if i < len(widths) else None, FLOAT_DTYPES,
+                                f"text encoder {i + 1}'s token width")
+                for i, key in picked.items()}
+
+    is_safe = path.suffix.lower() in SAFETENSORS_SUFFIXES
+    sd, metadata = load_weights(path, node="Sample", input="prompt", expected=expected if is_safe else None)
+    if not sd and not is_safe:
         raise FinetuneError(f"'{path.name}' holds no tensors", input="prompt")
     return embedding_from_state_dict(path.stem, sd, widths, metadata)
 

@@ -230,6 +230,10 @@ def _infer_unet_config(u: Mapping[str, Tensor], family: Family, pooled_dim: int 
         transformer_layers_per_block=tlpb if any(t != 1 for t in tlpb) else 1,
         norm_num_groups=32,
     )
+    if family is Family.SD2:
+        # SD 2.x (the 768-v models above all) overflows in fp16 attention: diffusers' SD 2.1 config and ComfyUI
+        # (attn_precision fp32) both compute attention in fp32 (formats.md 5).
+        cfg["upcast_attention"] = True
     expected_up = list(reversed(tlpb))
     if any(d and d != expected_up[i] for i, d in enumerate(up_depths)):
         cfg["reverse_transformer_layers_per_block"] = [d if d else 1 for d in up_depths]

@@ -82,42 +82,23 @@ def default_scheduler_config(family: Family, prediction_type: str) -> dict:
 # --------------------------------------------------------------------------------------------- state dicts
 def read_state_dict(path: str | os.PathLike, *, node: str = "LoadBase", input: str = "ckpt_name"
                     ) -> tuple[dict, dict[str, str]]:
-    """Tensors and metadata of a weights file. safetensors, or a legacy pickle through ``weights_only``."""
+    """Tensors and metadata of a weights file, through :mod:`.safeio` (validated safetensors, or a legacy pickle
+    through ``weights_only``); non-tensor entries of a pickle are dropped."""
     import torch  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"file not found: {path}", node=node, input=input,
                             fix="pick a file from the list, or refresh the node list")
-    suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".sft"):
-        from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from .safeio import load_weights  # noqa: PLC0415 - the one place untrusted weight files are opened
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FinetuneError(f"'{path.name}' is not a readable safetensors file ({exc})", node=node, input=input,
-                                fix="re-download the file; it is truncated or corrupt") from exc
-        return tensors, metadata
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means we will not trust this pickle
-        raise FinetuneError(
-            f"'{path.name}' could not be loaded safely: it is a pickle that needs arbitrary code to load "
-            f"({type(exc).__name__}), which we never run",
-            node=node, input=input, fix="use a .safetensors version of this file, or convert it in a trusted tool",
-        ) from exc
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-        if not tensors:
+    obj, metadata = load_weights(path, node=node, input=input)
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not obj:
             raise FinetuneError(f"'{path.name}' holds no tensors", node=node, input=input,
                                 fix="check that this is a model weights file")
-        obj = tensors
-    return obj, {}
+    return obj, metadata
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -160,13 +141,27 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
     if "text_encoder" not in index or not (folder / "unet").is_dir():
         raise FinetuneError(f"'{folder.name}' is not a supported Stable Diffusion pipeline ({index.get('_class_name')})",
                             node="LoadBase", input="ckpt_name", fix="use an SD 1.x, SD 2.x or SDXL base model")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
-    tes = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)]
-    toks = [load_tokenizer(folder / "tokenizer")]
+    def part(name: str, fn):
+        try:
+            return fn()
+        except FinetuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - diffusers/transformers raise many types for broken folders
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise FinetuneError(f"the '{name}' part of '{folder.name}' could not be loaded ({first})",
+                                node="LoadBase", input="ckpt_name",
+                                fix=f"check that {folder.name}/{name} is complete (config and weights), or "
+                                    "re-download the model") from exc
+
+    unet = part("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True))
+    vae = part("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True))
+    tes = [part("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder",
+                                                                     local_files_only=True))]
+    toks = [part("tokenizer", lambda: load_tokenizer(folder / "tokenizer"))]
     if sdxl:
-        tes.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True))
-        toks.append(load_tokenizer(folder / "tokenizer_2"))
+        tes.append(part("text_encoder_2", lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", local_files_only=True)))
+        toks.append(part("tokenizer_2", lambda: load_tokenizer(folder / "tokenizer_2")))
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_path.read_text()) if sched_path.exists() else {}
     if sdxl:
@@ -260,8 +255,12 @@ def load_hub(repo_id: str, dtype, device) -> BaseModel:
     from huggingface_hub import snapshot_download  # noqa: PLC0415
 
     try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
-                                   ignore_patterns=["*.fp16.safetensors", "*ema*", "safety_checker/*"])
+        # Only what the pipeline folders need: configs, tokenizers and the components' weights (repos also hold
+        # multi-GB single-file checkpoints at the top level, and fp16/EMA/safety-checker variants).
+        folder = snapshot_download(repo_id, allow_patterns=["model_index.json", "*/*.json", "*/*.txt",
+                                                            "unet/*.safetensors", "vae/*.safetensors",
+                                                            "text_encoder*/*.safetensors"],
+                                   ignore_patterns=["*.fp16.safetensors", "*ema*", "*non_ema*"])
     except Exception as exc:  # noqa: BLE001
         raise FinetuneError(f"could not fetch '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: {exc})",
                             node="LoadBase", input="hub_id",

@@ -247,35 +247,12 @@ def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapp
     if not path.is_file():
         raise FinetuneError(f"LoRA file not found: {path}", node="AddLoRA", input="lora_name",
                             fix="put the file in models/loras and pick it from the list")
-    metadata: dict[str, str] = {}
-    if suffix in _SAFE_SUFFIXES:
-        from safetensors import safe_open  # noqa: PLC0415
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                state: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - any header/IO problem is the same user-facing error
-            raise FinetuneError(f"cannot read '{path.name}' as safetensors: {e}", node="AddLoRA", input="lora_name",
-                                fix="re-download or re-export the file") from e
-    elif suffix in _PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError... all mean "not weights only"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FinetuneError(
-                f"'{path.name}' cannot be loaded safely: it contains more than tensors (weights-only load failed: "
-                f"{first[:200]})", node="AddLoRA", input="lora_name",
-                fix="convert it to .safetensors with the tool that made it; pickled code is never run") from e
-        if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, Mapping):
-            raise FinetuneError(f"'{path.name}' holds a {type(loaded).__name__}, not a dict of tensors",
-                                node="AddLoRA", input="lora_name", fix="pick a LoRA file")
-        state = dict(loaded)
-    else:
+    if suffix not in _SAFE_SUFFIXES and suffix not in _PICKLE_SUFFIXES:
         raise FinetuneError(f"unsupported LoRA file type '{suffix}'", node="AddLoRA", input="lora_name",
                             fix="use .safetensors (or .pt/.ckpt/.bin holding only tensors)")
+    from .safeio import load_weights  # noqa: PLC0415 - the one place untrusted weight files are opened
+
+    state, metadata = load_weights(path, node="AddLoRA", input="lora_name")  # validated header / weights-only
     return parse_lora(state, metadata, family=family, unet_config=unet_config, unet_modules=unet_modules,
                       te_modules=te_modules, name=path.stem)
 

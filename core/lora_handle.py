@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,3 +50,22 @@ def check_family(lora: LoraWeights, family: "Family", *, node: str = "AddLoRA", 
     if lora.family is not None and lora.family != family:
         raise FinetuneError(f"this LoRA is for {lora.family.label} but the model is {family.label}", node=node,
                             input=input, fix=f"use a LoRA trained on a {family.label} model")
+
+
+def check_fits(lora: LoraWeights, handle: "ModelHandle", *, node: str = "AddLoRA", input: str = "lora") -> None:
+    """Refuse a LoRA whose modules are not in this model or have other shapes (trained on another model)."""
+    check_family(lora, handle.family, node=node, input=input)
+    unet_modules, te_modules = _targets(handle)
+    shapes = {"unet": unet_modules, **{f"te{i + 1}": m for i, m in enumerate(te_modules)}}
+    bad = []
+    for (comp, path), module in lora.modules.items():
+        target = shapes.get(comp, {}).get(path)
+        if target is None:
+            bad.append(f"{comp}:{path} (no such layer)")
+            continue
+        if math.prod(module.target_shape()) != math.prod(target):
+            bad.append(f"{comp}:{path} ({tuple(module.target_shape())} vs {tuple(target)})")
+    if bad:
+        raise FinetuneError(f"this LoRA does not fit the model: {len(bad)} of {len(lora.modules)} layers differ, e.g. "
+                            + "; ".join(bad[:3]), node=node, input=input,
+                            fix="use the LoRA with the model it was trained on (same architecture and size)")

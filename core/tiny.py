@@ -44,6 +44,7 @@ def unet_config(family: Family) -> dict:
         cross_attention_dim=32, norm_num_groups=32,
         attention_head_dim=8 if family is Family.SD1 else tuple(_heads(c, family) for c in ch),
         use_linear_projection=family is Family.SD2,
+        upcast_attention=family is Family.SD2,
     )
 
 

@@ -121,7 +121,12 @@ def widget_slots(class_type: str, input_types: Mapping[str, Any]) -> list[tuple[
             if not _is_widget(type_, opts):
                 continue
             slots.append(("widget", name))
-            if opts.get("control_after_generate") or (type_ == "INT" and name in ("seed", "noise_seed")):
+            # The frontend's rule (useIntWidget.ts): `control_after_generate ?? name in (seed, noise_seed)`, so an
+            # explicit False means no control widget even for an input named seed.
+            control = opts.get("control_after_generate")
+            if control is None:
+                control = type_ == "INT" and name in ("seed", "noise_seed")
+            if control:
                 slots.append(("control", name))
             if any(opts.get(f) for f in _UPLOAD_FLAGS) or (class_type == "LoadImage" and name == "image"):
                 uploads.append(("upload", name))

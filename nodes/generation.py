@@ -111,9 +111,9 @@ class AddLoRA(FTNode):
                 host.log.warning("[AddLoRA] %s", notes[-1])
             out = out.with_patch(LoraPatch(weights, float(strength_unet), float(strength_text)))
         if lora is not None:
-            from ..core.lora_handle import check_family  # noqa: PLC0415
+            from ..core.lora_handle import check_fits  # noqa: PLC0415
 
-            check_family(lora, pipe.family, node=self.NODE_ID, input="lora")
+            check_fits(lora, pipe, node=self.NODE_ID, input="lora")
             out = out.with_patch(LoraPatch(lora, float(strength_unet), float(strength_text)))
         if notes:
             return {"ui": {"text": notes}, "result": (out,)}

@@ -77,3 +77,14 @@ def test_sdxl_embedding_both_encoders(tiny_handles):
     assert c.cond.shape == base.cond.shape
     assert not torch.allclose(c.cond[..., :32], base.cond[..., :32])
     assert not torch.allclose(c.cond[..., 32:], base.cond[..., 32:])
+
+
+def test_a1111_pt_embedding_loads(tiny_handles, models_dir):
+    """A1111's .pt layout (string_to_param) through weights-only loading, used as embedding:name."""
+    vec = torch.randn(2, 32)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "a1111tok", "step": 10},
+               str(models_dir / "embeddings" / "a1111tok.pt"))
+    h = tiny_handles["sd1"]
+    from_pt = encode_prompt(h, "a embedding:a1111tok circle").cond
+    direct = encode_prompt(h.with_patch(EmbeddingPatch(Embedding("x", {"te1": vec}))), "a embedding:x circle").cond
+    assert torch.allclose(from_pt, direct, atol=1e-6)

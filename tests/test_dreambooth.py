@@ -343,3 +343,17 @@ def test_no_class_images_needed_without_prior_or_with_base_prediction(tiny_handl
     for kw in (dict(prior_preservation=False), dict(prior_mode="base_prediction")):
         pipe, lora, _, _ = node_run(tiny_handles["sd1"], red, num_class_images=0, steps=1, **kw)
         assert lora.modules
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_prior_weight_is_applied_in_training(tiny_handles, red, striped, method):
+    """The first step's loss is instance + w * prior on the same batch and noise: linear in w."""
+    first = []
+    for w in (0.0, 1.0, 2.5):
+        _, _, result = db.train_dreambooth(
+            tiny_handles["sd1"], red, TrainSettings(steps=1, learning_rate=1e-4, batch_size=2, seed=3),
+            spec(method=method, prior_loss_weight=w, prior_mode="class_images"), class_dataset=striped)
+        first.append(result.losses[0])
+    instance, prior = first[0], first[1] - first[0]
+    assert prior > 1e-4, "the class batch must contribute a prior term"
+    assert first[2] == pytest.approx(instance + 2.5 * prior, rel=1e-4)

@@ -108,3 +108,24 @@ def test_hub_id_offline_is_a_clear_error(models_dir, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'hub_id': could not fetch 'nobody/no-such-model'"):
         load_base("ignored", "fp32", "cpu", hub_id="nobody/no-such-model")
+
+
+def test_listing_and_loading_agree_on_links_out_of_the_folder(models_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"")
+    link = models_dir / "loras" / "linked-out.safetensors"
+    if not link.exists():
+        link.symlink_to(outside)
+    assert "linked-out.safetensors" not in host.list_files("loras")
+    assert host.resolve_model("loras", "linked-out.safetensors") is None
+
+
+def test_broken_diffusers_folder_is_a_clear_error(models_dir):
+    import shutil
+
+    broken = models_dir / "diffusers" / "broken-sd1"
+    if not broken.exists():
+        shutil.copytree(models_dir / "diffusers" / "tiny-sd1", broken)
+        (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'ckpt_name': the 'unet' part of 'broken-sd1'.*Fix"):
+        load_base("diffusers/broken-sd1", "fp32", "cpu")

@@ -186,3 +186,18 @@ def test_matches_plain_diffusers_pipeline_with_lora(tiny_handles, lora_files, mo
     ref = pipe(SAMPLE["prompt"], negative_prompt="", num_inference_steps=3, guidance_scale=5.0, height=64,
                width=64, latents=comfy_noise(3, (1, 4, 8, 8)), output_type="pt").images
     assert torch.allclose(ours, ref.permute(0, 2, 3, 1), atol=2e-4)
+
+
+def test_in_graph_lora_from_another_model_of_the_family_refused(tiny_handles, models_dir):
+    """Same family, other layer sizes: a clear AddLoRA error instead of a crash inside Sample."""
+    from comfy_finetune.core.handle import ModelHandle
+
+    sd1 = tiny_handles["sd1"]
+    lw = _random_lora(sd1, seed=9)
+    (path, module), *_ = [(k, m) for k, m in lw.modules.items() if k[0] == "unet"]
+    wrong = dict(lw.modules)
+    wrong[path] = LoraModule(torch.zeros(4, module.down.shape[1] * 2), module.up, alpha=2.0)
+    bad = LoraWeights(sd1.family, wrong, {}, "other-model")
+    with pytest.raises(FinetuneError, match=r"\[AddLoRA\] input 'lora': this LoRA does not fit the model.*Fix"):
+        run("AddLoRA", pipe=sd1, lora_name="None", strength_unet=1.0, strength_text=1.0, lora=bad)
+    assert isinstance(sd1, ModelHandle) and sd1.patches == ()

@@ -126,3 +126,44 @@ def test_nan_loss_names_the_step(tiny_handles, dataset):
     with pytest.raises(FinetuneError, match=r"loss became (nan|inf) at step \d+.*learning_rate"):
         train_lora(h, dataset, TrainSettings(steps=30, learning_rate=1e8), LoraSpec(rank=4, alpha=64))
     assert _same(unet_before, _state(h.base.unet)), "a failed run must leave the base as it was"
+
+
+def _hooks(handle):
+    mods = [handle.base.unet, *handle.base.text_encoders]
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m.get_input_embeddings()._forward_hooks)
+             if hasattr(m, "get_input_embeddings") else 0) for m in mods]
+
+
+def test_checkpointing_leaves_no_hooks_behind(tiny_handles, dataset):
+    """Gradient checkpointing on shared encoders must be undone completely (transformers adds an input hook)."""
+    from comfy_finetune.training.ti_trainer import TISpec, train_embedding
+
+    h = tiny_handles["sdxl"]
+    before = _hooks(h)
+    settings = TrainSettings(steps=1, learning_rate=1e-3, gradient_checkpointing=True)
+    train_lora(h, dataset, settings, LoraSpec(rank=2, alpha=2, train_text_encoder=True))
+    train_embedding(h, dataset, settings, TISpec(token="<hooktest>", initializer="circle"))
+    assert _hooks(h) == before
+    assert all(not m.gradient_checkpointing for m in [h.base.unet] if hasattr(m, "gradient_checkpointing"))
+
+
+def test_bad_validation_settings_fail_before_training(tiny_handles, dataset):
+    from comfy_finetune.training.runs import Validation
+
+    calls = []
+    sink = lambda event, data: calls.append(data["step"])  # noqa: E731
+    host.add_event_sink(sink)
+    try:
+        with pytest.raises(FinetuneError, match=r"\[TrainLoRA\] input 'validation_scheduler'.*karras"):
+            train_lora(tiny_handles["sd1"], dataset, TrainSettings(steps=3, learning_rate=1e-3), LoraSpec(rank=2),
+                       validation=Validation(prompt="a red circle", sampler="ddim", scheduler="karras", width=64,
+                                             height=64, steps=2))
+    finally:
+        host._settings.event_sinks.remove(sink)
+    assert calls == [], "no training step may run before the settings are checked"
+
+
+def test_zero_text_learning_rate_with_text_training_refused(tiny_handles, dataset):
+    with pytest.raises(FinetuneError, match=r"\[TrainLoRA\] input 'text_learning_rate'.*Fix"):
+        train_lora(tiny_handles["sd1"], dataset, TrainSettings(steps=1, learning_rate=1e-3),
+                   LoraSpec(rank=2, train_text_encoder=True, text_learning_rate=0.0))

@@ -273,3 +273,31 @@ def test_override_errors():
     with pytest.raises(WorkflowError):
         apply_overrides(blend, ["1.label=x"])
     assert apply_overrides(blend, ["1.label=x"], NODE_DEFS)["1"]["inputs"]["label"] == "x"
+
+
+def test_explicit_control_after_generate_false_means_no_control_widget():
+    """Frontend rule: ``control_after_generate ?? name in (seed, noise_seed)``; the trainers declare False."""
+    from comfy_finetune.core.workflow import widget_slots
+
+    spec = {"required": {"seed": ("INT", {"default": 0, "control_after_generate": False}),
+                         "steps": ("INT", {"default": 1})}}
+    assert widget_slots("X", spec) == [("widget", "seed"), ("widget", "steps")]
+    plain = {"required": {"seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 1})}}
+    assert widget_slots("X", plain) == [("widget", "seed"), ("control", "seed"), ("widget", "steps")]
+    forced = {"required": {"n": ("INT", {"default": 0, "control_after_generate": True})}}
+    assert widget_slots("X", forced) == [("widget", "n"), ("control", "n")]
+
+
+def test_training_examples_keep_widget_positions():
+    """A trainer's seed has no control value in the saved examples, so later widgets stay in place."""
+    import json
+    from pathlib import Path
+
+    import comfy_finetune
+    from comfy_finetune.core.workflow import load_workflow
+    from comfy_finetune.runner import node_classes
+
+    path = Path(comfy_finetune.__file__).parent / "example_workflows" / "train_lora.json"
+    api = load_workflow(json.loads(path.read_text()), node_classes())
+    train = next(n for n in api.values() if n["class_type"] == "TrainLoRA")["inputs"]
+    assert train["validation_prompt"] == "a striped red star" and train["validate_every"] == 30

@@ -115,6 +115,9 @@ class DreamBoothSpec:
         if not (math.isfinite(self.text_learning_rate) and self.text_learning_rate >= 0):
             raise bad("text_learning_rate", f"text_learning_rate must be 0 or more (got {self.text_learning_rate})",
                       "use e.g. 5e-6")
+        if self.train_text_encoder and self.text_learning_rate == 0:
+            raise bad("text_learning_rate", "text_learning_rate is 0 while train_text_encoder is on, so the text "
+                      "encoder would not learn", "use e.g. 5e-6, or turn train_text_encoder off")
         if self.method == "lora":
             if self.rank < 1:
                 raise bad("rank", f"rank must be at least 1 (got {self.rank})", "use 4-64")
@@ -222,22 +225,16 @@ class PairedSet:
 
 # ---------------------------------------------------------------------------------------------- class images
 def _patch_signature(handle: ModelHandle) -> list:
-    """The handle's patches by name, strength and a cheap content fingerprint (two LoRAs named 'trained' differ)."""
-    out = []
-    for p in handle.patches:
-        if isinstance(p, LoraPatch):
-            fp = sum(float(m.down.double().sum()) + 3.0 * float(m.up.double().sum()) for m in p.lora.modules.values())
-            out.append(["lora", p.lora.name, p.strength_unet, p.strength_text, len(p.lora.modules), repr(fp)])
-        elif isinstance(p, EmbeddingPatch):
-            fp = sum(float(v.double().sum()) for v in p.embedding.vectors.values())
-            out.append(["embedding", p.embedding.name, repr(fp)])
-    return out
+    from .runs import patch_signature  # noqa: PLC0415
+
+    return patch_signature(handle)
 
 
 def class_images_key(handle: ModelHandle, spec: DreamBoothSpec, seed: int, size: int) -> str:
     """Names the cache folder: everything that decides the class images' pixels, but not their count."""
-    base = handle.base
-    return run_key("dreambooth-class-images", base.source, base.label, str(base.dtype), _patch_signature(handle),
+    from .runs import base_signature  # noqa: PLC0415
+
+    return run_key("dreambooth-class-images", base_signature(handle),
                    " ".join(spec.class_prompt.split()), int(seed), int(size), int(spec.class_sample_steps),
                    float(spec.class_cfg), spec.class_sampler, spec.class_scheduler)
 
@@ -540,11 +537,10 @@ class FullObjective(_PriorMixin):
                         checkpointing.append(model)
                 yield self
         finally:
+            from .lora_trainer import disable_checkpointing  # noqa: PLC0415
+
             for model in checkpointing:
-                if hasattr(model, "disable_gradient_checkpointing"):
-                    model.disable_gradient_checkpointing()
-                else:
-                    model.gradient_checkpointing_disable()
+                disable_checkpointing(model)
             train_base.unet = None  # the result (if any) holds its own references
             self.unet = None
             self.text_encoders = []

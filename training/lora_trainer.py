@@ -67,6 +67,16 @@ def _min_width(model: torch.nn.Module, targets: tuple[str, ...]) -> tuple[int, s
     return smallest, where
 
 
+def disable_checkpointing(model: torch.nn.Module) -> None:
+    """Undo gradient checkpointing completely, including the input-embedding hook transformers adds for it."""
+    if hasattr(model, "disable_gradient_checkpointing"):
+        model.disable_gradient_checkpointing()
+    else:
+        model.gradient_checkpointing_disable()
+    if getattr(model, "_require_grads_hook", None) is not None and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
 def remove_lora_layers(model: torch.nn.Module) -> None:
     """Put every peft-wrapped module back as its original base layer (exact: the base tensors never changed)."""
     for name, module in list(_lora_layers(model)):
@@ -100,6 +110,16 @@ class LoraObjective:
         if self.spec.rank < 1:
             raise FinetuneError(f"rank must be at least 1 (got {self.spec.rank})", node=self.node, input="rank",
                                 fix="use 4-64")
+        if self.spec.train_text_encoder and not self.spec.text_learning_rate > 0:
+            raise FinetuneError(f"text_learning_rate must be positive when the text encoder trains (got "
+                                f"{self.spec.text_learning_rate})", node=self.node, input="text_learning_rate",
+                                fix="use e.g. 5e-5, or turn train_text_encoder off")
+        missing = getattr(self.dataset, "missing_captions", 0)
+        if missing:
+            log.warning("[%s] %d of %d images have no caption; they train with %s", self.node, missing,
+                        len(self.dataset), f"the caption prefix '{self.dataset.caption_prefix}'"
+                        if getattr(self.dataset, "caption_prefix", "") else "an empty caption (add .txt captions "
+                        "or a caption_prefix such as a trigger word)")
         if self.spec.targets not in UNET_TARGETS:
             raise FinetuneError(f"unknown target preset '{self.spec.targets}'", node=self.node, input="targets",
                                 fix=f"use one of {', '.join(UNET_TARGETS)}")
@@ -187,10 +207,7 @@ class LoraObjective:
             yield self
         finally:
             for model in checkpointing:
-                if hasattr(model, "disable_gradient_checkpointing"):
-                    model.disable_gradient_checkpointing()
-                else:
-                    model.gradient_checkpointing_disable()
+                disable_checkpointing(model)
             self.detach()
             for model in self.components.values():
                 model.requires_grad_(False)

@@ -42,6 +42,24 @@ class Validation:
                               height=self.height, batch_size=1)
 
 
+_VALIDATION_INPUTS = {"sampler_name": "validation_sampler", "scheduler": "validation_scheduler",
+                      "width": "validation_size", "height": "validation_size", "steps": "validation_steps",
+                      "batch_size": "validation_size"}
+
+
+def check_validation(validation: Validation, handle: "ModelHandle", node: str) -> None:
+    """Refuse bad validation settings before training starts, naming the trainer's validation_* input."""
+    from ..core.sampling import make_scheduler  # noqa: PLC0415
+
+    try:
+        settings = validation.settings()
+        settings.validate(node)
+        make_scheduler(handle.base.scheduler_config, settings.sampler, settings.scheduler, node=node)
+    except FinetuneError as exc:
+        raise FinetuneError(exc.detail, node=node, input=_VALIDATION_INPUTS.get(exc.input or "", exc.input),
+                            fix=exc.fix) from exc
+
+
 def check_dataset(dataset: "TrainingSet", settings: TrainSettings, node: str) -> None:
     if dataset is None or len(dataset) == 0:
         raise FinetuneError("the training set is empty", node=node, input="dataset",
@@ -61,10 +79,32 @@ def dataset_signature(dataset: "TrainingSet") -> list:
     return [[ex.name, ex.caption, float(ex.pixels.double().sum())] for ex in dataset.examples]
 
 
+def patch_signature(handle: "ModelHandle") -> list:
+    """The handle's patches by name, strength and a cheap content fingerprint (two LoRAs named 'trained' differ)."""
+    from ..core.handle import EmbeddingPatch, LoraPatch  # noqa: PLC0415
+
+    out = []
+    for p in handle.patches:
+        if isinstance(p, LoraPatch):
+            fp = sum(float(m.down.double().sum()) + 3.0 * float(m.up.double().sum()) for m in p.lora.modules.values())
+            out.append(["lora", p.lora.name, p.strength_unet, p.strength_text, len(p.lora.modules), repr(fp)])
+        elif isinstance(p, EmbeddingPatch):
+            fp = sum(float(v.double().sum()) for v in p.embedding.vectors.values())
+            out.append(["embedding", p.embedding.name, repr(fp)])
+    return out
+
+
 def base_signature(handle: "ModelHandle") -> list:
+    """What identifies the model a run trains on: its source (with the file's size and mtime), dtype, patches."""
+    from pathlib import Path  # noqa: PLC0415
+
     base = handle.base
-    return [base.source, base.label, str(base.dtype), [(type(p).__name__, getattr(getattr(p, "lora", None), "name",
-                                                                               None)) for p in handle.patches]]
+    try:
+        st = Path(base.source).stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        stamp = []
+    return [base.source, stamp, base.label, str(base.dtype), patch_signature(handle)]
 
 
 def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", settings: TrainSettings, objective,
@@ -81,8 +121,12 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
     host.free_host_models()
     device = handle.base.device
 
+    if validation is not None and validation.prompt:
+        check_validation(validation, handle, node)
+
     def validate(step: int) -> torch.Tensor:
-        return sample_patched(handle, validation.settings(), node=node)
+        # cancellable between sampling steps, like everything else in the loop
+        return sample_patched(handle, validation.settings(), node=node, progress=lambda i, n: host.check_interrupt())
 
     try:
         with training_mode(), handle.patched(), objective.attached():

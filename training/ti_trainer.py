@@ -238,11 +238,10 @@ class TIObjective:
                         checkpointing.append(te)
             yield self
         finally:
+            from .lora_trainer import disable_checkpointing  # noqa: PLC0415
+
             for model in checkpointing:
-                if hasattr(model, "disable_gradient_checkpointing"):
-                    model.disable_gradient_checkpointing()
-                else:
-                    model.gradient_checkpointing_disable()
+                disable_checkpointing(model)
             for p, flag in flags:
                 p.requires_grad_(flag)
 
