@@ -33,6 +33,8 @@ def _wrap(node_id: str, fn):
         except host.interrupt_exception_types():
             raise
         except FinetuneError as exc:
+            if exc.node:
+                raise
             raise exc.with_node(node_id) from exc
         except MemoryError as exc:
             raise FinetuneError("out of memory", node=node_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.handle import LoraPatch
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
-from ..training.settings import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainSettings
+from ..training.settings import LR_SCHEDULES, NAN_POLICIES, OPTIMIZERS, PRECISIONS, TrainSettings
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode
 
 DATASET = "FT_DATASET"
@@ -56,6 +56,11 @@ def validation_inputs() -> dict:
                                "tooltip": "Write a resumable checkpoint every N steps (always on cancel)."}),
         "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from this run's last checkpoint (same base, "
                                                             "data and settings) if there is one."}),
+        "on_nan": (list(NAN_POLICIES), {"default": "stop",
+                                        "tooltip": "If the loss becomes NaN/inf: stop with an error naming the step, "
+                                                   "or roll back to the last good state (kept every save_every "
+                                                   "steps, or every steps/10), halve the learning rate and go on "
+                                                   "(at most 3 times)."}),
     }
 
 
@@ -67,7 +72,8 @@ def settings_from(kwargs: dict) -> TrainSettings:
         precision=kwargs["precision"], gradient_checkpointing=bool(kwargs["gradient_checkpointing"]),
         min_snr_gamma=float(kwargs["min_snr_gamma"]), noise_offset=float(kwargs["noise_offset"]),
         seed=int(kwargs["seed"]), save_every=int(kwargs.get("save_every", 0)),
-        validate_every=int(kwargs.get("validate_every", 0)), resume=bool(kwargs.get("resume", False)))
+        validate_every=int(kwargs.get("validate_every", 0)), resume=bool(kwargs.get("resume", False)),
+        nan_policy=str(kwargs.get("on_nan", "stop")))
 
 
 def validation_from(kwargs: dict):

@@ -6,20 +6,33 @@ schedule, mixed precision, gradient accumulation, progress with the loss, cancel
 periodic validation and resumable checkpoints.
 
 Checkpoints hold the trainable tensors, the optimizer state, the step and the loss history. They
-are written atomically (temp file + rename) on cancel, every ``save_every`` steps and at the end
-when ``save_every`` is set, and are loaded with ``torch.load(weights_only=True)``. Randomness is
-derived from (seed, step), so a resumed run follows the same trajectory as an uninterrupted one.
+are written atomically (:func:`~.saving.atomic_write`: temp file + rename) on cancel, every ``save_every``
+steps and at the end when ``save_every`` is set, and are loaded with ``torch.load(weights_only=True)``.
+Randomness is derived from (seed, step), so a resumed run follows the same trajectory as an uninterrupted
+one - also after the process was killed: the last checkpoint is always whole, and temp files a killed
+process left beside it are removed by the next run.
+
+Faults end in a :class:`FinetuneError` naming the node, the step and the fix:
+
+* a NaN/inf loss stops the run (``nan_policy="stop"``), or (``"rollback"``) restores the last good state
+  kept in memory, halves the learning rate and goes on, at most ``MAX_ROLLBACKS`` times;
+* a full disk while writing a checkpoint keeps the previous checkpoint;
+* out of memory releases the optimizer, gradients and graph before the error leaves :func:`train`,
+  and the error lists the settings that lower memory use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -28,7 +41,7 @@ import torch
 
 from .. import host
 from ..core.errors import FinetuneError
-from .settings import TrainSettings
+from .settings import MAX_ROLLBACKS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 
@@ -51,6 +64,8 @@ class TrainResult:
     validation: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     checkpoint: Path | None = None
     resumed_from: int = 0
+    # nan_policy "rollback": (step whose loss was not finite, step restored, learning-rate factor from then on)
+    rollbacks: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 def run_key(*parts: Any) -> str:
@@ -63,21 +78,72 @@ def checkpoint_path(kind: str, key: str) -> Path:
     return host.output_dir() / "finetune_checkpoints" / f"{kind}-{key}.pt"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+_STARTED_AT = time.time()  # about when this process started (this module is imported before any training)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; a file in use cannot be removed anyway
+        return False
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists (another user's)
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove temp files that a killed process left beside ``path`` (``.<name>.tmp-<pid>-<random>``).
+
+    Only those of processes no longer running are touched (on Windows, those not held open), so a run writing
+    the same checkpoint in another process is never disturbed. Returns what was removed."""
+    removed = []
+    prefix = f".{path.name}.tmp-"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():  # not our naming
+            continue
+        if int(pid) == os.getpid():
+            # ours: a write in progress, unless older than this process (a container restarted with the same pid)
+            try:
+                if tmp.stat().st_mtime >= _STARTED_AT - 1.0:
+                    continue
+            except OSError:
+                continue
+        elif _pid_alive(int(pid)):  # another process that may be writing it now
+            continue
+        try:
             tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted write beside %s", len(removed), path)
+    return removed
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through :func:`~.saving.atomic_write` (a full disk: FinetuneError, old file kept)."""
+    from .saving import atomic_write  # noqa: PLC0415
+
+    remove_stale_temps(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: the OSError (errno) of a failed write stays reachable, as
+            torch.save(obj, f)      # the error itself or as the context of torch's RuntimeError
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: Path) -> dict:
+    remove_stale_temps(path)
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
@@ -127,6 +193,45 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((int(seed) * 1_000_003 + step * 101 + micro) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+_OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None),
+                               getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t is not None})
+_OOM_TEXT = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA; exists on CPU builds too), MemoryError, or an 'out of memory' RuntimeError."""
+    return isinstance(exc, _OOM_TYPES) or (isinstance(exc, RuntimeError) and bool(_OOM_TEXT.search(str(exc))))
+
+
+def out_of_memory_error(exc: BaseException, settings: TrainSettings, *, node: str, step: int,
+                        device: torch.device) -> FinetuneError:
+    """The user-facing error for running out of memory at ``step``: what to lower, given the current settings."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    accelerator = isinstance(exc, tuple(t for t in _OOM_TYPES if t is not MemoryError)) or device.type != "cpu"
+    what = "memory (RAM)" if isinstance(exc, MemoryError) or not accelerator else "GPU memory"
+    lower = [f"lower batch_size (now {settings.batch_size}; raise grad_accum to keep the effective batch)"
+             if settings.batch_size > 1 else "keep batch_size at 1 (raise grad_accum for a larger effective batch)",
+             "lower the resolution of the Training Data node",
+             "enable gradient_checkpointing" if not settings.gradient_checkpointing
+             else "keep gradient_checkpointing on",
+             f"use precision bf16 or fp16 (now {settings.precision})" if settings.precision == "fp32"
+             else f"keep precision {settings.precision}",
+             "lower rank (LoRA)", "or close other programs using the memory"]
+    return FinetuneError(f"out of {what} at step {step} of {settings.steps} ({first[:200]}); the optimizer, "
+                         "gradients and activations were released", node=node, fix=", ".join(lower))
+
+
+def _clone_to_cpu(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor copied to the CPU (never aliasing the live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _clone_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_to_cpu(v) for v in obj)
+    return obj
+
+
 @contextlib.contextmanager
 def training_mode() -> Iterator[None]:
     """Leave ComfyUI's inference mode and enable autograd for the duration (host doc 3.5)."""
@@ -142,90 +247,229 @@ def train(objective: Objective, batches: Callable[[int], Iterator[Any]], setting
     starting at micro-batch ``first`` (so a resumed run sees the same data as an uninterrupted one).
 
     On cancel the state reached is written to ``checkpoint`` (if given) and the interrupt re-raised.
+    Out of memory: the optimizer (and its state), the gradients and the autograd graph are released before a
+    :class:`FinetuneError` (with no reference to the failed frames) is raised.
     """
     settings.validate(node)
-    groups = objective.param_groups()
-    params = [p for g in groups for p in g["params"]]
-    if not params:
-        raise FinetuneError("nothing to train", node=node, fix="check the training targets")
-    optimizer = make_optimizer(groups, settings, node)
-    factor = lr_lambda(settings)
-    base_lrs = [g.get("lr", settings.learning_rate) for g in optimizer.param_groups]
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    result = TrainResult(steps_done=0)
-
-    start = 0
-    if checkpoint is not None and settings.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        objective.load_trainable_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = min(int(state["step"]), settings.steps)
-        result.losses, result.lrs = list(state.get("losses", [])), list(state.get("lrs", []))
-        result.resumed_from = start
-        log.info("[%s] resumed from %s at step %d", node, checkpoint, start)
-
-    def save(step: int) -> None:
-        if checkpoint is None:
-            return
-        state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in objective.trainable_state().items()},
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                 "losses": result.losses, "lrs": result.lrs, "settings": settings.as_metadata()}
-        if extra_state is not None:
-            state.update(extra_state())
-        atomic_torch_save(state, checkpoint)
-        result.checkpoint = checkpoint
-
-    it = batches(start * settings.grad_accum)
-    step = start
-    t0 = time.perf_counter()
-    with host.Progress(settings.steps, desc=node) as bar:
-        if start:
-            bar.update(start)
-        try:
-            for step in range(start, settings.steps):
-                for g, lr0 in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = lr0 * factor(step)
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for micro in range(settings.grad_accum):
-                    batch = next(it)
-                    with autocast_for(settings, device):
-                        loss = objective.loss(step, batch, step_generator(settings.seed, step, micro))
-                    if not torch.isfinite(loss):
-                        cause = ("fp16 overflow: use precision bf16 or fp32" if settings.precision == "fp16"
-                                 else f"learning rate {settings.learning_rate:g} may be too high")
-                        raise FinetuneError(f"the loss became {float(loss.detach())} at step {step + 1}", node=node,
-                                            input="learning_rate", fix=f"{cause}; lower learning_rate or resume "
-                                            "from the last checkpoint")
-                    scaler.scale(loss / settings.grad_accum).backward()
-                    total += float(loss.detach()) / settings.grad_accum
-                scaler.step(optimizer)
-                scaler.update()
-                result.losses.append(total)
-                result.lrs.append(optimizer.param_groups[0]["lr"])
-                done = step + 1
-                result.steps_done = done
-                elapsed = time.perf_counter() - t0
-                rate = (done - start) / elapsed if elapsed > 0 else 0.0
-                eta = (settings.steps - done) / rate if rate > 0 else 0.0
-                host.send_event("comfy_finetune.train", {"node": node, "step": done, "steps": settings.steps,
-                                                         "loss": total, "lr": result.lrs[-1],
-                                                         "images_per_second": rate * settings.batch_size
-                                                         * settings.grad_accum, "eta_seconds": eta})
-                if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-                    save(done)
-                if validate is not None and settings.validate_every and done % settings.validate_every == 0:
-                    result.validation.append((done, validate(done)))
-                bar.update(1, loss=total, lr=result.lrs[-1])
-        except host.interrupt_exception_types():
-            save(result.steps_done or start)
-            if checkpoint is not None:
-                log.warning("[%s] cancelled at step %d; resumable checkpoint: %s", node,
-                            result.steps_done or start, checkpoint)
+    loop = _Loop(objective, batches, settings, node=node, device=device, checkpoint=checkpoint, validate=validate,
+                 extra_state=extra_state)
+    failure: FinetuneError | None = None
+    try:
+        return loop.run()
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+        if not is_out_of_memory(exc):
             raise
-    result.steps_done = settings.steps
-    if settings.save_every:
-        save(settings.steps)
-    return result
+        failure = out_of_memory_error(exc, settings, node=node, step=loop.done + 1, device=device)
+        log.warning("%s", str(failure))  # strings only: a log record must not keep the failed frames alive
+        log.debug("out of memory in %s:\n%s", node, "".join(traceback.format_exception(exc)))
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the graph and the optimizer
+        del exc
+    finally:
+        loop.release()
+    del loop
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise failure  # outside the except block: no __context__ keeping the failed frames alive
+
+
+class _Loop:
+    """One run of :func:`train`: optimizer, schedule, checkpoints, NaN policy; ``release()`` drops it all."""
+
+    def __init__(self, objective: Objective, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *,
+                 node: str, device: torch.device, checkpoint: Path | None,
+                 validate: Callable[[int], torch.Tensor] | None, extra_state: Callable[[], dict] | None) -> None:
+        self.objective, self.batches, self.settings, self.node = objective, batches, settings, node
+        self.device, self.checkpoint, self.validate, self.extra_state = device, checkpoint, validate, extra_state
+        self.result = TrainResult(steps_done=0)
+        self.done = 0  # optimizer steps reflected in the trainables
+        self.saved_step: int | None = None  # step of the checkpoint on disk
+        self.lr_scale = 1.0  # halved by every rollback
+        self.good: dict | None = None  # nan_policy rollback: the last good state (CPU copies)
+        self.params: list[torch.Tensor] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+
+    # ------------------------------------------------------------------ setup and state
+    def setup(self) -> int:
+        settings, node = self.settings, self.node
+        groups = self.objective.param_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise FinetuneError("nothing to train", node=node, fix="check the training targets")
+        self.optimizer = make_optimizer(groups, settings, node)
+        self.factor = lr_lambda(settings)
+        self.base_lrs = [g.get("lr", settings.learning_rate) for g in self.optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
+        self.keep_every = settings.save_every or max(1, settings.steps // 10)
+        start = 0
+        if self.checkpoint is not None and settings.resume and self.checkpoint.exists():
+            try:
+                state = load_checkpoint(self.checkpoint)
+            except Exception as exc:  # noqa: BLE001
+                raise FinetuneError(f"the checkpoint {self.checkpoint} cannot be read ({exc})".split("\n")[0],
+                                    node=node, input="resume",
+                                    fix="turn resume off to start again (the file is then replaced), or delete "
+                                        "it") from exc
+            self.objective.load_trainable_state(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            start = min(int(state["step"]), settings.steps)
+            result = self.result
+            result.losses, result.lrs = list(state.get("losses", [])), list(state.get("lrs", []))
+            result.rollbacks = [tuple(r) for r in state.get("rollbacks", [])]
+            self.lr_scale = float(state.get("lr_scale", 1.0))
+            result.resumed_from = self.saved_step = start
+            log.info("[%s] resumed from %s at step %d", node, self.checkpoint, start)
+        self.done = self.result.steps_done = start
+        return start
+
+    def save(self, step: int) -> None:
+        if self.checkpoint is None:
+            return
+        state = {"step": step,
+                 "trainable": {k: v.detach().cpu() for k, v in self.objective.trainable_state().items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                 "losses": self.result.losses, "lrs": self.result.lrs, "settings": self.settings.as_metadata(),
+                 "lr_scale": self.lr_scale, "rollbacks": [list(r) for r in self.result.rollbacks]}
+        if self.extra_state is not None:
+            state.update(self.extra_state())
+        folder = self.checkpoint.parent
+        kept = (f"the checkpoint of step {self.saved_step} is kept; after that, run again with resume on to go on "
+                "from there" if self.saved_step is not None else "no checkpoint of this run was written before")
+        try:
+            atomic_torch_save(state, self.checkpoint)
+        except FinetuneError as exc:  # the disk is full (atomic_write removed the partial file)
+            raise FinetuneError(f"{exc.detail}; {kept}", node=self.node, input="save_every",
+                                fix=f"free space on the disk that holds {folder}, or start ComfyUI with "
+                                    "--output-directory on another disk; save_every 0 writes checkpoints only "
+                                    "on cancel and at the end") from exc
+        except OSError as exc:
+            raise FinetuneError(f"the checkpoint could not be written in {folder} ({exc.strerror or exc}); {kept}",
+                                node=self.node, input="save_every",
+                                fix="make the output folder writable, or set save_every 0") from exc
+        self.saved_step = step
+        self.result.checkpoint = self.checkpoint
+
+    def keep_good_state(self, step: int) -> None:
+        """Remember the state at ``step`` (its loss was finite) for a rollback: CPU copies, nothing shared."""
+        self.good = {"step": step, "trainable": _clone_to_cpu(self.objective.trainable_state()),
+                     "optimizer": _clone_to_cpu(self.optimizer.state_dict()),
+                     "scaler": _clone_to_cpu(self.scaler.state_dict()) if self.scaler.is_enabled() else {}}
+
+    def nan_error(self, step: int, value: float, why: str = "") -> FinetuneError:
+        settings = self.settings
+        cause = ("fp16 overflow: use precision bf16 or fp32" if settings.precision == "fp16"
+                 else f"learning rate {settings.learning_rate:g} may be too high")
+        retry = "" if settings.nan_policy == "rollback" else ", set on_nan to rollback"
+        return FinetuneError(f"the loss became {value} at step {step}{why}", node=self.node, input="learning_rate",
+                             fix=f"{cause}; lower learning_rate{retry} or resume from the last checkpoint")
+
+    def rollback(self, step: int, value: float) -> int:
+        """Handle a non-finite loss at (1-based) ``step``: restore the last good state and halve the learning rate,
+        or raise. Returns the step to go on from."""
+        result = self.result
+        if self.settings.nan_policy != "rollback":
+            raise self.nan_error(step, value)
+        if self.good is None:
+            raise self.nan_error(step, value, " (there was no good state to roll back to)")
+        if len(result.rollbacks) >= MAX_ROLLBACKS:
+            raise self.nan_error(step, value, f" again after {len(result.rollbacks)} rollbacks (learning rate now "
+                                              f"x{self.lr_scale:g})")
+        good = self.good
+        self.objective.load_trainable_state(good["trainable"])
+        self.optimizer.load_state_dict(_clone_to_cpu(good["optimizer"]))  # a fresh copy: the live state is updated
+        if good["scaler"]:                                                # in place and must not alias the saved one
+            self.scaler.load_state_dict(_clone_to_cpu(good["scaler"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scale *= 0.5
+        to = good["step"]
+        result.rollbacks.append((step, to, self.lr_scale))
+        del result.losses[to:], result.lrs[to:]
+        result.validation = [(s, img) for s, img in result.validation if s <= to]
+        self.done = result.steps_done = to
+        log.warning("[%s] the loss became %s at step %d: rolled back to step %d and halved the learning rate (x%g "
+                    "now), rollback %d of %d", self.node, value, step, to, self.lr_scale, len(result.rollbacks),
+                    MAX_ROLLBACKS)
+        host.send_event("comfy_finetune.train_rollback", {"node": self.node, "step": step, "to_step": to,
+                                                          "lr_scale": self.lr_scale,
+                                                          "rollbacks": len(result.rollbacks),
+                                                          "max_rollbacks": MAX_ROLLBACKS})
+        return to
+
+    def release(self) -> None:
+        """Drop the optimizer state, the gradients and the kept state (the objective's tensors stay)."""
+        for p in self.params:
+            p.grad = None
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+        self.optimizer = self.scaler = self.good = None
+        self.params = []
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        settings, node, result, objective = self.settings, self.node, self.result, self.objective
+        start = self.setup()
+        optimizer, scaler = self.optimizer, self.scaler
+        rollback = settings.nan_policy == "rollback"
+        it = self.batches(start * settings.grad_accum)
+        shown = start
+        t0 = time.perf_counter()
+        with host.Progress(settings.steps, desc=node) as bar:
+            if start:
+                bar.update(start)
+            try:
+                step = start
+                while step < settings.steps:
+                    for g, lr0 in zip(optimizer.param_groups, self.base_lrs):
+                        g["lr"] = lr0 * self.factor(step) * self.lr_scale
+                    optimizer.zero_grad(set_to_none=True)
+                    total, bad = 0.0, None
+                    for micro in range(settings.grad_accum):
+                        batch = next(it)
+                        with autocast_for(settings, self.device):
+                            loss = objective.loss(step, batch, step_generator(settings.seed, step, micro))
+                        if not torch.isfinite(loss):
+                            bad = float(loss.detach())
+                            break
+                        scaler.scale(loss / settings.grad_accum).backward()
+                        total += float(loss.detach()) / settings.grad_accum
+                    loss = None
+                    if bad is not None:
+                        step = self.rollback(step + 1, bad)
+                        it = self.batches(step * settings.grad_accum)
+                        continue
+                    if rollback and (step == start or step % self.keep_every == 0) and (
+                            self.good is None or self.good["step"] != step):
+                        self.keep_good_state(step)  # before the update: these weights gave a finite loss
+                    scaler.step(optimizer)
+                    scaler.update()
+                    result.losses.append(total)
+                    result.lrs.append(optimizer.param_groups[0]["lr"])
+                    step += 1
+                    done = self.done = result.steps_done = step
+                    elapsed = time.perf_counter() - t0
+                    rate = (done - start) / elapsed if elapsed > 0 else 0.0
+                    eta = (settings.steps - done) / rate if rate > 0 else 0.0
+                    host.send_event("comfy_finetune.train", {"node": node, "step": done, "steps": settings.steps,
+                                                             "loss": total, "lr": result.lrs[-1],
+                                                             "images_per_second": rate * settings.batch_size
+                                                             * settings.grad_accum, "eta_seconds": eta})
+                    if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+                        self.save(done)
+                    if self.validate is not None and settings.validate_every and done % settings.validate_every == 0:
+                        result.validation.append((done, self.validate(done)))
+                    bar.update(1 if done > shown else 0, loss=total, lr=result.lrs[-1])
+                    shown = max(shown, done)
+            except host.interrupt_exception_types():
+                self.save(self.done)
+                if self.checkpoint is not None:
+                    log.warning("[%s] cancelled at step %d; resumable checkpoint: %s", node, self.done,
+                                self.checkpoint)
+                raise
+        result.steps_done = settings.steps
+        if settings.save_every:
+            self.save(settings.steps)
+        return result

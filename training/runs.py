@@ -116,7 +116,7 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
     check_dataset(dataset, settings, node)
     key = run_key(kind, base_signature(handle), dataset_signature(dataset), config,
                   {k: v for k, v in asdict(settings).items()
-                   if k not in ("steps", "save_every", "validate_every", "resume")})
+                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy")})
     ckpt = checkpoint_path(kind, key)
     host.free_host_models()
     device = handle.base.device

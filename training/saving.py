@@ -17,6 +17,7 @@ checkpoints ComfyUI loads (1.7) and diffusers folders (4).
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -231,7 +232,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, fo
     existing folder at ``path`` is replaced whole, never merged into (it is moved aside, the new one renamed in,
     then the old one deleted; it is put back if the rename fails).
     On any exception - including cancel - the temporary is removed and ``path`` is untouched; the exception
-    propagates. Returns ``path``.
+    propagates, except that a full disk (or exhausted quota) becomes a :class:`FinetuneError` naming the folder
+    and the fix, whichever writer hit it (``OSError`` ENOSPC/EDQUOT, also when wrapped by torch.save's
+    ``RuntimeError``, or safetensors' "os error 28"). Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,10 +256,49 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, fo
             _fsync_path(tmp)
             os.replace(tmp, path)
         _fsync_path(path.parent)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if isinstance(exc, Exception) and _is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise
     return path
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# safetensors (Rust) and other native writers report the OS error only in their message
+_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|storagefull|os error (28|112|122)\b"
+                             r"|there is not enough space on the disk", re.IGNORECASE)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` or an exception it wraps (``__cause__`` / ``__context__``) says the disk is full.
+
+    An ``OSError`` is judged by its errno alone; other exceptions (native writers) by their message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            if exc.errno in _DISK_FULL_ERRNOS:
+                return True
+        elif _DISK_FULL_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, *, node: str | None = None, fix: str | None = None) -> FinetuneError:
+    """The error for a write to ``path`` that failed because its disk is full (the old file is kept)."""
+    path = Path(path)
+    folder = path.parent
+    free = ""
+    try:
+        free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free now)"
+    except OSError:
+        pass
+    return FinetuneError(f"the disk is full: '{path.name}' could not be written in {folder}{free}; any previous "
+                         f"file of that name is unchanged and no partial file was left", node=node,
+                         fix=fix or f"free space on the disk that holds {folder}, or save to a folder on another "
+                                    "disk (another models/output folder, e.g. in extra_model_paths.yaml)")
 
 
 def _replace_folder(tmp: Path, path: Path) -> None:

@@ -10,6 +10,8 @@ from ..core.errors import FinetuneError
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 PRECISIONS = ("fp32", "bf16", "fp16")
+NAN_POLICIES = ("stop", "rollback")
+MAX_ROLLBACKS = 3  # with nan_policy "rollback": the NaN after this many rollbacks stops the run
 
 
 @dataclass
@@ -29,6 +31,10 @@ class TrainSettings:
     save_every: int = 0  # 0 = only at the end / on cancel
     validate_every: int = 0  # 0 = off
     resume: bool = False
+    # What a NaN/inf loss does: "stop" raises an error naming the step; "rollback" restores the last good state
+    # (kept in memory every save_every steps, or every steps/10 when save_every is 0, and at the start), halves the
+    # learning rate and continues, at most MAX_ROLLBACKS times. The node input is "on_nan".
+    nan_policy: str = "stop"
 
     def validate(self, node: str) -> None:
         def bad(input: str, what: str, fix: str) -> FinetuneError:
@@ -52,6 +58,10 @@ class TrainSettings:
         if self.warmup_steps < 0 or self.warmup_steps >= max(self.steps, 1) and self.warmup_steps:
             raise bad("warmup_steps", f"warmup_steps {self.warmup_steps} must be in [0, steps)",
                       "use about 5-10 % of the steps, or 0")
+        if self.nan_policy not in NAN_POLICIES:
+            raise bad("on_nan", f"unknown NaN policy '{self.nan_policy}'", f"use one of {', '.join(NAN_POLICIES)}")
+        if self.save_every < 0:
+            raise bad("save_every", f"save_every must be 0 (off) or positive (got {self.save_every})", "use 0 or more")
         if self.min_snr_gamma < 0:
             raise bad("min_snr_gamma", "min_snr_gamma must be 0 (off) or positive", "use 0 or 5")
 
