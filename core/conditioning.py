@@ -29,6 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("comfy_finetune")
 
 
+@dataclass(frozen=True)
+class Negative:
+    """What flows along FT_NEGATIVE links: the text, encoded at sample time by the patched encoders."""
+
+    text: str
+
+
 @dataclass
 class Conditioning:
     cond: "torch.Tensor"  # [1, 77*k, D]

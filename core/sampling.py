@@ -10,6 +10,7 @@ on our patched handle. Noise follows ComfyUI: the whole batch drawn on the CPU f
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -52,6 +53,8 @@ SCHEDULES: dict[str, dict] = {
 }
 
 SAMPLER_NAMES = tuple(SAMPLERS)
+MAX_SIDE = 16384
+MAX_MEGAPIXELS = 256  # e.g. 16 images of 4096x4096; beyond that we refuse before allocating anything
 SCHEDULER_NAMES = tuple(SCHEDULES)
 _RESET_SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
@@ -100,6 +103,17 @@ class SampleSettings:
             if value < 8 or value % 8:
                 raise FinetuneError(f"{name} {value} is not a positive multiple of 8", node=node, input=name,
                                     fix=f"use {max(8, (value // 8) * 8)} or {max(8, -(-value // 8) * 8)}")
+            if value > MAX_SIDE:
+                raise FinetuneError(f"{name} {value} is larger than {MAX_SIDE} pixels", node=node, input=name,
+                                    fix="use the model's native size (512-1024) and upscale afterwards")
+        megapixels = self.width * self.height * self.batch_size / 1e6
+        if megapixels > MAX_MEGAPIXELS:
+            raise FinetuneError(f"{self.width}x{self.height} x batch {self.batch_size} is {megapixels:.0f} "
+                                f"megapixels per run, more than the {MAX_MEGAPIXELS} this node will allocate",
+                                node=node, input="batch_size", fix="use a smaller size or batch_size and run again")
+        if not math.isfinite(self.cfg) or self.cfg < 0:
+            raise FinetuneError(f"cfg must be a finite number of 0 or more (got {self.cfg})", node=node, input="cfg",
+                                fix="use 5-8 for most models, 1 for no guidance")
         if self.steps < 1:
             raise FinetuneError(f"steps must be at least 1 (got {self.steps})", node=node, input="steps",
                                 fix="use 20-30 steps for most samplers")

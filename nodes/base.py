@@ -23,12 +23,60 @@ NEGATIVE = "FT_NEGATIVE"
 EMBEDDING = "FT_EMBEDDING"
 
 
+DATASET = "FT_DATASET"
+
+# What each link type must carry, and which nodes make it (for the error message).
+_LINK_TYPES = {
+    PIPE: ("..core.handle", "ModelHandle", "LoadBase, AddLoRA or a training node"),
+    LORA: ("..core.lora", "LoraWeights", "TrainLoRA or DreamBoothTrain"),
+    NEGATIVE: ("..core.conditioning", "Negative", "NegativePrompt"),
+    EMBEDDING: ("..core.embeddings", "Embedding", "LearnEmbedding"),
+    DATASET: ("..training.data", "TrainingSet", "Training Data (Folder) or Training Data (Images)"),
+    "IMAGE": ("torch", "Tensor", "an image node such as LoadImage or Sample"),
+}
+
+
+def _link_inputs(cls) -> dict[str, tuple[str, bool]]:
+    """``{input name: (link type, required)}`` for the inputs whose values must be objects of our link types."""
+    cached = cls.__dict__.get("_ft_link_inputs")
+    if cached is None:
+        cached = {}
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in (types.get(section) or {}).items():
+                if isinstance(spec[0], str) and spec[0] in _LINK_TYPES:
+                    cached[name] = (spec[0], section == "required")
+        cls._ft_link_inputs = cached
+    return cached
+
+
+def check_link_values(cls, node_id: str, kwargs: dict) -> None:
+    """Refuse a wrong object on a link input (e.g. a string typed into an API prompt) with a clear error."""
+    import importlib  # noqa: PLC0415
+
+    for name, (type_name, required) in _link_inputs(cls).items():
+        value = kwargs.get(name)
+        module_name, attr, makers = _LINK_TYPES[type_name]
+        if value is None:
+            if required:
+                raise FinetuneError(f"nothing is connected (it needs a {type_name})", node=node_id, input=name,
+                                    fix=f"connect the output of {makers}")
+            continue
+        module = importlib.import_module(module_name, __package__) if module_name.startswith(".") else \
+            importlib.import_module(module_name)
+        expected = getattr(module, attr)
+        if not isinstance(value, expected) or (type_name == "IMAGE" and value.dim() != 4):
+            raise FinetuneError(f"expects a {type_name} but got {type(value).__name__} {str(value)[:40]!r}",
+                                node=node_id, input=name, fix=f"connect the output of {makers}")
+
+
 def _wrap(node_id: str, fn):
     @functools.wraps(fn)
     def run(self, *args: Any, **kwargs: Any):
         from .. import host  # noqa: PLC0415
 
         try:
+            check_link_values(type(self), node_id, kwargs)
             return fn(self, *args, **kwargs)
         except host.interrupt_exception_types():
             raise

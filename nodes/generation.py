@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .. import host
+from ..core.conditioning import Negative
 from ..core.errors import FinetuneError
 from ..core.loading import DEMO_NAME, DTYPES, DEVICES, available_models, load_base
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
@@ -13,11 +12,6 @@ from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, file_signature
 NO_LORA = "None"
 
 
-@dataclass(frozen=True)
-class Negative:
-    """What flows along FT_NEGATIVE links: the text, encoded at sample time by the patched encoders."""
-
-    text: str
 
 
 class LoadBase(FTNode):

@@ -450,6 +450,9 @@ def _validate(resolution: int, crop: str, repeats: int, caption_dropout: float, 
     if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
         raise FinetuneError(f"resolution must be a multiple of 8 and at least 8, got {resolution}", node=node,
                             input="resolution", fix="use 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL")
+    if resolution > 4096:
+        raise FinetuneError(f"resolution {resolution} is larger than 4096 pixels", node=node, input="resolution",
+                            fix="use 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL")
     if crop not in ("center", "random"):
         raise FinetuneError(f"unknown crop '{crop}'", node=node, input="crop", fix="use 'center' or 'random'")
     if not isinstance(repeats, int) or repeats < 1:
