@@ -8,6 +8,11 @@ Mirrors ``execution.py`` / ``comfy_execution``:
   validate_node_input``: equal strings or overlapping comma unions; a plain ``"*"`` is no wildcard), coercion of
   INT/FLOAT/STRING/BOOLEAN constants, ``min``/``max``, list-combo membership (skipped for inputs that
   ``VALIDATE_INPUTS`` takes), then ``VALIDATE_INPUTS`` itself with linked inputs as ``None``;
+* stricter than ComfyUI: a constant given for an input of a link-only type (``FT_PIPE``, ``IMAGE``, ...) is a
+  validation problem, and a failing ``VALIDATE_INPUTS`` is attributed to the input its message names (or to its only
+  argument); a :class:`FinetuneError` it returns or raises keeps its own input and fix;
+* the prompt's JSON shape is checked first (``workflow.check_api_prompt``) and the graph walks are iterative, so long
+  chains of nodes need no recursion; a cycle is reported as a :class:`WorkflowError`;
 * one instance per node id, kept across runs (``caches.objects``);
 * outputs cached per node id under an input signature made of class_type, ``IS_CHANGED``, the node id (when
   ``NOT_IDEMPOTENT`` or a hidden ``UNIQUE_ID``), constant inputs and, recursively, the ancestors' signatures
@@ -29,12 +34,14 @@ import hashlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import host
 from .errors import FinetuneError, WorkflowError
+from .workflow import check_api_prompt
 
 log = logging.getLogger("comfy_finetune")
 
@@ -179,34 +186,46 @@ class Executor:
         node = api[nid]
         return f"{node['class_type']}/{(node.get('_meta') or {}).get('title') or node['class_type']}"
 
-    def _reachable(self, api: Mapping, targets: list[str]) -> list[str]:
-        """Nodes needed by ``targets``, ancestors first; raises on cycles or links to missing nodes."""
-        order: list[str] = []
-        state: dict[str, int] = {}  # 1 = visiting, 2 = done
-        problems: list[Problem] = []
+    @staticmethod
+    def _links_of(api: Mapping, nid: str) -> Iterator[tuple[str, str]]:
+        """``(input name, source node id)`` for every linked input of ``nid``, in input order."""
+        for name, value in (api[nid].get("inputs") or {}).items():
+            if is_link(value):
+                yield name, str(value[0])
 
-        def visit(nid: str, path: list[str]) -> None:
-            if state.get(nid) == 2:
-                return
-            if state.get(nid) == 1:
-                cycle = path[path.index(nid):] + [nid]
-                raise WorkflowError(f"the workflow has a cycle: {' -> '.join(cycle)}",
-                                    fix="remove one of the links in the cycle")
-            state[nid] = 1
-            for name, value in (api[nid].get("inputs") or {}).items():
-                if is_link(value):
-                    src = str(value[0])
+    def _reachable(self, api: Mapping, targets: list[str]) -> list[str]:
+        """Nodes needed by ``targets``, ancestors first; raises on cycles or links to missing nodes.
+
+        A depth-first walk with an explicit stack (no recursion), so long chains of nodes are fine.
+        """
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+        problems: list[Problem] = []
+        for target in targets:
+            if state.get(target) == 2:
+                continue
+            state[target] = 1
+            stack: list[tuple[str, Iterator[tuple[str, str]]]] = [(target, self._links_of(api, target))]
+            while stack:
+                nid, links = stack[-1]
+                for name, src in links:
                     if src not in api:
                         problems.append(Problem(nid, self._label(api, nid), name,
                                                 f"linked to node {src}, which is not in the workflow",
                                                 "reconnect the input to an existing node"))
-                    else:
-                        visit(src, path + [nid])
-            state[nid] = 2
-            order.append(nid)
-
-        for target in targets:
-            visit(target, [])
+                    elif state.get(src) == 1:
+                        path = [n for n, _ in stack]
+                        cycle = path[path.index(src):] + [src]
+                        raise WorkflowError(f"the workflow has a cycle: {' -> '.join(cycle)}",
+                                            fix="remove one of the links in the cycle")
+                    elif state.get(src) != 2:
+                        state[src] = 1
+                        stack.append((src, self._links_of(api, src)))
+                        break
+                else:
+                    stack.pop()
+                    state[nid] = 2
+                    order.append(nid)
         if problems:
             raise PromptValidationError(problems)
         return order
@@ -246,6 +265,13 @@ class Executor:
                     problem = self._check_link(api, value, declared, check_type="input_types" not in v_args)
                     if is_link(value) and (problem is None or problem[0] != "slot"):
                         received_types[name] = self._return_type(api, value)
+                elif not _typeable(declared):
+                    if value is None and section == "optional":
+                        continue  # an explicit null on an optional link input: as if nothing were connected
+                    problem = ("constant", f"must be connected to an output of type {declared}; got the constant "
+                                           f"{_short(value)}",
+                               f"connect an output of type {declared} (values of this type come from other nodes "
+                               f"and cannot be typed in)")
                 else:
                     exempt = name in v_args or v_kwargs  # VALIDATE_INPUTS owns min/max/combo for these
                     value, problem = _check_constant(value, declared, opts, exempt)
@@ -261,10 +287,15 @@ class Executor:
                 kwargs["input_types"] = received_types
             try:
                 verdict = _call(validator, kwargs)
+            except host.interrupt_exception_types():
+                raise
+            except FinetuneError as exc:  # the node's own message, input and fix
+                verdict = exc
             except Exception as exc:  # noqa: BLE001 - reported as a validation problem
                 verdict = f"VALIDATE_INPUTS raised {type(exc).__name__}: {exc}"
             if verdict is not True:
-                found.append((None, f"custom validation failed: {verdict}", "change the inputs named in the message"))
+                declared_names = [n for s in ("required", "optional") for n in dict(types.get(s) or {})]
+                found.extend(_validation_failure(verdict, declared_names, v_args))
         return inputs, found
 
     def _return_type(self, api: Mapping, link: Any) -> Any:
@@ -335,6 +366,7 @@ class Executor:
 
         ``workflow`` (the UI JSON) or ``extra_pnginfo`` fill the hidden ``EXTRA_PNGINFO`` input.
         """
+        check_api_prompt(api)
         api = {str(k): v for k, v in api.items()}
         unknown = [Problem(nid, f"{n.get('class_type')}/{(n.get('_meta') or {}).get('title', n.get('class_type'))}",
                            None, f"node type {n.get('class_type')!r} is not available",
@@ -368,20 +400,19 @@ class Executor:
         result = ExecutionResult()
         needed: set[str] = set()
 
-        def need(nid: str) -> None:
+        # Which nodes must run or be replayed from the cache: a pre-order walk from the targets that stops at cache
+        # hits (an explicit stack, so long chains need no recursion).
+        stack = list(reversed(targets))
+        while stack:
+            nid = stack.pop()
             if nid in needed:
-                return
+                continue
             needed.add(nid)
             hit = self._cache.get(nid)
             if hit is not None and hit.signature == sigs[nid]:
                 result.cached.append(nid)
-                return
-            for value in inputs[nid].values():
-                if is_link(value):
-                    need(str(value[0]))
-
-        for target in targets:
-            need(target)
+                continue
+            stack.extend(reversed([str(v[0]) for v in inputs[nid].values() if is_link(v)]))
         if result.cached:
             self._emit("execution_cached", {"nodes": list(result.cached)})
         ctx = _inference_mode() if self.inference_mode else contextlib.nullcontext()
@@ -515,6 +546,59 @@ def _check_constant(value: Any, declared: Any, opts: Mapping, exempt: bool) -> t
         more = f" (and {len(declared) - 20} more)" if len(declared) > 20 else ""
         return value, ("combo", f"value {value!r} is not one of the choices", f"pick one of {shown}{more}")
     return value, None
+
+
+_TYPEABLE = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+
+
+def _typeable(declared: Any) -> bool:
+    """Whether a constant can stand for an input of this type: widget types, combos and ``IO.ANY``-style types.
+
+    Other types (``FT_PIPE``, ``IMAGE``, ...) only come through links: ComfyUI has no widget to type them in.
+    """
+    if isinstance(declared, (list, tuple)) or not isinstance(declared, str) or declared in _TYPEABLE:
+        return True
+    return not (declared != "\x00 no such type")  # a str subclass whose __ne__ says equal to everything
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _named_inputs(text: str, names: list[str]) -> list[str]:
+    """The input names a validation message mentions: quoted (``'width'``), as ``input width``, or bare when the
+    name is an identifier no sentence would use by chance (``batch_size``)."""
+    found = []
+    for name in names:
+        if not name:
+            continue
+        n = re.escape(name)
+        patterns = [rf"['\"`]{n}['\"`]", rf"\binputs?\s+{n}(?!\w)"]
+        if "_" in name or any(c.isdigit() for c in name):
+            patterns.append(rf"(?<!\w){n}(?!\w)")
+        if any(re.search(p, text) for p in patterns):
+            found.append(name)
+    return found
+
+
+def _validation_failure(verdict: Any, names: list[str], v_args: set[str]) -> list[tuple[str | None, str, str]]:
+    """``VALIDATE_INPUTS`` said no: ``[(input, problem, fix)]``, one per input it is about.
+
+    A :class:`FinetuneError` (returned or raised) keeps its input and fix. Otherwise the problem goes to the inputs
+    the message names, else to the only input ``VALIDATE_INPUTS`` takes, else to the node as a whole.
+    """
+    generic = "change the inputs named in the message"
+    if isinstance(verdict, FinetuneError):
+        text, fix = verdict.detail, verdict.fix
+        targets = [verdict.input] if verdict.input else _named_inputs(text, names)
+    else:
+        text, fix = f"custom validation failed: {verdict}", None
+        targets = _named_inputs(str(verdict), names)
+    if not targets:
+        args = [n for n in names if n in v_args]
+        targets = args if len(args) == 1 else [None]
+    return [(t, text, fix or (f"change input '{t}'" if t else generic)) for t in targets]
 
 
 def _to_hashable(value: Any) -> Any:

@@ -15,6 +15,11 @@ prompt the browser would queue:
   chosen like ``FE:.../ExecutableNodeDTO.ts::#getBypassSlotIndex``;
 * array constants are wrapped as ``{"__value__": [...]}`` (``graphToPrompt``).
 
+Malformed JSON (a node that is not an object, a non-string ``type``/``class_type``, ``inputs``/``widgets_values``/
+``links``/``_meta``/``properties`` of the wrong kind, link slots that are not numbers, ...) is refused up front by
+:func:`check_api_prompt` and the UI checks in :func:`ui_to_api` with a :class:`WorkflowError` naming the node and the
+field. Reroute chains are followed iteratively, so their length is not limited by Python's recursion limit.
+
 Plain Python, stdlib only.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,11 +59,20 @@ def read_workflow_json(path_or_dict: str | os.PathLike | Mapping) -> dict:
     except OSError as exc:
         raise WorkflowError(f"cannot read workflow file '{path}': {exc.strerror or exc}",
                             fix="check the path and that the file is readable") from exc
+    except UnicodeDecodeError as exc:
+        raise WorkflowError(f"workflow file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            fix="use a workflow file saved by ComfyUI (Save or Export (API))") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"workflow file '{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: "
                             f"{exc.msg})", fix="save the workflow again from ComfyUI (Save or Export (API))") from exc
+    except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit limit
+        raise WorkflowError(f"workflow file '{path}' cannot be read as JSON: {exc}",
+                            fix="save the workflow again from ComfyUI (Save or Export (API))") from exc
+    except RecursionError as exc:
+        raise WorkflowError(f"workflow file '{path}' nests its JSON too deeply to be a workflow",
+                            fix="use a workflow file saved by ComfyUI (Save or Export (API))") from exc
     if not isinstance(data, dict):
         raise WorkflowError(f"workflow file '{path}' holds a {type(data).__name__}, not a workflow object",
                             fix="use a file saved by ComfyUI (Save or Export (API))")
@@ -77,13 +92,132 @@ def load_workflow(path_or_dict: str | os.PathLike | Mapping, node_defs: Mapping[
                                 fix="pass node_defs (class_type -> INPUT_TYPES) or export the workflow with "
                                     "'Export (API)'")
         return ui_to_api(data, node_defs)
+    nodes = data.get("nodes")
+    if "nodes" in data and "class_type" not in data and not (isinstance(nodes, Mapping) and "class_type" in nodes):
+        raise WorkflowError(f"'nodes' is the {_kind(nodes)} {_short(nodes)}, not a list of nodes, so this is neither "
+                            f"a UI-format nor an API-format workflow", fix=_RESAVE)
     if isinstance(data.get("prompt"), Mapping) and "class_type" not in data.get("prompt", {}):
         data = dict(data["prompt"])
-    for nid, node in data.items():
+    check_api_prompt(data)
+    return {str(k): v for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------- shape checks
+_RESAVE = "save the workflow again from ComfyUI (Save or Export (API)), or correct the JSON by hand"
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_id(value: Any) -> bool:
+    """Node and link ids are integers or strings (``"5:3"`` inside subgraphs)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def check_api_prompt(api: Any) -> None:
+    """Check the shape of an API-format prompt: ``{id: {"class_type": str, "inputs": {...}, "_meta": {...}}}``.
+
+    Raises :class:`WorkflowError` naming the node and the field; the values of inputs are left to the executor.
+    """
+    if not isinstance(api, Mapping):
+        raise WorkflowError(f"the prompt is a {_kind(api)}, not an object mapping node ids to nodes", fix=_RESAVE)
+    for nid, node in api.items():
         if not isinstance(node, Mapping) or "class_type" not in node:
             raise WorkflowError(f"entry '{nid}' is not an API-format node (no 'class_type')",
                                 fix="use a workflow saved by ComfyUI (Save or Export (API))")
-    return {str(k): v for k, v in data.items()}
+        class_type = node["class_type"]
+        if not isinstance(class_type, str):
+            raise WorkflowError(f"'class_type' is the {_kind(class_type)} {_short(class_type)}, not a node type name",
+                                node=str(nid), fix=_RESAVE)
+        label = f"{nid} ({class_type})"
+        inputs = node.get("inputs")
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise WorkflowError(f"'inputs' is the {_kind(inputs)} {_short(inputs)}, not an object of input values",
+                                node=label, fix=_RESAVE)
+        meta = node.get("_meta")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise WorkflowError(f"'_meta' is the {_kind(meta)} {_short(meta)}, not an object", node=label,
+                                fix="remove '_meta' or make it an object such as {\"title\": \"My node\"}")
+
+
+def _check_ui_nodes(ui: Mapping) -> None:
+    """Check the shape of a UI workflow's nodes (ids, types, sockets, widget values) before converting it."""
+    for k, node in enumerate(ui["nodes"]):
+        if not isinstance(node, Mapping):
+            raise WorkflowError(f"nodes[{k}] is the {_kind(node)} {_short(node)}, not a node object", fix=_RESAVE)
+        if not _is_id(node.get("id")):
+            what = "has no 'id'" if "id" not in node else f"has the id {_short(node.get('id'))}"
+            raise WorkflowError(f"nodes[{k}] {what}; node ids are integers or strings", fix=_RESAVE)
+        label = _node_label(node)
+        if not isinstance(node.get("type"), str):
+            what = "has no 'type'" if "type" not in node else \
+                f"has the type {_short(node.get('type'))} ({_kind(node.get('type'))})"
+            raise WorkflowError(f"node {what}; a node type is a class name such as 'KSampler'", node=label,
+                                fix=_RESAVE)
+        for field, types, want in (("inputs", (list, tuple), "a list of input sockets"),
+                                   ("outputs", (list, tuple), "a list of output sockets"),
+                                   ("widgets_values", (list, tuple, Mapping), "a list (or object) of widget values"),
+                                   ("properties", Mapping, "an object")):
+            value = node.get(field)
+            if value is not None and not isinstance(value, types):
+                raise WorkflowError(f"'{field}' is the {_kind(value)} {_short(value)}, not {want}", node=label,
+                                    fix=_RESAVE)
+        for j, socket in enumerate(node.get("inputs") or []):
+            if not isinstance(socket, Mapping):
+                raise WorkflowError(f"inputs[{j}] is the {_kind(socket)} {_short(socket)}, not an input socket object",
+                                    node=label, fix=_RESAVE)
+            widget = socket.get("widget")
+            if widget is not None and not isinstance(widget, Mapping):
+                raise WorkflowError(f"inputs[{j}].widget is the {_kind(widget)} {_short(widget)}, not an object",
+                                    node=label, fix=_RESAVE)
+            for key, value in (("name", socket.get("name")), ("widget.name", (widget or {}).get("name"))):
+                if value is not None and not isinstance(value, str):
+                    raise WorkflowError(f"inputs[{j}].{key} is the {_kind(value)} {_short(value)}, not a name",
+                                        node=label, fix=_RESAVE)
+            link = socket.get("link")
+            if link is not None and not _is_id(link):
+                raise WorkflowError(f"input '{socket.get('name')}' has the link {_short(link)}; a link is the id "
+                                    f"(an integer) of an entry in 'links'", node=label,
+                                    fix="reconnect the input in ComfyUI and save the workflow again")
+        for j, socket in enumerate(node.get("outputs") or []):
+            if not isinstance(socket, Mapping):
+                raise WorkflowError(f"outputs[{j}] is the {_kind(socket)} {_short(socket)}, not an output socket "
+                                    f"object", node=label, fix=_RESAVE)
+
+
+def _subgraph_ids(ui: Mapping) -> set[str]:
+    definitions = ui.get("definitions")
+    if definitions is None:
+        return set()
+    if not isinstance(definitions, Mapping):
+        raise WorkflowError(f"'definitions' is the {_kind(definitions)} {_short(definitions)}, not an object",
+                            fix=_RESAVE)
+    subgraphs = definitions.get("subgraphs")
+    if subgraphs is None:
+        return set()
+    if not isinstance(subgraphs, (list, tuple)):
+        raise WorkflowError(f"'definitions.subgraphs' is the {_kind(subgraphs)} {_short(subgraphs)}, not a list",
+                            fix=_RESAVE)
+    return {str(s.get("id")) for s in subgraphs if isinstance(s, Mapping)}
 
 
 # ---------------------------------------------------------------------------------------------- widgets
@@ -166,15 +300,44 @@ def _wrap(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- links
+def _slot(value: Any, what: str, k: int, link: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise WorkflowError(f"links[{k}] {_short(link)} has the {what} {_short(value)}, not a slot number",
+                            fix=_RESAVE) from None
+
+
 def _parse_links(ui: Mapping) -> dict[int | str, tuple[Any, int, Any, int, str]]:
     """``link_id -> (origin_id, origin_slot, target_id, target_slot, type)``; 0.4 arrays or version-1 objects."""
+    raw = ui.get("links")
+    if raw is None:
+        return {}
+    if not isinstance(raw, (list, tuple)):
+        raise WorkflowError(f"'links' is the {_kind(raw)} {_short(raw)}, not a list of links", fix=_RESAVE)
     links: dict[int | str, tuple[Any, int, Any, int, str]] = {}
-    for link in ui.get("links") or []:
+    for k, link in enumerate(raw):
+        if link is None:
+            continue
         if isinstance(link, Mapping):
-            links[link["id"]] = (link["origin_id"], int(link["origin_slot"]), link["target_id"],
-                                 int(link["target_slot"]), str(link.get("type", "*")))
+            absent = [key for key in ("id", "origin_id", "origin_slot", "target_id", "target_slot") if key not in link]
+            if absent:
+                raise WorkflowError(f"links[{k}] {_short(link)} has no {', '.join(repr(a) for a in absent)}",
+                                    fix=_RESAVE)
+            fields = (link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                      link.get("type", "*"))
         elif isinstance(link, (list, tuple)) and len(link) >= 5:
-            links[link[0]] = (link[1], int(link[2]), link[3], int(link[4]), str(link[5] if len(link) > 5 else "*"))
+            fields = (*link[:5], link[5] if len(link) > 5 else "*")
+        else:
+            raise WorkflowError(f"links[{k}] is the {_kind(link)} {_short(link)}, not a link "
+                                f"[id, origin_id, origin_slot, target_id, target_slot, type]", fix=_RESAVE)
+        link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
+        for what, value in (("id", link_id), ("origin_id", origin_id), ("target_id", target_id)):
+            if not _is_id(value):
+                raise WorkflowError(f"links[{k}] {_short(link)} has the {what} {_short(value)}, not an integer or "
+                                    f"string id", fix=_RESAVE)
+        links[link_id] = (origin_id, _slot(origin_slot, "origin_slot", k, link), target_id,
+                          _slot(target_slot, "target_slot", k, link), str(link_type))
     return links
 
 
@@ -197,41 +360,52 @@ class _Resolver:
         self.nodes = nodes
         self.links = links
 
-    def resolve(self, link_id: Any, consumer: Mapping, input_name: str, depth: int = 0) -> Any:
-        """Return ``("link", [src_id, slot])``, ``("value", v)`` or ``None`` (input dropped)."""
-        if depth > len(self.nodes) + 1:
-            raise WorkflowError(f"link {link_id} loops through reroutes/bypassed nodes", node=_node_label(consumer),
-                                input=input_name, fix="remove the cycle in the workflow")
-        if link_id not in self.links:
-            raise WorkflowError(f"refers to link {link_id}, which is not in the workflow's links",
-                                node=_node_label(consumer), input=input_name,
-                                fix="reconnect the input in ComfyUI and save the workflow again")
-        origin_id, origin_slot, target_id, _, link_type = self.links[link_id]
-        origin = self.nodes.get(str(origin_id))
-        if origin is None:
-            raise WorkflowError(f"link {link_id} comes from node {origin_id}, which is not in the workflow "
-                                f"(it goes to node {target_id})", node=_node_label(consumer), input=input_name,
-                                fix="reconnect the input in ComfyUI and save the workflow again")
-        kind = origin.get("type")
-        mode = origin.get("mode", 0)
-        if kind == "PrimitiveNode":
-            values = origin.get("widgets_values") or []
-            return ("value", _wrap(values[0])) if values else None
-        if kind == "Reroute" or mode == MODE_BYPASS:
-            upstream = self._pass_through_link(origin, origin_slot, link_type)
-            return None if upstream is None else self.resolve(upstream, consumer, input_name, depth + 1)
-        if kind in ("Note", "MarkdownNote") or mode == MODE_MUTED:
-            return None  # graphToPrompt drops inputs that point at removed nodes
-        return ("link", [str(origin_id), origin_slot])
+    def resolve(self, link_id: Any, consumer: Mapping, input_name: str) -> Any:
+        """Return ``("link", [src_id, slot])``, ``("value", v)`` or ``None`` (input dropped).
+
+        Iterative, so a chain of thousands of reroutes is no problem; a link seen twice is a loop.
+        """
+        seen: set[Any] = set()
+        while True:
+            if link_id in seen:
+                raise WorkflowError(f"link {link_id} loops through reroutes/bypassed nodes",
+                                    node=_node_label(consumer), input=input_name,
+                                    fix="remove the cycle in the workflow")
+            seen.add(link_id)
+            if link_id not in self.links:
+                raise WorkflowError(f"refers to link {link_id}, which is not in the workflow's links",
+                                    node=_node_label(consumer), input=input_name,
+                                    fix="reconnect the input in ComfyUI and save the workflow again")
+            origin_id, origin_slot, target_id, _, link_type = self.links[link_id]
+            origin = self.nodes.get(str(origin_id))
+            if origin is None:
+                raise WorkflowError(f"link {link_id} comes from node {origin_id}, which is not in the workflow "
+                                    f"(it goes to node {target_id})", node=_node_label(consumer), input=input_name,
+                                    fix="reconnect the input in ComfyUI and save the workflow again")
+            kind = origin.get("type")
+            mode = origin.get("mode", 0)
+            if kind == "PrimitiveNode":
+                values = origin.get("widgets_values") or []
+                if isinstance(values, Mapping):
+                    values = list(values.values())
+                return ("value", _wrap(values[0])) if values else None
+            if kind == "Reroute" or mode == MODE_BYPASS:
+                link_id = self._pass_through_link(origin, origin_slot, link_type)
+                if link_id is None:
+                    return None
+                continue
+            if kind in ("Note", "MarkdownNote") or mode == MODE_MUTED:
+                return None  # graphToPrompt drops inputs that point at removed nodes
+            return ("link", [str(origin_id), origin_slot])
 
     def _pass_through_link(self, node: Mapping, slot: int, link_type: str) -> Any:
         inputs = [i for i in node.get("inputs") or [] if isinstance(i, Mapping)]
         if node.get("type") == "Reroute":
             return inputs[0].get("link") if inputs else None
         outputs = node.get("outputs") or []
-        out_type = str(outputs[slot].get("type", link_type)) if slot < len(outputs) else link_type
+        out_type = str(outputs[slot].get("type", link_type)) if 0 <= slot < len(outputs) else link_type
         index = None
-        if slot < len(inputs) and str(inputs[slot].get("type")) == out_type:
+        if 0 <= slot < len(inputs) and str(inputs[slot].get("type")) == out_type:
             index = slot
         if index is None:
             index = next((k for k, i in enumerate(inputs) if str(i.get("type")) == out_type), None)
@@ -241,6 +415,16 @@ class _Resolver:
 
 
 # ---------------------------------------------------------------------------------------------- conversion
+def _order(node: Mapping) -> int | float:
+    """The node's execution ``order`` as a sort key (missing or not a finite number: 0)."""
+    order = node.get("order", 0)
+    if isinstance(order, int):
+        return order
+    if isinstance(order, float) and math.isfinite(order):
+        return order
+    return 0
+
+
 def ui_to_api(ui: Mapping, node_defs: Mapping[str, Any]) -> dict:
     """Convert a UI-format workflow into an API-format prompt, as the frontend's ``graphToPrompt`` does.
 
@@ -249,9 +433,10 @@ def ui_to_api(ui: Mapping, node_defs: Mapping[str, Any]) -> dict:
     """
     if not is_ui_workflow(ui):
         raise WorkflowError("not a UI-format workflow (no 'nodes' list)", fix="pass the JSON saved by ComfyUI")
-    nodes = {str(n["id"]): n for n in ui["nodes"] if isinstance(n, Mapping) and "id" in n}
-    subgraph_ids = {str(s.get("id")) for s in ((ui.get("definitions") or {}).get("subgraphs") or [])
-                    if isinstance(s, Mapping)}
+    _check_ui_nodes(ui)
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    subgraph_ids = _subgraph_ids(ui)
+    links = _parse_links(ui)
     active = [n for n in nodes.values()
               if n.get("type") not in VIRTUAL_NODES and n.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS)]
     missing = [n for n in active if n.get("type") not in node_defs]
@@ -268,16 +453,14 @@ def ui_to_api(ui: Mapping, node_defs: Mapping[str, Any]) -> dict:
         raise WorkflowError("; ".join(lines),
                             fix="install the missing node pack(s) (or unpack subgraphs/group nodes in ComfyUI), "
                                 "or remove those nodes from the workflow")
-    resolver = _Resolver(nodes, _parse_links(ui))
+    resolver = _Resolver(nodes, links)
     api: dict[str, dict] = {}
-    for node in sorted(active, key=lambda n: (n.get("order", 0), str(n["id"]))):
+    for node in sorted(active, key=lambda n: (_order(n), str(n["id"]))):
         class_type = str(node["type"])
         input_types = _input_types(node_defs, class_type)
         inputs: dict[str, Any] = {k: _wrap(v) for k, v in
                                   _widget_values(class_type, input_types, node.get("widgets_values")).items()}
         for socket in node.get("inputs") or []:
-            if not isinstance(socket, Mapping):
-                continue
             name = str((socket.get("widget") or {}).get("name") or socket.get("name"))
             if socket.get("link") is None:
                 continue
@@ -329,16 +512,20 @@ def apply_overrides(api: Mapping[str, Mapping], overrides: list[str],
     parses, otherwise kept as a string; a JSON list ``["<node id>", slot]`` naming an existing node is a link, other
     lists are wrapped as ``{"__value__": [...]}`` like the frontend does.
     """
+    check_api_prompt(api)
     out = copy.deepcopy(dict(api))
     for override in overrides:
+        if not isinstance(override, str):
+            raise WorkflowError(f"--set {_short(override)} is not text of the form NODE.INPUT=VALUE",
+                                fix="write e.g. --set 3.seed=42 or --set \"My Sampler.steps=20\"")
         lhs, sep, raw = override.partition("=")
         ref, dot, input_name = lhs.strip().rpartition(".")
         if not sep or not dot or not ref or not input_name:
             raise WorkflowError(f"--set {override!r} is not of the form NODE.INPUT=VALUE",
                                 fix="write e.g. --set 3.seed=42 or --set \"My Sampler.steps=20\"")
         nid = _find_node(out, ref, override)
-        node = out[nid]
-        inputs = node.setdefault("inputs", {})
+        node = out[nid] = dict(out[nid])
+        inputs = node["inputs"] = dict(node.get("inputs") or {})
         declared: set[str] = set()
         if node_defs is not None and node.get("class_type") in node_defs:
             types = _input_types(node_defs, node["class_type"])

@@ -42,6 +42,9 @@ def annotated_path(name: str) -> Path:
 
     Raises :class:`FinetuneError` for names that would leave that folder (``..``, absolute paths, links out).
     """
+    if not isinstance(name, str):
+        raise FinetuneError(f"the image name is {name!r}, not text", node="LoadImage", input="image",
+                            fix="give the file name of an image in the input folder, e.g. 'photo.png'")
     base = host.input_dir
     text = name.strip()
     for tag, folder in _ANNOTATIONS.items():
@@ -104,8 +107,13 @@ class LoadImage:
         if not path.is_file():
             raise FinetuneError(f"image '{image}' not found in {path.parent}", node="LoadImage", input="image",
                                 fix="copy the file into the input folder or pick an existing one")
-        with Image.open(path) as img:
-            return _pil_to_tensors(img)
+        try:
+            with Image.open(path) as img:
+                return _pil_to_tensors(img)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            # PIL's UnidentifiedImageError (not an image / unknown format), "image file is truncated", ...
+            raise FinetuneError(f"image '{image}' ({path}) is not a readable image: {exc}", node="LoadImage",
+                                input="image", fix="re-save the file as PNG or JPEG, or pick another image") from exc
 
     @classmethod
     def IS_CHANGED(cls, image: str) -> str:
@@ -117,14 +125,19 @@ class LoadImage:
         return digest.hexdigest()
 
     @classmethod
-    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        """Any existing file is accepted, annotated names included (no combo check, like core)."""
+    def VALIDATE_INPUTS(cls, image: str) -> bool | FinetuneError:
+        """Any existing file is accepted, annotated names included (no combo check, like core).
+
+        A failure is returned as a :class:`FinetuneError` naming input ``image`` and the fix (ComfyUI shows any
+        non-True verdict as text; the headless executor keeps the input and the fix).
+        """
         try:
             path = annotated_path(image)
         except FinetuneError as exc:
-            return str(exc)
+            return exc
         if not path.is_file():
-            return f"Invalid image file: {image} (not found in {path.parent})"
+            return FinetuneError(f"Invalid image file: {image} (not found in {path.parent})", node="LoadImage",
+                                 input="image", fix="copy the file into the input folder or pick an existing one")
         return True
 
 

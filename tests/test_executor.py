@@ -459,10 +459,10 @@ def test_load_image_annotations_and_folder_escape(tmp_path):
     api = {"1": {"class_type": "LoadImage", "inputs": {"image": "../secret.png"}},
            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
     _, found = problems_of(api)
-    assert "outside the folder" in found[("1", None)].problem
+    assert "outside the folder" in found[("1", "image")].problem
     api["1"]["inputs"]["image"] = "missing.png"
     _, found = problems_of(api)
-    assert "Invalid image file: missing.png" in found[("1", None)].problem
+    assert "Invalid image file: missing.png" in found[("1", "image")].problem
 
 
 def test_load_image_reruns_when_the_file_changes(tmp_path):
