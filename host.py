@@ -318,3 +318,111 @@ def send_event(event: str, data: dict) -> None:
 
 def add_event_sink(fn: Callable[[str, dict], None]) -> None:
     _settings.event_sinks.append(fn)
+
+
+# ---------------------------------------------------------------------------------------------- native models
+_LORA_WARNINGS = ("lora key not loaded:", "NOT LOADED ")
+
+
+class _LoraWarningCapture(logging.Handler):
+    """Collects ComfyUI's LoRA-loading warnings (``lora key not loaded: <key>``, ``NOT LOADED <key>``)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # pragma: no cover - a malformed record from someone else
+            return
+        if text.startswith(_LORA_WARNINGS):
+            self.messages.append(text)
+
+
+def _native_shape_problems(model, clip, state_dict: dict) -> list[str]:
+    """LoRA modules whose target weight in the native MODEL/CLIP has another size.
+
+    ComfyUI only notices those when it patches (``WARNING SHAPE MISMATCH ... WEIGHT NOT MERGED`` at sampling time),
+    so they are checked up front with the same key map ``load_lora_for_models`` builds.
+    """
+    import math  # noqa: PLC0415
+
+    import comfy.lora  # noqa: PLC0415
+    import comfy.utils  # noqa: PLC0415
+
+    targets = []
+    if model is not None:
+        targets.append((model.model, comfy.lora.model_lora_keys_unet(model.model, {})))
+    if clip is not None:
+        targets.append((clip.cond_stage_model, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})))
+    problems = []
+    for key, down in state_dict.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        prefix = key[: -len(".lora_down.weight")]
+        up = state_dict.get(prefix + ".lora_up.weight")
+        if up is None:
+            continue
+        for root, key_map in targets:
+            target = key_map.get(prefix)
+            if not isinstance(target, str):
+                continue
+            try:
+                weight = comfy.utils.get_attr(root, target)
+            except AttributeError:
+                continue
+            want = tuple(weight.shape)
+            have = (int(up.shape[0]), *(int(s) for s in down.shape[1:]))
+            if want[0] != have[0] or math.prod(want) != math.prod(have):
+                problems.append(f"{prefix}: LoRA {list(have)} vs native weight {list(want)}")
+            break
+    return problems
+
+
+def apply_lora_to_native(model: Any, clip: Any, state_dict: dict, strength_model: float = 1.0,
+                         strength_clip: float = 1.0) -> tuple[Any, Any]:
+    """Apply a LoRA state dict (kohya or ComfyUI keys) to ComfyUI's own MODEL and CLIP, as ``LoraLoader`` does.
+
+    Calls ``comfy.sd.load_lora_for_models``, which patches **clones**: the inputs are never changed. Every key must
+    be applied: ComfyUI's ``lora key not loaded`` / ``NOT LOADED`` warnings during the call, and LoRA modules whose
+    native weight has another size (which ComfyUI would skip at sampling time), raise a :class:`FinetuneError`
+    listing them. Both strengths 0 return the inputs unchanged (like ``LoraLoader``).
+
+    Headless there are no native models: raises :class:`FinetuneError`.
+    """
+    from .core.errors import FinetuneError  # noqa: PLC0415
+
+    if not in_comfyui():
+        raise FinetuneError("this node works on ComfyUI's own MODEL and CLIP (from Load Checkpoint and other native "
+                            "loaders); the headless runner has no native models", input="model",
+                            fix="run the workflow in ComfyUI, or sample headless with AddLoRA and Sample on the "
+                                "FT_PIPE")
+    if model is None and clip is None:
+        raise FinetuneError("neither a MODEL nor a CLIP was given", input="model",
+                            fix="connect the MODEL and CLIP outputs of a checkpoint loader")
+    if float(strength_model) == 0 and float(strength_clip) == 0:
+        return model, clip
+    import comfy.sd  # noqa: PLC0415
+
+    state_dict = dict(state_dict)
+    capture = _LoraWarningCapture()
+    root = logging.getLogger()
+    level = root.level
+    if root.getEffectiveLevel() > logging.WARNING:  # e.g. --verbose ERROR: the warnings must still be made
+        root.setLevel(logging.WARNING)
+    root.addHandler(capture)
+    try:
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, state_dict, float(strength_model),
+                                                            float(strength_clip))
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
+    problems = list(dict.fromkeys(capture.messages))
+    problems += _native_shape_problems(model, clip, state_dict)
+    if problems:
+        raise FinetuneError(f"ComfyUI could not apply {len(problems)} part(s) of the LoRA to this MODEL/CLIP: "
+                            + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""), input="model",
+                            fix="connect the MODEL and CLIP of the checkpoint the LoRA was trained on (the same one "
+                                "the pipe input was loaded from)")
+    return new_model, new_clip

@@ -7,6 +7,7 @@ core. Every exception leaving a node names the node; cancel passes through untou
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import Any
 
@@ -76,7 +77,10 @@ def _wrap(node_id: str, fn):
         from .. import host  # noqa: PLC0415
 
         try:
-            check_link_values(type(self), node_id, kwargs)
+            values = kwargs
+            if args:  # ComfyUI passes keywords; direct callers may pass positions
+                values = dict(inspect.signature(fn).bind_partial(self, *args, **kwargs).arguments)
+            check_link_values(type(self), node_id, values)
             return fn(self, *args, **kwargs)
         except host.interrupt_exception_types():
             raise

@@ -379,3 +379,75 @@ class ComfyServer:
                 paths.append(base / (img.get("subfolder") or "") / img["filename"])
             saved[str(nid)] = paths
         return saved
+
+
+# ---------------------------------------------------------------------------------------------- in-process checks
+_IN_COMFYUI_BOOTSTRAP = r'''
+import json, os, sys
+comfyui_dir, pack_parent, work, script_path = sys.argv[1:5]
+sys.argv = [sys.argv[0]]
+sys.path[:0] = [pack_parent, comfyui_dir]
+os.chdir(comfyui_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+import folder_paths
+import comfy.model_management
+for key in ("checkpoints", "loras", "embeddings", "diffusers"):
+    path = os.path.join(work, "models", key)
+    os.makedirs(path, exist_ok=True)
+    folder_paths.add_model_folder_path(key, path, is_default=True)
+for name in ("output", "input", "temp"):
+    os.makedirs(os.path.join(work, name), exist_ok=True)
+folder_paths.set_output_directory(os.path.join(work, "output"))
+folder_paths.set_input_directory(os.path.join(work, "input"))
+folder_paths.set_temp_directory(os.path.join(work, "temp"))
+with open(script_path, encoding="utf-8") as f:
+    code = compile(f.read(), script_path, "exec")
+scope = {"__name__": "__main__", "WORK": work}
+exec(code, scope)
+print("RESULT " + json.dumps(scope.get("RESULT", {})), flush=True)
+'''
+
+
+def run_in_comfyui(comfyui_dir: Path, workdir: Path, script: str, *, python: str | None = None,
+                   repo_root: Path = REPO_ROOT, timeout: float = 600.0) -> dict:
+    """Run ``script`` in ComfyUI's python with ComfyUI's modules imported (``--cpu``), no server.
+
+    The pack is importable as ``comfy_finetune`` (a symlink in ``workdir``) and ``host.in_comfyui()`` is true, so
+    host functions take their ComfyUI paths. Model, output, input and temp folders live under ``workdir``; nothing
+    is written into the checkout. The script sees ``WORK`` (the folder) and sets ``RESULT`` (JSON-able), which is
+    returned. Raises :class:`ServerError` with the output tail if the script fails.
+    """
+    comfyui_dir, workdir = Path(comfyui_dir), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pack_parent = workdir / "pack"
+    pack_parent.mkdir(exist_ok=True)
+    link = pack_parent / "comfy_finetune"
+    if not link.exists():
+        try:
+            link.symlink_to(Path(repo_root), target_is_directory=True)
+        except OSError:
+            shutil.copytree(repo_root, link, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info"))
+    boot = workdir / "bootstrap.py"
+    boot.write_text(_IN_COMFYUI_BOOTSTRAP, encoding="utf-8")
+    script_path = workdir / "script.py"
+    script_path.write_text(script, encoding="utf-8")
+    env = dict(os.environ)
+    env.pop("COMFYUI_DIR", None)
+    for key in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+        env.pop(key, None)
+    env.update({"COMFY_FINETUNE_CACHE": str(workdir / "finetune-cache"), "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"})
+    cmd = [python or comfyui_python(comfyui_dir), str(boot), str(comfyui_dir), str(pack_parent), str(workdir),
+           str(script_path)]
+    try:
+        proc = subprocess.run(cmd, cwd=str(comfyui_dir), env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ServerError(f"the in-ComfyUI script did not finish within {timeout:.0f} s") from exc
+    output = (proc.stdout or "") + (proc.stderr or "")
+    lines = [line for line in (proc.stdout or "").splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(output.splitlines()[-60:])
+        raise ServerError(f"the in-ComfyUI script failed (exit {proc.returncode}).\n--- output tail ---\n{tail}")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -42,3 +42,18 @@ def tiny_handles(models_dir):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+# ---------------------------------------------------------------------------------------------- slow tests
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked @pytest.mark.slow (soak tests); skipped by default")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

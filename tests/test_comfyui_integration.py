@@ -172,3 +172,220 @@ def test_bad_input_is_reported_and_server_recovers(server, node_defs):
     again = apply_overrides(good, ["Sample.seed=7"], node_defs)
     result = _run(server, again, "good prompt after the error")
     assert any(server.saved_images(again, result).values())
+
+
+# ---------------------------------------------------------------------------------------------- 6. bridges
+_BRIDGES = ("ApplyLoRAToModel", "EmbeddingToPrompt", "NativeLoRAToFinetune")
+
+
+def _require_bridges() -> None:
+    missing = [n for n in _BRIDGES if n not in NODE_CLASS_MAPPINGS]
+    if missing:
+        pytest.skip(f"bridge nodes are not registered in nodes/__init__.py yet: {missing}")
+
+
+def test_bridge_nodes_are_served_with_native_types(object_info):
+    _require_bridges()
+    apply = object_info["ApplyLoRAToModel"]
+    required = apply["input"]["required"]
+    assert (required["model"][0], required["clip"][0], required["lora"][0], required["pipe"][0]) == \
+        ("MODEL", "CLIP", "FT_LORA", "FT_PIPE")
+    assert apply["output"] == ["MODEL", "CLIP"]
+    native = object_info["NativeLoRAToFinetune"]
+    assert native["input"]["required"]["lora"][0] == "LORA_MODEL"
+    assert native["output"] == ["FT_LORA"]
+    emb = object_info["EmbeddingToPrompt"]
+    assert emb["input"]["required"]["embedding"][0] == "FT_EMBEDDING" and emb["output"] == ["STRING"]
+    for node_id in _BRIDGES:
+        assert object_info[node_id]["category"] == "finetune/bridges"
+    # the host's own nodes at the other end of each link use the same type names
+    assert object_info["CheckpointLoaderSimple"]["output"][:2] == ["MODEL", "CLIP"]
+    assert object_info["KSampler"]["input"]["required"]["model"][0] == "MODEL"
+    assert object_info["CLIPTextEncode"]["input"]["required"]["clip"][0] == "CLIP"
+    assert object_info["CLIPTextEncode"]["input"]["required"]["text"][0] == "STRING"
+    assert object_info["TrainLoraNode"]["output"][1] == "LORA_MODEL"
+    assert object_info["StringConcatenate"]["output"] == ["STRING"]
+
+
+def test_embedding_prompt_word_through_a_native_string_node(server, node_defs):
+    """LearnEmbedding → EmbeddingToPrompt → core StringConcatenate → Sample on the bare model (no in-memory
+    embedding): the image can only use the embedding through the saved file and the prompt word."""
+    _require_bridges()
+    example = _example_api(REPO_ROOT / "example_workflows" / "textual_inversion.json", node_defs)
+    example = apply_overrides(example, ["LearnEmbedding.steps=4"], node_defs)
+    keep = {"LoadBase", "TrainingData", "LearnEmbedding"}
+    prompt = {nid: n for nid, n in example.items() if n["class_type"] in keep}
+    load = next(nid for nid, n in prompt.items() if n["class_type"] == "LoadBase")
+    learn = next(nid for nid, n in prompt.items() if n["class_type"] == "LearnEmbedding")
+    sample = next(n for n in example.values() if n["class_type"] == "Sample")
+    name = f"bridge_test/word_{os.getpid()}"
+    prompt.update({
+        "900": {"class_type": "EmbeddingToPrompt",
+                "inputs": {"embedding": [learn, 0], "pipe": [load, 0], "name": name, "overwrite": False}},
+        "901": {"class_type": "StringConcatenate",
+                "inputs": {"string_a": "a photo of", "string_b": ["900", 0], "delimiter": " "}},
+        "902": {"class_type": "Sample", "inputs": {**sample["inputs"], "pipe": [load, 0], "prompt": ["901", 0],
+                                                   "batch_size": 1}},
+        "903": {"class_type": "SaveImage", "inputs": {"images": ["902", 0], "filename_prefix": "bridge/embedding"}},
+    })
+
+    result = _run(server, prompt, "EmbeddingToPrompt graph")
+
+    saved = server.models_dir / "embeddings" / f"{name}.safetensors"
+    assert saved.is_file(), sorted(p.name for p in (server.models_dir / "embeddings").rglob("*"))
+    text = ((result.history.get("outputs") or {}).get("900") or {}).get("text") or []
+    assert f"prompt word: embedding:{name}" in text, result.history.get("outputs")
+    images = server.saved_images(prompt, result)["903"]
+    assert len(images) == 1 and images[0].read_bytes()[:8] == PNG_MAGIC
+
+
+_IN_COMFYUI_SCRIPT = r'''
+import functools, json, os
+import torch
+torch.set_num_threads(1)
+import comfy.model_detection, comfy.model_management, comfy.model_patcher, comfy.sd, comfy.sd1_clip
+import comfy.supported_models, comfy.utils
+import comfy_extras.nodes_train as nodes_train
+
+from comfy_finetune import host
+from comfy_finetune.core.errors import FinetuneError
+from comfy_finetune.core.handle import LoraPatch
+from comfy_finetune.core.ldm import unet_name_map
+from comfy_finetune.core.loading import load_base
+from comfy_finetune.core.lora import LoraModule, LoraWeights
+from comfy_finetune.core.lora_keys import canonical_te_path
+from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+from comfy_finetune.nodes.bridges import ApplyLoRAToModel, NativeLoRAToFinetune
+from comfy_finetune.training.saving import save_checkpoint
+
+CPU = torch.device("cpu")
+RESULT = {"in_comfyui": host.in_comfyui()}
+models = os.path.join(WORK, "models")
+build_tiny_pipeline_folder(os.path.join(models, "diffusers", "tiny-sd1"), "sd1", seed=0)
+handle = load_base("diffusers/tiny-sd1", "fp32", "cpu")
+ckpt = str(save_checkpoint(handle, os.path.join(models, "checkpoints", "tiny-sd1.safetensors"), dtype="fp32"))
+ldm = unet_name_map(handle.base.unet.config)
+
+# CheckpointLoaderSimple's loader: does ComfyUI detect the tiny architecture?
+try:
+    comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=False)
+    RESULT["checkpoint_detected"] = True
+except RuntimeError as exc:
+    RESULT["checkpoint_detected"], RESULT["detect_error"] = False, str(exc).strip()
+
+# MODEL and CLIP built the way load_state_dict_guess_config does, with the SD 1.5 model class forced
+sd = comfy.utils.load_torch_file(ckpt)
+model_config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(sd, "model.diffusion_model."))
+model_config.set_inference_dtype(torch.float32, None)
+base_model = model_config.get_model(sd, "model.diffusion_model.", device=CPU)
+base_model.load_model_weights(sd, "model.diffusion_model.")
+model = comfy.model_patcher.ModelPatcher(base_model, load_device=CPU, offload_device=CPU)
+with open(os.path.join(models, "diffusers", "tiny-sd1", "text_encoder", "config.json")) as f:
+    te_config = json.load(f)
+target = model_config.clip_target(state_dict=sd)
+target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=functools.partial(
+    comfy.sd1_clip.SDClipModel, textmodel_json_config=te_config, return_projected_pooled=False))
+# ComfyUI's CLIP keeps a fixed 49408-token table; the tiny vocabulary is smaller (LoRAs never touch that table)
+clip_sd = {k: v for k, v in model_config.process_clip_state_dict(sd).items() if "token_embedding" not in k}
+clip = comfy.sd.CLIP(target, embedding_directory=None, tokenizer_data=clip_sd, model_options={"dtype": torch.float32})
+clip.load_sd(clip_sd, full_model=True)
+unet_before = {k: v.clone() for k, v in base_model.state_dict().items()}
+te_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+
+# 1. ApplyLoRAToModel: every UNet layer (LoCon convs too) and the text encoder's attention/MLP layers
+g = torch.Generator().manual_seed(0)
+modules = {}
+for path, m in handle.base.unet.named_modules():
+    w = getattr(m, "weight", None)
+    if path in ldm and isinstance(w, torch.Tensor) and w.ndim >= 2:
+        modules[("unet", path)] = LoraModule(torch.randn(2, w.shape[1], *w.shape[2:], generator=g) * 0.1,
+                                             torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []),
+                                                         generator=g) * 0.1, 1.5)
+TE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+for path, m in handle.base.text_encoders[0].named_modules():
+    if path.endswith(TE):
+        modules[("te1", path)] = LoraModule(torch.randn(2, m.weight.shape[1], generator=g) * 0.1,
+                                            torch.randn(m.weight.shape[0], 2, generator=g) * 0.1, 2.0)
+lora = LoraWeights(handle.family, modules, {}, "bridge-check")
+new_model, new_clip = ApplyLoRAToModel().run(model=model, clip=clip, lora=lora, pipe=handle, strength_model=0.7,
+                                             strength_clip=0.4)
+RESULT["clones"] = new_model is not model and new_clip is not clip
+RESULT["input_patches"] = [len(model.patches), len(clip.patcher.patches)]
+RESULT["output_patches"] = [len(new_model.patches), len(new_clip.patcher.patches)]
+RESULT["lora_layers"] = [sum(c == "unet" for c, _ in modules), sum(c == "te1" for c, _ in modules)]
+with handle.with_patch(LoraPatch(lora, 0.7, 0.4)).patched():
+    want_unet = {ldm[p]: m.weight.detach().clone()
+                 for p, m in handle.base.unet.named_modules() if ("unet", p) in modules}
+    want_te = {canonical_te_path(p): m.weight.detach().clone()
+               for p, m in handle.base.text_encoders[0].named_modules() if ("te1", p) in modules}
+comfy.model_management.load_models_gpu([new_model, new_clip.patcher], force_full_load=True)
+RESULT["unet_max_diff"] = max(float((comfy.utils.get_attr(base_model, f"diffusion_model.{k}.weight") - w).abs().max())
+                              for k, w in want_unet.items())
+RESULT["te_max_diff"] = max(float((comfy.utils.get_attr(clip.cond_stage_model, f"clip_l.transformer.{k}.weight")
+                                   - w).abs().max()) for k, w in want_te.items())
+RESULT["lora_changes_weights"] = min(float((want_unet[k] - unet_before[f"diffusion_model.{k}.weight"]).abs().max())
+                                     for k in want_unet) > 0
+comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)  # back to the inputs
+RESULT["inputs_unchanged"] = (
+    all(torch.equal(v, base_model.state_dict()[k]) for k, v in unet_before.items())
+    and all(torch.equal(v, clip.cond_stage_model.state_dict()[k]) for k, v in te_before.items()))
+
+# 2. keys ComfyUI cannot place are an error, not a warning
+try:
+    host.apply_lora_to_native(model, clip, {"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 4),
+                                            "lora_unet_no_such_block.lora_up.weight": torch.zeros(4, 2)}, 1.0, 1.0)
+    RESULT["unknown_key_error"] = None
+except FinetuneError as exc:
+    RESULT["unknown_key_error"] = str(exc)
+
+# 3. ComfyUI's own trainer: its LORA_MODEL through NativeLoRAToFinetune patches exactly like ComfyUI applies it
+trained = nodes_train.TrainLoraNode().train(
+    model=model, latents={"samples": torch.randn(1, 4, 8, 8, generator=g)},
+    positive=[[torch.randn(1, 77, 32, generator=g), {}]], batch_size=1, steps=3, grad_accumulation_steps=1,
+    learning_rate=1e-2, rank=2, optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="fp32",
+    lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False, existing_lora="[None]")
+native = trained[1]
+out = NativeLoRAToFinetune().run(lora=native, pipe=handle)
+converted = out["result"][0]
+RESULT["native_keys"] = len(native)
+RESULT["native_lora_layers"] = sum(k.endswith(".lora_up.weight") for k in native)
+RESULT["native_diff_keys"] = sum(k.endswith((".diff", ".diff_b")) for k in native)
+RESULT["converted_layers"] = len(converted.modules)
+RESULT["converted_notes"] = out["ui"]["text"]
+lora_only = {k: v for k, v in native.items() if not k.endswith((".diff", ".diff_b"))}
+native_model, _ = comfy.sd.load_lora_for_models(model, None, lora_only, 1.0, 0)  # what LoraModelLoader does
+comfy.model_management.load_models_gpu([native_model], force_full_load=True)
+with handle.with_patch(LoraPatch(converted, 1.0, 1.0)).patched():
+    RESULT["native_max_diff"] = max(
+        float((comfy.utils.get_attr(base_model, f"diffusion_model.{ldm[p]}.weight")
+               - handle.base.unet.get_submodule(p).weight).abs().max()) for (_, p) in converted.modules)
+'''
+
+
+def test_bridges_inside_comfyui(tmp_path):
+    """In ComfyUI's own python (no server): the bridges against real ModelPatcher/CLIP objects and the real trainer.
+
+    ComfyUI's checkpoint loader cannot detect the tiny test architecture (its SD1.5 config needs 320 channels and
+    768-wide context), so MODEL and CLIP are built like ``load_state_dict_guess_config`` does with the SD1.5 class.
+    """
+    r = harness.run_in_comfyui(Path(_COMFYUI_DIR).resolve(), tmp_path / "inproc", _IN_COMFYUI_SCRIPT, timeout=600)
+    assert r["in_comfyui"] is True
+    if not r["checkpoint_detected"]:
+        assert "Could not detect model type" in r["detect_error"], r["detect_error"]
+
+    # ApplyLoRAToModel: clones, every layer applied, same weights as this pack's own merge
+    assert r["clones"] and r["input_patches"] == [0, 0], r
+    assert r["output_patches"] == r["lora_layers"] and min(r["lora_layers"]) > 0, r
+    assert r["lora_changes_weights"], r
+    assert r["unet_max_diff"] < 1e-5 and r["te_max_diff"] < 1e-5, r
+    assert r["inputs_unchanged"], r
+    err = r["unknown_key_error"]
+    assert err and "[ApplyLoRAToModel]" not in err and "lora key not loaded: lora_unet_no_such_block" in err, err
+
+    # ComfyUI's own TrainLoraNode → NativeLoRAToFinetune: every LoRA layer converts, the rest is reported
+    assert r["converted_layers"] == r["native_lora_layers"] > 0, r
+    assert r["native_keys"] == 3 * r["native_lora_layers"] + r["native_diff_keys"], r
+    assert r["converted_notes"][0] == f"converted {r['converted_layers']} LoRA layers", r
+    if r["native_diff_keys"]:
+        assert any(f"{r['native_diff_keys']} full-weight deltas" in n for n in r["converted_notes"]), r
+    assert r["native_max_diff"] < 1e-5, r

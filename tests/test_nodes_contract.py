@@ -46,7 +46,7 @@ def test_schema(node_id, cls):
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
     assert all(t.strip() for t in cls.OUTPUT_TOOLTIPS)
     for t in cls.RETURN_TYPES:
-        assert t in NATIVE_TYPES or t.startswith("FT_"), f"custom type {t} must be namespaced"
+        assert t in NATIVE_TYPES or t in PRIMITIVES or t.startswith("FT_"), f"custom type {t} must be namespaced"
     fn = getattr(cls, cls.FUNCTION)
     params = inspect.signature(fn).parameters
     for section, name, spec in _specs(cls):

@@ -517,6 +517,9 @@ def from_image_batch(images: torch.Tensor, captions: Sequence[str | None] = (), 
     if images.ndim == 3:
         images = images[None]
     count = images.shape[0]
+    if count == 0:
+        raise FinetuneError("the IMAGE batch is empty: there are no images to train on", node=node, input="images",
+                            fix="connect a node that outputs at least one image (e.g. LoadImage)")
     captions = list(captions)
     if len(captions) not in (0, 1, count):
         raise FinetuneError(f"got {len(captions)} captions for {count} images", node=node, input="captions",
