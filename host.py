@@ -118,20 +118,29 @@ def resolve_model(key: str, name: str) -> Path | None:
     The name never escapes its folder: ``..``, absolute paths and links pointing outside
     resolve to ``None``.
     """
-    if not name or os.path.isabs(name) or name.startswith(("/", "\\")):
+    if not usable_name(name) or os.path.isabs(name) or name.startswith(("/", "\\")):
         return None
     parts = Path(name.replace("\\", "/")).parts
     if ".." in parts:
         return None
     for root in folder_paths_for(key):
-        candidate = (root / Path(*parts)).resolve()
         try:
+            candidate = (root / Path(*parts)).resolve()
             candidate.relative_to(root.resolve())
-        except ValueError:
+            if candidate.exists():
+                return candidate
+        except (ValueError, OSError):  # outside the folder, or a name the OS cannot look up
             continue
-        if candidate.exists():
-            return candidate
     return None
+
+
+def usable_name(name: object) -> bool:
+    """A file name from a workflow we are willing to look up: text, no NUL/control characters, sane length."""
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        return False
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return all(len(part.encode("utf-8")) <= 255 for part in name.replace("\\", "/").split("/"))
 
 
 def output_dir() -> Path:

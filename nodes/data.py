@@ -39,9 +39,12 @@ def find_dataset_folder(name: str, *, node: str = "TrainingData", input: str = "
     Absolute paths, ``~``, ``..`` and links leading out of the input directory are refused: a shared workflow
     must not read files outside the folders the ComfyUI owner configured.
     """
-    text = (name or "").strip()
+    text = (name or "").strip() if isinstance(name, str) else ""
     if not text:
         raise _refuse(name, "is empty", node, input)
+    if not host.usable_name(text):
+        raise _refuse(name[:60] + ("..." if len(name) > 60 else ""), "has control characters or is too long",
+                      node, input)
     if text.startswith(EXAMPLE_TAG):
         example = text[len(EXAMPLE_TAG):].strip()
         if example not in example_datasets():
@@ -56,11 +59,13 @@ def find_dataset_folder(name: str, *, node: str = "TrainingData", input: str = "
     if ".." in parts:
         raise _refuse(name, "uses '..'; workflows may only read folders inside the input folder", node, input)
     root = host.input_dir()
-    path = (root / Path(*parts)).resolve()
     try:
+        path = (root / Path(*parts)).resolve()
         path.relative_to(root.resolve())
     except ValueError:
         raise _refuse(name, "is a link that leads outside the input folder", node, input) from None
+    except OSError as exc:
+        raise _refuse(name, f"cannot be looked up ({exc.strerror or exc})", node, input) from None
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else f"was not found in the input folder {root}"
         raise FinetuneError(f"'{name}' {what}", node=node, input=input,

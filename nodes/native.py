@@ -45,6 +45,10 @@ def annotated_path(name: str) -> Path:
     if not isinstance(name, str):
         raise FinetuneError(f"the image name is {name!r}, not text", node="LoadImage", input="image",
                             fix="give the file name of an image in the input folder, e.g. 'photo.png'")
+    if not host.usable_name(name.strip() or "x"):
+        raise FinetuneError(f"the image name {name[:60]!r} has control characters or is too long", node="LoadImage",
+                            input="image", fix="give the file name of an image in the input folder, e.g. "
+                                               "'photo.png'")
     base = host.input_dir
     text = name.strip()
     for tag, folder in _ANNOTATIONS.items():
@@ -153,6 +157,11 @@ def save_image_path(prefix: str, root: Path, width: int, height: int) -> tuple[P
                            "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
                            "second": f"{now.tm_sec:02}"}.items():
             prefix = prefix.replace(f"%{key}%", str(value))
+    from ..training.saving import safe_name  # noqa: PLC0415
+
+    # Same rules as every other name from a workflow: no '..', absolute paths, control or Windows-invalid
+    # characters, device names or over-long names (ComfyUI itself only checks the folder).
+    prefix = safe_name(prefix, node="SaveImage", input="filename_prefix", where="the output folder")
     norm = os.path.normpath(prefix)
     subfolder, stem = os.path.dirname(norm), os.path.basename(norm)
     folder = root / subfolder

@@ -215,42 +215,10 @@ def _check_write(call, node: str, input: str, root: Path, folders: Folders) -> N
 
 
 def _write_params():
-    long_path = ("{node}(name=<30 segments of 200 bytes>) raises a raw OSError [Errno 36] File name too long from "
-                 "training.saving.target_path (path.parent.mkdir): safe_name bounds each segment (200 bytes) but not "
-                 "the whole path (PATH_MAX 4096); refuse it with a FinetuneError naming 'name'")
-    bugs = {(node, "very-long-path"): long_path.format(node=node) for node in SAVE_NODES}
-    # SaveImage (headless stand-in of ComfyUI's) only confines the folder; odd names go straight to the disk.
-    bugs[("SaveImage", "nul-char")] = ("SaveImage(filename_prefix='a\\x00b') raises a raw ValueError ('embedded "
-                                       "null byte', native._write_png_atomic) instead of a FinetuneError naming "
-                                       "filename_prefix")
-    bugs[("SaveImage", "very-long")] = ("SaveImage(filename_prefix='x'*300) raises a raw OSError [Errno 36] File "
-                                        "name too long (native._write_png_atomic) instead of refusing/shortening")
-    bugs[("SaveImage", "very-long-multibyte")] = ("SaveImage(filename_prefix='猫'*100, 300 bytes) raises a raw "
-                                                  "OSError [Errno 36] File name too long (native._write_png_atomic)")
-    bugs[("SaveImage", "very-long-path")] = ("SaveImage with a 6000-byte prefix path raises a raw OSError [Errno "
-                                             "36] File name too long from folder.mkdir in native.save_image_path")
-    for c in ("control-char", "newline", "escape-char", "del-char", "bidi-override"):
-        bugs[("SaveImage", c)] = ("SaveImage writes control/bidi characters of filename_prefix into the file name "
-                                  "(e.g. 'a\\x01b_00001_.png', 'a\\u202egpj.exe_00001_.png') instead of refusing "
-                                  "or sanitising them")
-    for c in ("lt", "gt", "colon", "quote", "pipe", "question", "star"):
-        bugs[("SaveImage", f"char-{c}")] = ("SaveImage writes <>:\"|?* from filename_prefix into the file name "
-                                            "(e.g. 'a<b_00001_.png', invalid on Windows) instead of refusing or "
-                                            "sanitising them")
-    for c in ("windows-drive", "windows-drive-relative", "unc", "backslash-dotdot"):
-        bugs[("SaveImage", c)] = ("SaveImage keeps backslashes/drive colons of filename_prefix in the file name on "
-                                  "POSIX (e.g. 'C:\\\\escape_00001_.png', '..\\\\escape_00001_.png'), names that "
-                                  "mean a path (outside the folder) on Windows; refuse or sanitise them")
-    bugs[("SaveImage", "reserved-nul-ext")] = ("SaveImage(filename_prefix='nul.txt') writes 'nul.txt_00001_.png', a "
-                                               "Windows device name (NUL.*)")
-    bugs[("SaveImage", "reserved-aux-folder")] = ("SaveImage(filename_prefix='aux/x') creates the folder 'aux', a "
-                                                  "Windows device name")
     params = []
     for node in (*SAVE_NODES, "SaveImage"):
         for case, name in WRITE_NAMES:
-            bug = bugs.get((node, case))
-            marks = [pytest.mark.xfail(strict=True, reason=f"BUG: {bug}")] if bug else []
-            params.append(pytest.param(node, name, id=f"{node}-{case}", marks=marks))
+            params.append(pytest.param(node, name, id=f"{node}-{case}"))
     return params
 
 
@@ -333,25 +301,10 @@ def _read_call(site: str, name: str, folders: Folders):
 
 
 def _read_params():
-    nul = "{where}: Path.resolve() raises a raw ValueError('embedded null byte') for a name with NUL"
-    long = "{where}: Path.exists()/is_dir()/is_file() raises a raw OSError [Errno 36] File name too long"
-    where = {"TrainingData.folder": "nodes.data.find_dataset_folder", "LoadBase.ckpt_name": "host.resolve_model",
-             "LoadBase.ckpt_name-diffusers": "host.resolve_model", "AddLoRA.lora_name": "host.resolve_model",
-             "Sample.prompt-embedding": "host.resolve_model (via embeddings.find_embedding_file)",
-             "LoadImage.image": "nodes.native.LoadImage.load_image"}
-    bugs = {}
-    for site, w in where.items():
-        if site not in ("Sample.prompt-embedding", "LoadImage.image"):  # NUL ends an embedding name; LoadImage ok
-            bugs[(site, "nul-char")] = bugs[(site, "nul-then-bait")] = nul.format(where=w) + \
-                f", not a FinetuneError naming '{READ_SITES[site][1]}'"
-        for case in ("very-long", "very-long-path"):
-            bugs[(site, case)] = long.format(where=w) + f", not a FinetuneError naming '{READ_SITES[site][1]}'"
     params = []
     for site in READ_SITES:
         for case, name, _ in READ_NAMES:
-            bug = bugs.get((site, case))
-            marks = [pytest.mark.xfail(strict=True, reason=f"BUG: {bug}")] if bug else []
-            params.append(pytest.param(site, name, id=f"{site}-{case}", marks=marks))
+            params.append(pytest.param(site, name, id=f"{site}-{case}"))
         if site == "LoadImage.image":
             for case, name in (("annotated-output-dotdot", "../outside/escape.png [output]"),
                                ("annotated-temp-dotdot", "../../outside/escape.png [temp]"),

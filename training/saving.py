@@ -56,6 +56,7 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
 _WINDOWS_BAD_CHARS = set('<>:"|?*')
 # Bidi embeddings/overrides/isolates: they make "x\u202egpj.safetensors" display as something else.
 _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_MAX_NAME_BYTES = 1024  # the whole relative name; paths stay far below the OS limit (4096)
 _MAX_PART_BYTES = 200  # leaves room for "_NN", the extension and the temp-file decoration under 255
 _STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 _RESOLUTION = {Family.SD1: "512x512", Family.SD2: "768x768", Family.SDXL: "1024x1024"}
@@ -64,7 +65,7 @@ _SGM = "https://github.com/Stability-AI/generative-models"
 
 # ============================================================================================== names and paths
 
-def safe_name(name: str, *, node: str | None, input: str | None) -> str:
+def safe_name(name: str, *, node: str | None, input: str | None, where: str = "the models folder") -> str:
     """A workflow-supplied file name as a clean relative path (``/``-separated); refuses anything that could escape.
 
     Backslashes count as folder separators (Windows habit); empty and ``.`` segments are dropped; trailing dots and
@@ -88,7 +89,7 @@ def safe_name(name: str, *, node: str | None, input: str | None) -> str:
         if unicodedata.category(ch) in ("Cc", "Cs") or ch in _BIDI_CONTROLS:
             raise refuse(f"contains the control character U+{ord(ch):04X}", fix="type the name again without it")
     if text.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", text):
-        raise refuse("is an absolute path; saving outside the models folder is not allowed")
+        raise refuse(f"is an absolute path; saving outside {where} is not allowed")
     bad = sorted({ch for ch in text if ch in _WINDOWS_BAD_CHARS})
     if bad:
         raise refuse(f"contains {' '.join(bad)}, which file names cannot hold on Windows",
@@ -99,7 +100,7 @@ def safe_name(name: str, *, node: str | None, input: str | None) -> str:
         if part in ("", "."):
             continue
         if part == "..":
-            raise refuse("contains '..'; saving outside the models folder is not allowed")
+            raise refuse(f"contains '..'; saving outside {where} is not allowed")
         part = part.rstrip(" .")
         if not part:
             raise refuse(f"has a segment {raw!r} made only of dots")
@@ -113,7 +114,10 @@ def safe_name(name: str, *, node: str | None, input: str | None) -> str:
         parts.append(part)
     if not parts:
         raise refuse("has no file name in it", fix="type a file name such as 'finetune/my_lora'")
-    return "/".join(parts)
+    joined = "/".join(parts)
+    if len(joined.encode("utf-8")) > _MAX_NAME_BYTES:
+        raise refuse(f"is longer than {_MAX_NAME_BYTES} bytes", fix="use a shorter name and fewer sub-folders")
+    return joined
 
 
 def _first_root(folder_key: str, *, node: str | None, input: str | None) -> Path:
