@@ -39,6 +39,17 @@ def tiny_handles(models_dir):
     return {fam: load_base(f"diffusers/tiny-{fam}", "fp32", "cpu") for fam in FAMILIES}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with several, OpenMP's spin-waits cost 10-20x on a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

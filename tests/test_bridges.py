@@ -24,12 +24,7 @@ from comfy_finetune.nodes.bridges import NODES, ApplyLoRAToModel, EmbeddingToPro
 from comfy_finetune.nodes.generation import AddLoRA, Sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _result(out):

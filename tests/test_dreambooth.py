@@ -22,13 +22,7 @@ INSTANCE = "a photo of sks circle"
 CLASS = "a photo of a circle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with several, OpenMP's spin-waits cost 10-20x on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from comfy_finetune.training.ti_trainer import (OBJECT_TEMPLATES, STYLE_TEMPLATE
                                                 embedding_name, initial_vectors, train_embedding)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run many times faster on one thread (no OpenMP contention on busy machines)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -529,12 +529,9 @@ class FullObjective(_PriorMixin):
                         train_base.text_encoders[i] = _trainable_copy(te, bool(self.db.train_text_encoder))
                 self.text_encoders = list(train_base.text_encoders)
                 if self.settings.gradient_checkpointing:
-                    for model in self._trained_modules().values():
-                        if hasattr(model, "enable_gradient_checkpointing"):
-                            model.enable_gradient_checkpointing()
-                        else:
-                            model.gradient_checkpointing_enable()
-                        checkpointing.append(model)
+                    from .lora_trainer import enable_checkpointing  # noqa: PLC0415
+
+                    checkpointing.extend(m for m in self._trained_modules().values() if enable_checkpointing(m))
                 yield self
         finally:
             from .lora_trainer import disable_checkpointing  # noqa: PLC0415

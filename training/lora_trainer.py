@@ -67,6 +67,17 @@ def _min_width(model: torch.nn.Module, targets: tuple[str, ...]) -> tuple[int, s
     return smallest, where
 
 
+def enable_checkpointing(model: torch.nn.Module) -> bool:
+    """Gradient checkpointing on a diffusers or transformers model (non-reentrant); False if it has none."""
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+        return True
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
+
+
 def disable_checkpointing(model: torch.nn.Module) -> None:
     """Undo gradient checkpointing completely, including the input-embedding hook transformers adds for it."""
     if hasattr(model, "disable_gradient_checkpointing"):
@@ -197,13 +208,7 @@ class LoraObjective:
         try:
             self.attach()
             if self.settings.gradient_checkpointing:
-                for model in self.components.values():
-                    if hasattr(model, "enable_gradient_checkpointing"):
-                        model.enable_gradient_checkpointing()
-                        checkpointing.append(model)
-                    elif hasattr(model, "gradient_checkpointing_enable"):
-                        model.gradient_checkpointing_enable()
-                        checkpointing.append(model)
+                checkpointing = [m for m in self.components.values() if enable_checkpointing(m)]
             yield self
         finally:
             for model in checkpointing:

@@ -228,14 +228,10 @@ class TIObjective:
             for m in self.models():
                 m.requires_grad_(False)
             if self.settings.gradient_checkpointing:
+                from .lora_trainer import enable_checkpointing  # noqa: PLC0415
+
                 base = self.handle.base
-                if hasattr(base.unet, "enable_gradient_checkpointing"):
-                    base.unet.enable_gradient_checkpointing()
-                    checkpointing.append(base.unet)
-                for te in base.text_encoders:
-                    if hasattr(te, "gradient_checkpointing_enable"):
-                        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                        checkpointing.append(te)
+                checkpointing.extend(m for m in (base.unet, *base.text_encoders) if enable_checkpointing(m))
             yield self
         finally:
             from .lora_trainer import disable_checkpointing  # noqa: PLC0415
