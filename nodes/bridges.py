@@ -111,7 +111,7 @@ class EmbeddingToPrompt(FTNode):
         }
 
     def run(self, embedding, pipe, name="", overwrite=False):
-        from ..training.saving import relative_name, safe_name, save_embedding, target_path  # noqa: PLC0415
+        from ..training.saving import relative_name, safe_name, save_embedding_for  # noqa: PLC0415
 
         wanted = str(name or "").strip() or str(getattr(embedding, "name", "") or "")
         if not wanted:
@@ -122,14 +122,8 @@ class EmbeddingToPrompt(FTNode):
             shown = " ".join("space" if ch.isspace() else ch for ch in bad)
             raise FinetuneError(f"the name {rel!r} contains {shown}, which ends an embedding:<name> word in a prompt",
                                 input="name", fix="use letters, digits, '-', '_', '.' and '/' only, e.g. my_concept")
-        path = target_path("embeddings", rel, ".safetensors", overwrite=bool(overwrite), node=self.NODE_ID,
-                           input="name")
-        widths = [int(te.config.hidden_size) for te in pipe.base.text_encoders]
-        save_embedding(embedding, path, family=pipe.family, widths=widths,
-                       v_prediction=pipe.base.prediction_type == "v_prediction")
-        saved = relative_name(path, "embeddings")
-        word = "embedding:" + (saved[: -len(".safetensors")] if saved.lower().endswith(".safetensors") else saved)
-        lines = [f"saved embeddings/{saved}", f"prompt word: {word}"]
+        path, word = save_embedding_for(embedding, pipe, rel, overwrite=bool(overwrite), node=self.NODE_ID)
+        lines = [f"saved embeddings/{relative_name(path, 'embeddings')}", f"prompt word: {word}"]
         host.log.info("[EmbeddingToPrompt] %s", "; ".join(lines))
         return {"ui": {"text": lines}, "result": (word,)}
 

@@ -15,7 +15,7 @@ from ..training.saving import (
     relative_name,
     safe_name,
     save_checkpoint,
-    save_embedding,
+    save_embedding_for,
     save_lora,
     target_path,
 )
@@ -43,17 +43,22 @@ def _report(folder_key: str, path, name: str, ext: str, notes: list[str] | None 
     return {"ui": {"text": lines}, "result": ()}
 
 
-class SaveLoRA(FTNode):
-    NODE_ID = "FinetuneSaveLoRA"  # ComfyUI core has its own "SaveLoRA" node (nodes_train.py): never clash.
-    DISPLAY_NAME = "Save LoRA (Finetune)"
+class _SaveNode(FTNode):
+    """Output nodes that write one file (or folder) and report it on the node."""
+
     CATEGORY = f"{CATEGORY}/save"
-    DESCRIPTION = ("Saves a LoRA as .safetensors in models/loras, in the kohya/A1111 layout that ComfyUI's "
-                   "LoraLoader, A1111 and kohya read (or the diffusers/PEFT layout), with the training settings in "
-                   "its metadata.")
     OUTPUT_NODE = True
     RETURN_TYPES = ()
     RETURN_NAMES = ()
     OUTPUT_TOOLTIPS = ()
+
+
+class SaveLoRA(_SaveNode):
+    NODE_ID = "FinetuneSaveLoRA"  # ComfyUI core has its own "SaveLoRA" node (nodes_train.py): never clash.
+    DISPLAY_NAME = "Save LoRA (Finetune)"
+    DESCRIPTION = ("Saves a LoRA as .safetensors in models/loras, in the kohya/A1111 layout that ComfyUI's "
+                   "LoraLoader, A1111 and kohya read (or the diffusers/PEFT layout), with the training settings in "
+                   "its metadata.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -83,16 +88,11 @@ class SaveLoRA(FTNode):
         return _report("loras", path, name, ".safetensors")
 
 
-class SaveEmbedding(FTNode):
+class SaveEmbedding(_SaveNode):
     NODE_ID = "FinetuneSaveEmbedding"
     DISPLAY_NAME = "Save Embedding (Finetune)"
-    CATEGORY = f"{CATEGORY}/save"
     DESCRIPTION = ("Saves a textual-inversion embedding as .safetensors in models/embeddings, in the layout ComfyUI "
                    "and A1111 both read. Use it in prompts as embedding:<name>.")
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    RETURN_NAMES = ()
-    OUTPUT_TOOLTIPS = ()
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -109,25 +109,15 @@ class SaveEmbedding(FTNode):
         }
 
     def run(self, embedding, pipe, name, overwrite=False):
-        path = target_path("embeddings", name, ".safetensors", overwrite=bool(overwrite), node=self.NODE_ID,
-                           input="name")
-        widths = [int(te.config.hidden_size) for te in pipe.base.text_encoders]
-        save_embedding(embedding, path, family=pipe.family, widths=widths,
-                       v_prediction=pipe.base.prediction_type == "v_prediction")
-        word = relative_name(path, "embeddings").rsplit(".", 1)[0]
-        return _report("embeddings", path, name, ".safetensors", [f"prompt word: embedding:{word}"])
+        path, word = save_embedding_for(embedding, pipe, name, overwrite=bool(overwrite), node=self.NODE_ID)
+        return _report("embeddings", path, name, ".safetensors", [f"prompt word: {word}"])
 
 
-class SaveCheckpoint(FTNode):
+class SaveCheckpoint(_SaveNode):
     NODE_ID = "FinetuneSaveCheckpoint"
     DISPLAY_NAME = "Save Checkpoint (Finetune)"
-    CATEGORY = f"{CATEGORY}/save"
     DESCRIPTION = ("Saves the whole model (e.g. after DreamBooth), with the handle's LoRAs merged in, as a single "
                    ".safetensors in models/checkpoints (ComfyUI/A1111) or as a diffusers folder in models/diffusers.")
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    RETURN_NAMES = ()
-    OUTPUT_TOOLTIPS = ()
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -224,12 +224,6 @@ class PairedSet:
 
 
 # ---------------------------------------------------------------------------------------------- class images
-def _patch_signature(handle: ModelHandle) -> list:
-    from .runs import patch_signature  # noqa: PLC0415
-
-    return patch_signature(handle)
-
-
 def class_images_key(handle: ModelHandle, spec: DreamBoothSpec, seed: int, size: int) -> str:
     """Names the cache folder: everything that decides the class images' pixels, but not their count."""
     from .runs import base_signature  # noqa: PLC0415
@@ -603,7 +597,7 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
 
     config = {k: v for k, v in asdict(spec).items()
               if k not in ("num_class_images", "class_sample_steps", "class_cfg", "class_sampler", "class_scheduler")}
-    config["input"] = base_signature(handle) + [_patch_signature(handle)]
+    config["input"] = base_signature(handle)  # includes the patches' strengths and content
     kind = f"dreambooth-{spec.method}"
     common = {"ss_training_comment": f"trained with comfyui-finetune {node} (DreamBooth, {spec.method})",
               "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -22,29 +22,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("comfy_finetune")
 
 
-@dataclass(frozen=True)
-class Validation:
-    """Validation samples during training: the same sampling path, settings and negative as after training."""
-
-    prompt: str = ""
-    negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    width: int = 512
-    height: int = 512
-
-    def settings(self) -> SampleSettings:
-        return SampleSettings(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
-                              cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler, width=self.width,
-                              height=self.height, batch_size=1)
+# Validation samples during training use exactly the Sample settings (same sampling path and negative as after
+# training), one image per validation step.
+Validation = SampleSettings
 
 
 _VALIDATION_INPUTS = {"sampler_name": "validation_sampler", "scheduler": "validation_scheduler",
                       "width": "validation_size", "height": "validation_size", "steps": "validation_steps",
-                      "batch_size": "validation_size"}
+                      "batch_size": "validation_size", "cfg": "validation_cfg"}
 
 
 def check_validation(validation: Validation, handle: "ModelHandle", node: str) -> None:
@@ -52,9 +37,8 @@ def check_validation(validation: Validation, handle: "ModelHandle", node: str) -
     from ..core.sampling import make_scheduler  # noqa: PLC0415
 
     try:
-        settings = validation.settings()
-        settings.validate(node)
-        make_scheduler(handle.base.scheduler_config, settings.sampler, settings.scheduler, node=node)
+        validation.validate(node)
+        make_scheduler(handle.base.scheduler_config, validation.sampler, validation.scheduler, node=node)
     except FinetuneError as exc:
         raise FinetuneError(exc.detail, node=node, input=_VALIDATION_INPUTS.get(exc.input or "", exc.input),
                             fix=exc.fix) from exc
@@ -126,7 +110,7 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
 
     def validate(step: int) -> torch.Tensor:
         # cancellable between sampling steps, like everything else in the loop
-        return sample_patched(handle, validation.settings(), node=node, progress=lambda i, n: host.check_interrupt())
+        return sample_patched(handle, validation, node=node, progress=lambda i, n: host.check_interrupt())
 
     try:
         with training_mode(), handle.patched(), objective.attached():

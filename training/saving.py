@@ -554,6 +554,22 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
 
 # ============================================================================================== checkpoints
 
+
+def save_embedding_for(embedding: "Embedding", handle: "ModelHandle", name: str, *, overwrite: bool,
+                       node: str | None, input: str = "name") -> tuple[Path, str]:
+    """Save ``embedding`` for ``handle``'s model into models/embeddings; returns the path and its prompt word.
+
+    The prompt word is ``embedding:<name>`` with the name as saved (``_2`` appended when the file existed).
+    """
+    path = target_path("embeddings", name, ".safetensors", overwrite=bool(overwrite), node=node, input=input)
+    widths = [int(te.config.hidden_size) for te in handle.base.text_encoders]
+    save_embedding(embedding, path, family=handle.family, widths=widths,
+                   v_prediction=handle.base.prediction_type == "v_prediction")
+    saved = relative_name(path, "embeddings")
+    stem = saved[: -len(".safetensors")] if saved.lower().endswith(".safetensors") else saved
+    return path, f"embedding:{stem}"
+
+
 def _checkpoint_metadata(handle: "ModelHandle", title: str, dtype: str) -> dict[str, str]:
     base = handle.base
     v = base.prediction_type == "v_prediction"
