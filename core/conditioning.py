@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from .embeddings import Embedding, find_embedding_file, inject, load_embedding_file
 from .errors import FinetuneError
-from .families import Family
 from .prompt_syntax import Token, chunk_count_equalize, tokenize_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,7 +187,3 @@ class PromptEncoder:
 def encode_prompt(handle: "ModelHandle", text: str, **kwargs) -> Conditioning:
     """Encode ``text`` with the handle's (already patched) text encoders."""
     return PromptEncoder(handle, **kwargs).encode(text)
-
-
-def is_sdxl(handle: "ModelHandle") -> bool:
-    return handle.family is Family.SDXL

@@ -431,11 +431,12 @@ class _Loop:
                         batch = next(it)
                         with autocast_for(settings, self.device):
                             loss = objective.loss(step, batch, step_generator(settings.seed, step, micro))
-                        if not torch.isfinite(loss):
-                            bad = float(loss.detach())
+                        value = float(loss.detach())  # one device sync per micro-step, for the check and the log
+                        if not math.isfinite(value):
+                            bad = value
                             break
                         scaler.scale(loss / settings.grad_accum).backward()
-                        total += float(loss.detach()) / settings.grad_accum
+                        total += value / settings.grad_accum
                     loss = None
                     if bad is not None:
                         step = self.rollback(step + 1, bad)
