@@ -156,7 +156,7 @@ def test_example_workflow_runs(server, node_defs, workflow):
 
 # ---------------------------------------------------------------------------------------------- 5. errors
 def test_bad_input_is_reported_and_server_recovers(server, node_defs):
-    good = _example_api(REPO_ROOT / "example_workflows" / "generate.json", node_defs)
+    good = _example_api(REPO_ROOT / "example_workflows" / "Generate images.json", node_defs)
     bad = apply_overrides(good, ["Sample.width=100"], node_defs)
 
     result = server.run_prompt(bad, timeout=PROMPT_TIMEOUT_S)
@@ -211,7 +211,7 @@ def test_embedding_prompt_word_through_a_native_string_node(server, node_defs):
     """LearnEmbedding → EmbeddingToPrompt → core StringConcatenate → Sample on the bare model (no in-memory
     embedding): the image can only use the embedding through the saved file and the prompt word."""
     _require_bridges()
-    example = _example_api(REPO_ROOT / "example_workflows" / "textual_inversion.json", node_defs)
+    example = _example_api(REPO_ROOT / "example_workflows" / "Learn a word (Textual Inversion).json", node_defs)
     example = apply_overrides(example, ["LearnEmbedding.steps=4"], node_defs)
     keep = {"LoadBase", "TrainingData", "LearnEmbedding"}
     prompt = {nid: n for nid, n in example.items() if n["class_type"] in keep}

@@ -531,7 +531,7 @@ def test_hostile_api_and_ui_workflows(folders, tmp_path, monkeypatch, outside_un
 
     sentinel = tmp_path / "pwned"
     code = f"__import__('os').system('touch {sentinel}')"
-    ui = json.loads((Path(comfy_finetune.__file__).parent / "example_workflows" / "generate.json").read_text())
+    ui = json.loads((Path(comfy_finetune.__file__).parent / "example_workflows" / "Generate images.json").read_text())
     hostile_ui = json.loads(json.dumps(ui))
     for node in hostile_ui["nodes"]:
         node["widgets_values"] = [code if isinstance(v, str) else v for v in node.get("widgets_values") or []]

@@ -38,7 +38,7 @@ def test_every_example_runs_headless(path, dirs, models_dir, capsys):
 
 
 def _ui():
-    return json.loads((Path(comfy_finetune.__file__).parent / "example_workflows" / "generate.json").read_text())
+    return json.loads((Path(comfy_finetune.__file__).parent / "example_workflows" / "Generate images.json").read_text())
 
 
 def test_ui_and_api_formats_give_the_same_images(dirs):
@@ -62,7 +62,7 @@ def test_seed_control_value_is_skipped_and_override_applies(dirs):
 
 
 def test_bad_input_names_node_input_and_fix_and_next_run_works(dirs, capsys):
-    path = str(Path(comfy_finetune.__file__).parent / "example_workflows" / "generate.json")
+    path = str(Path(comfy_finetune.__file__).parent / "example_workflows" / "Generate images.json")
     assert main(["run", path, "--quiet", "--set", "Sample.width=100"]) == 1
     err = capsys.readouterr().err
     assert "Sample" in err and "'width'" in err and "Fix:" in err

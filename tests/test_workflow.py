@@ -297,7 +297,7 @@ def test_training_examples_keep_widget_positions():
     from comfy_finetune.core.workflow import load_workflow
     from comfy_finetune.runner import node_classes
 
-    path = Path(comfy_finetune.__file__).parent / "example_workflows" / "train_lora.json"
+    path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())
     train = next(n for n in api.values() if n["class_type"] == "TrainLoRA")["inputs"]
     assert train["validation_prompt"] == "a striped red star" and train["validate_every"] == 30
