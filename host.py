@@ -213,6 +213,29 @@ class Progress:
                 self._tqdm.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                        refresh=False)
 
+    def preview(self, images: Any, **info: Any) -> None:
+        """Show validation samples: on the running node (the host's progress preview) and in a
+        ``comfy_finetune.train_preview`` event carrying a small base64 JPEG plus ``info`` (node, step, ...).
+
+        Headless the event goes to the registered sinks only; nothing is encoded when nobody listens.
+        """
+        if self._bar is None and not _settings.event_sinks:
+            return
+        image = preview_image(images)
+        if image is None:
+            return
+        if self._bar is not None:
+            try:
+                self._bar.update_absolute(self.value, self.total, ("JPEG", image, PREVIEW_MAX_SIZE))
+            except interrupt_exception_types():
+                raise
+            except Exception:  # pragma: no cover - an older host without previews: the event still goes
+                log.debug("could not send the preview to the progress bar", exc_info=True)
+        small = image.copy()
+        small.thumbnail((EVENT_PREVIEW_MAX_SIZE, EVENT_PREVIEW_MAX_SIZE))
+        send_event("comfy_finetune.train_preview", {**info, "width": small.width, "height": small.height,
+                                                     "image": "data:image/jpeg;base64," + _jpeg_base64(small)})
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
@@ -223,6 +246,34 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+PREVIEW_MAX_SIZE = 512  # the host's progress preview (longest side, pixels)
+EVENT_PREVIEW_MAX_SIZE = 256  # the base64 JPEG in comfy_finetune.train_preview events
+PREVIEW_MAX_IMAGES = 4
+
+
+def preview_image(images: Any):
+    """A PIL image of an IMAGE batch ([B, H, W, C] floats in 0..1): the first few side by side; ``None`` if empty."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    if images is None or getattr(images, "ndim", 0) != 4 or images.shape[0] == 0:
+        return None
+    batch = images[:PREVIEW_MAX_IMAGES].detach().float().clamp(0, 1).cpu()
+    if batch.shape[-1] == 1:
+        batch = batch.expand(-1, -1, -1, 3)
+    row = batch[..., :3].permute(1, 0, 2, 3).reshape(batch.shape[1], -1, 3)  # H, B*W, 3
+    return Image.fromarray((row.numpy() * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def _jpeg_base64(image) -> str:
+    import base64  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _fmt(v: Any) -> str:
@@ -312,8 +363,38 @@ def torch_device_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- events
+def executing_node() -> dict[str, str]:
+    """Ids of the node ComfyUI is running now: ``{"node_id": ..., "display_node": ...}`` (the display id is the
+    one the frontend's graph knows, which differs from ``node_id`` inside subgraphs); ``{}`` headless or unknown."""
+    if not in_comfyui():
+        return {}
+    try:
+        from comfy_execution.utils import get_executing_context  # noqa: PLC0415
+
+        context = get_executing_context()
+        if context is None or context.node_id is None:
+            return {}
+        node_id = str(context.node_id)
+        display = node_id
+        try:
+            from comfy_execution.progress import get_progress_state  # noqa: PLC0415
+
+            display = str(get_progress_state().dynprompt.get_display_node_id(node_id))
+        except Exception:  # older hosts: the executing id is the graph's id
+            pass
+        return {"node_id": node_id, "display_node": display}
+    except Exception:  # pragma: no cover - older hosts lack the executing context
+        return {}
+
+
 def send_event(event: str, data: dict) -> None:
-    """Send a namespaced event to the browser (ComfyUI) or to registered headless sinks."""
+    """Send a namespaced event to the browser (ComfyUI) or to registered headless sinks.
+
+    Inside ComfyUI the running node's ids (:func:`executing_node`) are added to ``data`` unless it has them, so the
+    frontend can find the node in its graph.
+    """
+    if in_comfyui():
+        data = {**executing_node(), **data}
     for sink in list(_settings.event_sinks):
         sink(event, data)
     if in_comfyui():

@@ -462,6 +462,7 @@ class _Loop:
                         self.save(done)
                     if self.validate is not None and settings.validate_every and done % settings.validate_every == 0:
                         result.validation.append((done, self.validate(done)))
+                        bar.preview(result.validation[-1][1], node=node, step=done, steps=settings.steps)
                     bar.update(1 if done > shown else 0, loss=total, lr=result.lrs[-1])
                     shown = max(shown, done)
             except host.interrupt_exception_types():
