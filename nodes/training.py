@@ -25,9 +25,10 @@ def common_inputs(steps: int, lr: float) -> dict:
         "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "Linear warmup steps."}),
         "optimizer": (list(OPTIMIZERS), {"default": "adamw", "tooltip": "adamw; adamw8bit needs bitsandbytes, "
                                                                          "prodigy needs prodigyopt (lr ~1.0)."}),
-        "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "Mixed precision for the forward pass; "
-                                                                        "trained weights stay fp32. fp16 uses loss "
-                                                                        "scaling."}),
+        "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Mixed precision for the forward pass; "
+                                                                        "trained weights stay fp32. auto: bf16 on "
+                                                                        "GPUs that have it (else fp16), fp32 on the "
+                                                                        "CPU. fp16 uses loss scaling."}),
         "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Trade compute for memory."}),
         "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.5,
                                     "tooltip": "Min-SNR loss weighting; 0 = off, 5 = the paper's value."}),
@@ -61,6 +62,28 @@ def validation_inputs() -> dict:
                                                    "or roll back to the last good state (kept every save_every "
                                                    "steps, or every steps/10), halve the learning rate and go on "
                                                    "(at most 3 times)."}),
+        **speed_inputs(),
+    }
+
+
+def speed_inputs() -> dict:
+    """Speed and memory options (last, so older workflows' widget values keep their positions)."""
+    from ..training.settings import CHANNELS_LAST  # noqa: PLC0415
+
+    return {
+        "cache_to_disk": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Keep encoded latents and captions on disk (in the pack's cache "
+                                                 "folder), keyed by image content, model and settings, so a re-run "
+                                                 "skips the VAE and text encoders."}),
+        "compile": ("BOOLEAN", {"default": False,
+                                "tooltip": "torch.compile the UNet: the first steps take longer (compiling), later "
+                                           "ones are faster. Needs a C++ compiler (and Triton on GPU)."}),
+        "channels_last": (list(CHANNELS_LAST), {"default": "auto",
+                                                "tooltip": "Channels-last memory format for the UNet's "
+                                                           "convolutions; auto = on for CUDA GPUs."}),
+        "offload_frozen": ("BOOLEAN", {"default": False,
+                                       "tooltip": "For small GPUs: encode every image and caption first, then move "
+                                                  "the VAE and text encoders to the CPU while the UNet trains."}),
     }
 
 
@@ -73,7 +96,9 @@ def settings_from(kwargs: dict) -> TrainSettings:
         min_snr_gamma=float(kwargs["min_snr_gamma"]), noise_offset=float(kwargs["noise_offset"]),
         seed=int(kwargs["seed"]), save_every=int(kwargs.get("save_every", 0)),
         validate_every=int(kwargs.get("validate_every", 0)), resume=bool(kwargs.get("resume", False)),
-        nan_policy=str(kwargs.get("on_nan", "stop")))
+        nan_policy=str(kwargs.get("on_nan", "stop")), cache_to_disk=bool(kwargs.get("cache_to_disk", True)),
+        compile=bool(kwargs.get("compile", False)), channels_last=str(kwargs.get("channels_last", "auto")),
+        offload_frozen=bool(kwargs.get("offload_frozen", False)))
 
 
 def validation_from(kwargs: dict):

@@ -182,9 +182,10 @@ def make_optimizer(groups: list[dict], settings: TrainSettings, node: str) -> to
 
 
 def autocast_for(settings: TrainSettings, device: torch.device):
-    if settings.precision == "fp32":
+    precision = settings.resolved_precision(device)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -214,7 +215,7 @@ def out_of_memory_error(exc: BaseException, settings: TrainSettings, *, node: st
              "lower the resolution of the Training Data node",
              "enable gradient_checkpointing" if not settings.gradient_checkpointing
              else "keep gradient_checkpointing on",
-             f"use precision bf16 or fp16 (now {settings.precision})" if settings.precision == "fp32"
+             f"use precision bf16 or fp16 (now {settings.precision})" if settings.resolved_precision(device) == "fp32"
              else f"keep precision {settings.precision}",
              "lower rank (LoRA)", "or close other programs using the memory"]
     return FinetuneError(f"out of {what} at step {step} of {settings.steps} ({first[:200]}); the optimizer, "
@@ -300,7 +301,8 @@ class _Loop:
         self.optimizer = make_optimizer(groups, settings, node)
         self.factor = lr_lambda(settings)
         self.base_lrs = [g.get("lr", settings.learning_rate) for g in self.optimizer.param_groups]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
+        fp16 = settings.resolved_precision(self.device) == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.keep_every = settings.save_every or max(1, settings.steps // 10)
         start = 0
         if self.checkpoint is not None and settings.resume and self.checkpoint.exists():

@@ -9,8 +9,9 @@ from ..core.errors import FinetuneError
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
 NAN_POLICIES = ("stop", "rollback")
+CHANNELS_LAST = ("auto", "on", "off")  # auto: on for CUDA (faster convolutions there), off on the CPU
 MAX_ROLLBACKS = 3  # with nan_policy "rollback": the NaN after this many rollbacks stops the run
 
 
@@ -23,7 +24,7 @@ class TrainSettings:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     optimizer: str = "adamw"
-    precision: str = "fp32"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
     noise_offset: float = 0.0
@@ -35,6 +36,13 @@ class TrainSettings:
     # (kept in memory every save_every steps, or every steps/10 when save_every is 0, and at the start), halves the
     # learning rate and continues, at most MAX_ROLLBACKS times. The node input is "on_nan".
     nan_policy: str = "stop"
+    # Speed and memory (README "Performance"): latents and text embeddings cached on disk under host.cache_dir()
+    # (keyed by image content, model and settings) so re-runs skip encoding; torch.compile the UNet; channels-last
+    # UNet; VAE and text encoders moved to the CPU while the UNet trains (after every latent/caption is cached).
+    cache_to_disk: bool = True
+    compile: bool = False
+    channels_last: str = "auto"
+    offload_frozen: bool = False
 
     def validate(self, node: str) -> None:
         def bad(input: str, what: str, fix: str) -> FinetuneError:
@@ -62,8 +70,25 @@ class TrainSettings:
             raise bad("on_nan", f"unknown NaN policy '{self.nan_policy}'", f"use one of {', '.join(NAN_POLICIES)}")
         if self.save_every < 0:
             raise bad("save_every", f"save_every must be 0 (off) or positive (got {self.save_every})", "use 0 or more")
+        if self.channels_last not in CHANNELS_LAST:
+            raise bad("channels_last", f"unknown channels_last '{self.channels_last}'",
+                      f"use one of {', '.join(CHANNELS_LAST)}")
         if self.min_snr_gamma < 0:
             raise bad("min_snr_gamma", "min_snr_gamma must be 0 (off) or positive", "use 0 or 5")
+
+    def resolved_precision(self, device) -> str:
+        """``precision`` with ``auto`` resolved for ``device``: the autocast dtype of the forward pass."""
+        if self.precision != "auto":
+            return self.precision
+        if getattr(device, "type", "") != "cuda":
+            return "fp32"
+        import torch  # noqa: PLC0415
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    def use_channels_last(self, device) -> bool:
+        """Whether the UNet trains in channels-last memory format on ``device``."""
+        return self.channels_last == "on" or (self.channels_last == "auto" and getattr(device, "type", "") == "cuda")
 
     def as_metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
