@@ -1,6 +1,11 @@
 """Headless runner: execute ComfyUI workflow files (UI or API format) without ComfyUI.
 
-``python -m comfy_finetune run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR]``
+``python -m comfy_finetune run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--models DIR] [--output DIR]
+[--processes N]``
+
+Data-parallel training: ``--processes N`` starts N ranks through torchrun (torch.distributed.run, the launcher
+accelerate uses too); ``accelerate launch --multi_gpu --num_processes N -m comfy_finetune run WF.json`` and
+``torchrun --nproc-per-node N -m comfy_finetune run WF.json`` work as well (see :mod:`.training.distributed`).
 
 The same node classes as inside ComfyUI run here, plus headless stand-ins for the core nodes
 our example workflows use (LoadImage, SaveImage, PreviewImage).
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", help="output folder (default: ./output)")
     run.add_argument("--input", help="input folder for LoadImage (default: ./input)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--processes", type=int, default=1, metavar="N",
+                     help="data-parallel training over N processes (one per GPU; gloo on CPU); batch_size stays "
+                          "the global batch and must divide by N")
     sub.add_parser("nodes", help="list the nodes this pack provides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -88,19 +97,57 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{node_id:18} {NODE_DISPLAY_NAME_MAPPINGS[node_id]:34} {cls.CATEGORY}")
         return 0
 
+    from .training import distributed  # noqa: PLC0415
+
+    if args.processes != 1:
+        return _launch_processes(args.processes, sys.argv[1:] if argv is None else list(argv))
     _quiet_libraries()
+    try:
+        world = distributed.init_from_env()
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not distributed.is_main():  # the other ranks train silently; rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
     host.configure(models_dir=args.models, output_dir=args.output, input_dir=args.input,
-                   progress=not args.quiet)
+                   progress=not args.quiet and distributed.is_main())
     try:
         result = run_workflow(Path(args.workflow), args.overrides)
     except (KeyboardInterrupt, Interrupted):
         print("cancelled", file=sys.stderr)
         return 130
     except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if world.size == 1 else f"error (rank {world.rank}): {exc}", file=sys.stderr)
         return 1
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _print_outputs(result)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        _print_outputs(result)
     return 0
+
+
+def _launch_processes(n: int, argv: list[str]) -> int:
+    """``run ... --processes N``: start N ranks of the same command through torchrun and wait for them."""
+    from .training import distributed  # noqa: PLC0415
+
+    if n < 1:
+        print(f"error: --processes must be at least 1 (got {n})", file=sys.stderr)
+        return 2
+    if distributed.env_world()[1] > 1:
+        print("error: --processes cannot be used inside an already launched data-parallel run (WORLD_SIZE is "
+              "set); drop --processes or the outer launcher", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", __package__, *rest]
+    return subprocess.call(cmd)

@@ -182,6 +182,10 @@ def save_image_path(prefix: str, root: Path, width: int, height: int) -> tuple[P
 def _write_png_atomic(img: Image.Image, folder: Path, stem: str, counter: int, metadata: PngInfo | None,
                       compress_level: int) -> tuple[str, int]:
     """Write to a temp file, then ``os.replace`` it onto the first free ``<stem>_<counter>_.png``."""
+    from ..training import distributed  # noqa: PLC0415
+
+    if not distributed.writes_allowed():  # data-parallel training: only rank 0 writes files
+        return f"{stem}_{counter:05}_.png", counter
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:

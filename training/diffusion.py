@@ -120,13 +120,15 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
 
     ``target_fn(noisy, t)`` replaces the usual target (used by prior preservation against the frozen model).
     """
+    from . import distributed  # noqa: PLC0415 - data-parallel ranks draw the global batch's noise and slice it
+
     b = latents.shape[0]
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = distributed.randn(latents.shape, generator).to(device)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(device)
+        noise = noise + noise_offset * distributed.randn((b, latents.shape[1], 1, 1), generator).to(device)
     if timesteps is None:
-        timesteps = torch.randint(0, schedule.num_timesteps, (b,), generator=generator).to(device)
+        timesteps = distributed.randint(schedule.num_timesteps, b, generator).to(device)
     noisy = schedule.scheduler.add_noise(latents, noise, timesteps)
     if target_fn is not None:
         target = target_fn(noisy, timesteps)

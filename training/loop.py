@@ -41,6 +41,7 @@ import torch
 
 from .. import host
 from ..core.errors import FinetuneError
+from . import distributed
 from .settings import MAX_ROLLBACKS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
@@ -252,6 +253,7 @@ def train(objective: Objective, batches: Callable[[int], Iterator[Any]], setting
     :class:`FinetuneError` (with no reference to the failed frames) is raised.
     """
     settings.validate(node)
+    distributed.local_batch_size(settings.batch_size, node=node)  # data-parallel: the global batch splits evenly
     loop = _Loop(objective, batches, settings, node=node, device=device, checkpoint=checkpoint, validate=validate,
                  extra_state=extra_state)
     failure: FinetuneError | None = None
@@ -272,6 +274,18 @@ def train(objective: Objective, batches: Callable[[int], Iterator[Any]], setting
     if device.type == "cuda":
         torch.cuda.empty_cache()
     raise failure  # outside the except block: no __context__ keeping the failed frames alive
+
+
+def _send_event(event: str, data: dict) -> None:
+    if distributed.is_main():  # data-parallel: rank 0 reports for all
+        host.send_event(event, data)
+
+
+class _NoProgress:
+    """Data-parallel ranks other than 0 show no progress (cancel is still checked)."""
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        host.check_interrupt()
 
 
 class _Loop:
@@ -325,10 +339,14 @@ class _Loop:
             result.resumed_from = self.saved_step = start
             log.info("[%s] resumed from %s at step %d", node, self.checkpoint, start)
         self.done = self.result.steps_done = start
+        distributed.broadcast_(self.params)  # data-parallel: every rank starts from rank 0's trainables
         return start
 
     def save(self, step: int) -> None:
         if self.checkpoint is None:
+            return
+        if not distributed.writes_allowed():  # data-parallel: rank 0 writes, the others record the same result
+            self.saved_step, self.result.checkpoint = step, self.checkpoint
             return
         state = {"step": step,
                  "trainable": {k: v.detach().cpu() for k, v in self.objective.trainable_state().items()},
@@ -395,10 +413,10 @@ class _Loop:
         log.warning("[%s] the loss became %s at step %d: rolled back to step %d and halved the learning rate (x%g "
                     "now), rollback %d of %d", self.node, value, step, to, self.lr_scale, len(result.rollbacks),
                     MAX_ROLLBACKS)
-        host.send_event("comfy_finetune.train_rollback", {"node": self.node, "step": step, "to_step": to,
-                                                          "lr_scale": self.lr_scale,
-                                                          "rollbacks": len(result.rollbacks),
-                                                          "max_rollbacks": MAX_ROLLBACKS})
+        _send_event("comfy_finetune.train_rollback", {"node": self.node, "step": step, "to_step": to,
+                                                      "lr_scale": self.lr_scale,
+                                                      "rollbacks": len(result.rollbacks),
+                                                      "max_rollbacks": MAX_ROLLBACKS})
         return to
 
     def release(self) -> None:
@@ -419,7 +437,8 @@ class _Loop:
         it = self.batches(start * settings.grad_accum)
         shown = start
         t0 = time.perf_counter()
-        with host.Progress(settings.steps, desc=node) as bar:
+        with host.Progress(settings.steps, desc=node) if distributed.is_main() else contextlib.nullcontext(
+                _NoProgress()) as bar:
             if start:
                 bar.update(start)
             try:
@@ -430,10 +449,11 @@ class _Loop:
                     optimizer.zero_grad(set_to_none=True)
                     total, bad = 0.0, None
                     for micro in range(settings.grad_accum):
-                        batch = next(it)
-                        with autocast_for(settings, self.device):
+                        batch = distributed.shard_batch(next(it), settings.batch_size)
+                        with autocast_for(settings, self.device), distributed.sharded_draws():
                             loss = objective.loss(step, batch, step_generator(settings.seed, step, micro))
                         value = float(loss.detach())  # one device sync per micro-step, for the check and the log
+                        value = distributed.mean(value, self.device)  # data-parallel: the same on every rank
                         if not math.isfinite(value):
                             bad = value
                             break
@@ -447,6 +467,7 @@ class _Loop:
                     if rollback and (step == start or step % self.keep_every == 0) and (
                             self.good is None or self.good["step"] != step):
                         self.keep_good_state(step)  # before the update: these weights gave a finite loss
+                    distributed.all_reduce_grads(self.params)  # data-parallel: once per step, after accumulation
                     scaler.step(optimizer)
                     scaler.update()
                     result.losses.append(total)
@@ -456,10 +477,10 @@ class _Loop:
                     elapsed = time.perf_counter() - t0
                     rate = (done - start) / elapsed if elapsed > 0 else 0.0
                     eta = (settings.steps - done) / rate if rate > 0 else 0.0
-                    host.send_event("comfy_finetune.train", {"node": node, "step": done, "steps": settings.steps,
-                                                             "loss": total, "lr": result.lrs[-1],
-                                                             "images_per_second": rate * settings.batch_size
-                                                             * settings.grad_accum, "eta_seconds": eta})
+                    _send_event("comfy_finetune.train", {"node": node, "step": done, "steps": settings.steps,
+                                                         "loss": total, "lr": result.lrs[-1],
+                                                         "images_per_second": rate * settings.batch_size
+                                                         * settings.grad_accum, "eta_seconds": eta})
                     if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                         self.save(done)
                     if self.validate is not None and settings.validate_every and done % settings.validate_every == 0:

@@ -238,9 +238,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, fo
     On any exception - including cancel - the temporary is removed and ``path`` is untouched; the exception
     propagates, except that a full disk (or exhausted quota) becomes a :class:`FinetuneError` naming the folder
     and the fix, whichever writer hit it (``OSError`` ENOSPC/EDQUOT, also when wrapped by torch.save's
-    ``RuntimeError``, or safetensors' "os error 28"). Returns ``path``.
+    ``RuntimeError``, or safetensors' "os error 28"). Returns ``path``. In data-parallel training only rank 0
+    writes; on the other ranks this returns ``path`` at once (:mod:`.distributed`).
     """
     path = Path(path)
+    from . import distributed  # noqa: PLC0415
+
+    if not distributed.writes_allowed():  # data-parallel training: only rank 0 writes files
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _decorated(path, "tmp")
     try:

@@ -183,13 +183,14 @@ class TIObjective:
         return [{"params": list(self.params.values()), "lr": self.settings.learning_rate}]
 
     def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
-        out = []
-        for caption in captions:
-            template = None
-            if self.templates:
-                template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
-            out.append(caption_prompt(self.spec.templates, caption, self.spec.token, self.placeholder, template))
-        return out
+        from . import distributed  # noqa: PLC0415 - data-parallel ranks draw for the global batch and slice
+
+        templates = [None] * len(captions)
+        if self.templates:
+            templates = [self.templates[i] for i in distributed.per_sample(
+                len(captions), lambda: int(torch.randint(len(self.templates), (1,), generator=generator)))]
+        return [caption_prompt(self.spec.templates, caption, self.spec.token, self.placeholder, template)
+                for caption, template in zip(captions, templates)]
 
     def loss(self, step: int, batch, generator: torch.Generator) -> torch.Tensor:
         latents = self.latents.latents(batch)
