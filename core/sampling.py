@@ -197,16 +197,46 @@ def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callab
         return decode(handle, latents)
 
 
+# The VAE decodes in overlapping tiles (diffusers' tiled decode, blended seams) when an image side is more than
+# TILE_ABOVE times the size the VAE was trained at (its config's sample_size: 512 px for SD 1.x, 1024 px for SDXL):
+# untiled, the decoder's full-resolution activations grow with the area (several GB at 2048 px).
+TILE_ABOVE = 2
+
+
+def vae_tiling_needed(vae, height: int, width: int) -> bool:
+    """Whether :func:`decode` tiles an image of ``height`` x ``width`` pixels."""
+    native = getattr(vae.config, "sample_size", 512)
+    native = int(max(native) if isinstance(native, (list, tuple)) else native or 512)
+    return max(height, width) > TILE_ABOVE * native
+
+
+def _vae_scale(vae) -> int:
+    return 2 ** (len(getattr(vae.config, "block_out_channels", (0, 0, 0, 0))) - 1)
+
+
 def decode(handle: "ModelHandle", latents: "torch.Tensor") -> "torch.Tensor":
-    """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch."""
+    """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch.
+
+    Sliced (one image at a time, so VAE memory does not grow with the batch) and, above :data:`TILE_ABOVE` x
+    the VAE's native size, tiled; the VAE's own tiling flag is put back afterwards (the model is shared).
+    """
     import torch  # noqa: PLC0415
 
     vae = handle.base.vae
     vae_dtype = next(vae.parameters()).dtype
+    scale = _vae_scale(vae)
+    tiled = vae_tiling_needed(vae, latents.shape[-2] * scale, latents.shape[-1] * scale)
+    was_tiling = bool(getattr(vae, "use_tiling", False))
     with torch.inference_mode():
         out = []
-        for chunk in latents.split(1):  # one image at a time keeps VAE memory flat
-            x = vae.decode(chunk.to(vae_dtype) / vae.config.scaling_factor).sample
-            out.append(x.float())
+        try:
+            if tiled and hasattr(vae, "enable_tiling"):
+                vae.enable_tiling()
+            for chunk in latents.split(1):  # slicing: one image at a time keeps VAE memory flat
+                x = vae.decode(chunk.to(vae_dtype) / vae.config.scaling_factor).sample
+                out.append(x.float())
+        finally:
+            if hasattr(vae, "use_tiling"):
+                vae.use_tiling = was_tiling
         images = torch.cat(out)
     return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()

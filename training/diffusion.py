@@ -5,12 +5,27 @@ scheduler config) and its prediction type: epsilon models regress the noise, v-p
 models the velocity ``alpha_t * noise - sigma_t * x0``. Optional min-SNR-gamma weighting
 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") and noise
 offset (crosslabs' "diffusion with offset noise").
+
+Speed and memory helpers every trainer uses (README "Performance"):
+
+* :class:`LatentCache` / :class:`TextCache` keep encodings in memory and, with a :class:`DiskCache`, as
+  safetensors files under ``host.cache_dir()``, keyed by the model's identity (source, dtype, a fingerprint of
+  the encoder weights, patches) and the exact input (a hash of the prepared pixels - so the file content,
+  resolution, crop and flip - or of the caption), so a re-run skips the VAE and text encoders;
+* :func:`ensure_sdpa` (PyTorch scaled-dot-product attention), :func:`channels_last`, :func:`maybe_compile`
+  (``torch.compile``) and :class:`Offload` (frozen VAE / text encoders on the CPU while the UNet trains).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import math
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -20,6 +35,9 @@ from ..core.families import Family
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.handle import ModelHandle
     from .data import TrainingSet
+
+log = logging.getLogger("comfy_finetune")
+CACHE_FORMAT = 1  # bump when what is cached (or how it is computed) changes: old entries are then never read
 
 
 class NoiseSchedule:
@@ -57,28 +75,182 @@ def sdxl_added(pooled: torch.Tensor, height: int, width: int, dtype, device) -> 
     return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}
 
 
-class TextCache:
-    """Caption → conditioning, computed once while the text encoders are frozen."""
+# ---------------------------------------------------------------------------------------------- caches
+def _fingerprint(modules: list[torch.nn.Module]) -> str:
+    """A cheap content fingerprint of module weights (sums in float64: two different models never share it)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for m in modules:
+            for name, p in m.named_parameters():
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(p.detach().double().sum())!r}".encode())
+    return h.hexdigest()[:20]
 
-    def __init__(self, handle: "ModelHandle", node: str, *, cache: bool = True) -> None:
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and bytes."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class DiskCache:
+    """safetensors files ``<host.cache_dir()>/<kind>/<model key>/<item key>.safetensors``, written atomically.
+
+    A file that cannot be read is treated as a miss (and replaced); a write that fails (full disk, read-only
+    folder) is logged and training goes on from memory.
+    """
+
+    def __init__(self, kind: str, model_key: str) -> None:
+        from .. import host  # noqa: PLC0415
+
+        self.folder = Path(host.cache_dir()) / kind / model_key
+        self.hits = self.misses = 0
+        self._warned = False
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        path = self.path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            out = load_file(str(path))
+        except Exception:  # noqa: BLE001 - damaged file: recompute and overwrite
+            self.misses += 1
+            return None
+        self.hits += 1
+        return out
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        from ..core.errors import FinetuneError  # noqa: PLC0415
+        from .saving import atomic_write  # noqa: PLC0415
+
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        try:
+            atomic_write(self.path(key), lambda tmp: save_file(data, str(tmp), metadata={"format": str(CACHE_FORMAT)}))
+        except (OSError, FinetuneError) as exc:
+            if not self._warned:
+                log.warning("could not write the encoding cache in %s (%s); going on without it", self.folder, exc)
+                self._warned = True
+
+
+def _model_identity(handle: "ModelHandle") -> list:
+    from .runs import base_signature  # noqa: PLC0415
+
+    return [CACHE_FORMAT, base_signature(handle), handle.base.device.type]
+
+
+def latent_disk_cache(handle: "ModelHandle") -> DiskCache:
+    """The disk cache for ``handle``'s VAE encodings (keyed by source, dtype, device type and encoder weights)."""
+    vae = handle.base.vae
+    parts = [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
+    key = _digest(_model_identity(handle), str(next(vae.parameters()).dtype), _fingerprint(parts),
+                  float(vae.config.scaling_factor))
+    return DiskCache("latents", key)
+
+
+def text_disk_cache(handle: "ModelHandle") -> DiskCache:
+    """The disk cache for ``handle``'s caption encodings (text encoders' weights and the handle's patches)."""
+    base = handle.base
+    toks = [len(t) for t in base.tokenizers]
+    key = _digest(_model_identity(handle), base.family.value, toks, _fingerprint(list(base.text_encoders)))
+    return DiskCache("text", key)
+
+
+class Offload:
+    """Frozen modules moved to the CPU for a block (``offloaded``), and back on the device when needed."""
+
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
+        self.modules, self.device = [m for m in modules if m is not None], device
+        self.active = False
+
+    def _move(self, device) -> None:
+        for m in self.modules:
+            torch.nn.Module.to(m, device=device)
+
+    @contextlib.contextmanager
+    def offloaded(self) -> Iterator["Offload"]:
+        self._move("cpu")  # (a no-op when training on the CPU)
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            self._move(self.device)
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        """The modules on the training device for the block (a cache miss, validation samples)."""
+        if not self.active:
+            yield
+            return
+        self._move(self.device)
+        try:
+            yield
+        finally:
+            self._move("cpu")
+
+
+class TextCache:
+    """Caption → conditioning, computed once while the text encoders are frozen (and kept on disk)."""
+
+    def __init__(self, handle: "ModelHandle", node: str, *, cache: bool = True, disk: bool = False,
+                 offload: Offload | None = None) -> None:
+        self.handle = handle
         self.encoder = PromptEncoder(handle, node=node, input="captions")
         self.cache = cache
+        self.disk_enabled = disk and cache
+        self.disk: DiskCache | None = None
+        self.offload = offload
         self._memo: dict[str, tuple] = {}
+
+    def _disk(self) -> DiskCache | None:
+        # built on first use: it fingerprints the text encoders as they are when encoding (patches applied)
+        if self.disk_enabled and self.disk is None:
+            self.disk = text_disk_cache(self.handle)
+        return self.disk
+
+    def _encode_cached(self, text: str) -> tuple:
+        device = self.handle.base.device
+        disk = self._disk()
+        key = _digest(text) if disk is not None else ""
+        hit = disk.get(key) if disk is not None else None
+        if hit is not None:
+            c, p = hit["cond"].to(device), (hit["pooled"].to(device) if "pooled" in hit else None)
+        else:
+            with torch.no_grad(), (self.offload.on_device() if self.offload else contextlib.nullcontext()):
+                enc = self.encoder.encode(text)
+            c, p = enc.cond.detach(), (enc.pooled.detach() if enc.pooled is not None else None)
+            if disk is not None:
+                disk.put(key, {"cond": c, **({"pooled": p} if p is not None else {})})
+        self._memo[text] = (c, p)
+        return c, p
+
+    def fill(self, captions) -> None:
+        """Encode every caption now (before the text encoders are offloaded)."""
+        for text in dict.fromkeys(captions):
+            if self.cache and text not in self._memo:
+                self._encode_cached(text)
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         conds, pooled = [], []
         for text in captions:
-            if self.cache and text in self._memo:
-                c, p = self._memo[text]
+            if self.cache:
+                c, p = self._memo[text] if text in self._memo else self._encode_cached(text)
             else:
-                if self.cache:
-                    with torch.no_grad():
-                        enc = self.encoder.encode(text)
-                    c, p = enc.cond.detach(), (enc.pooled.detach() if enc.pooled is not None else None)
-                    self._memo[text] = (c, p)
-                else:
-                    enc = self.encoder.encode(text)
-                    c, p = enc.cond, enc.pooled
+                enc = self.encoder.encode(text)
+                c, p = enc.cond, enc.pooled
             conds.append(c)
             pooled.append(p)
         pooled_t = torch.cat(pooled) if pooled and pooled[0] is not None else None
@@ -86,30 +258,118 @@ class TextCache:
 
 
 class LatentCache:
-    """VAE latents (scaled) per example and flip, encoded once; random crops are encoded per batch."""
+    """VAE latents (scaled) per example and flip, encoded once (and kept on disk, keyed by the pixels' hash);
+    random crops are encoded per batch."""
 
-    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet") -> None:
+    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet", *, disk: bool = False,
+                 offload: Offload | None = None) -> None:
+        self.handle = handle
         self.vae = handle.base.vae
         self.device = handle.base.device
         self.dataset = dataset
+        self.disk_enabled = disk
+        self.disk: DiskCache | None = None
+        self.offload = offload
         self._memo: dict[tuple[int, bool], torch.Tensor] = {}
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(pixels.to(device=self.device, dtype=dtype)).latent_dist
-        return (dist.mean * self.vae.config.scaling_factor).float()
+        with self.offload.on_device() if self.offload else contextlib.nullcontext():
+            dtype = next(self.vae.parameters()).dtype
+            dist = self.vae.encode(pixels.to(device=self.device, dtype=dtype)).latent_dist
+            return (dist.mean * self.vae.config.scaling_factor).float()
+
+    @property
+    def cacheable(self) -> bool:
+        return not getattr(self.dataset, "random_crop", False)
+
+    def _one(self, index: int, flipped: bool, px: torch.Tensor) -> torch.Tensor:
+        key = (int(index), bool(flipped))
+        if key in self._memo:
+            return self._memo[key]
+        if self.disk_enabled and self.disk is None:
+            self.disk = latent_disk_cache(self.handle)
+        digest = tensor_digest(px) if self.disk is not None else ""
+        hit = self.disk.get(digest) if self.disk is not None else None
+        if hit is not None:
+            latent = hit["latent"].to(self.device)
+        else:
+            latent = self._encode(px.unsqueeze(0).clone())[0]
+            if self.disk is not None:
+                self.disk.put(digest, {"latent": latent})
+        self._memo[key] = latent
+        return latent
+
+    def fill(self) -> bool:
+        """Encode every example (and its mirror image when the set flips) now; False with random crops."""
+        if not self.cacheable:
+            return False
+        flips = (False, True) if getattr(self.dataset, "flip", False) else (False,)
+        for i, ex in enumerate(self.dataset.examples):
+            for flipped in flips:
+                self._one(i, flipped, ex.pixels.flip(-1) if flipped else ex.pixels)
+        return True
 
     def latents(self, batch) -> torch.Tensor:
-        if getattr(self.dataset, "random_crop", False):
+        if not self.cacheable:
             return self._encode(batch.pixels.clone())
-        out = []
-        for i, flipped, px in zip(batch.indices, batch.flipped, batch.pixels):
-            key = (int(i), bool(flipped))
-            if key not in self._memo:
-                self._memo[key] = self._encode(px.unsqueeze(0).clone())[0]
-            out.append(self._memo[key])
-        return torch.stack(out)
+        return torch.stack([self._one(i, f, px) for i, f, px in zip(batch.indices, batch.flipped, batch.pixels)])
+
+
+def dataset_captions(dataset: "TrainingSet") -> list[str]:
+    """Every caption the set can produce: each example's (with the prefix), and "" when captions drop out."""
+    from .data import join_caption  # noqa: PLC0415
+
+    prefix = getattr(dataset, "caption_prefix", "")
+    out = [join_caption(prefix, ex.caption) for ex in dataset.examples]
+    if getattr(dataset, "caption_dropout", 0.0) > 0:
+        out.append("")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def ensure_sdpa(unet: torch.nn.Module) -> int:
+    """Put PyTorch's fused scaled-dot-product attention (diffusers ``AttnProcessor2_0``) on every attention layer
+    still using the plain processor; returns how many were changed (0 when SDPA is already used everywhere)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
+
+    procs = getattr(unet, "attn_processors", None)
+    if not procs:
+        return 0
+    plain = [k for k, p in procs.items() if type(p) is AttnProcessor]
+    if plain:
+        unet.set_attn_processor({k: (AttnProcessor2_0() if type(p) is AttnProcessor else p) for k, p in procs.items()})
+    return len(plain)
+
+
+@contextlib.contextmanager
+def channels_last(module: torch.nn.Module, on: bool) -> Iterator[None]:
+    """``module``'s 4-D weights in channels-last memory format for the block (faster convolutions on CUDA),
+    contiguous again after. Parameters keep their identity (an optimizer built before still holds them)."""
+    if not on:
+        yield
+        return
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
+def is_channels_last(module) -> bool:
+    conv = getattr(module, "conv_in", None)
+    w = getattr(conv, "weight", None)
+    return w is not None and w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and \
+        not w.is_contiguous()
+
+
+def maybe_compile(module: torch.nn.Module, on: bool):
+    """``torch.compile(module)`` when ``on`` (backend from ``COMFY_FINETUNE_COMPILE_BACKEND``, default inductor),
+    else ``module``. The compiled wrapper shares the module's parameters."""
+    if not on:
+        return module
+    backend = os.environ.get("COMFY_FINETUNE_COMPILE_BACKEND", "inductor")
+    return torch.compile(module, backend=backend)
 
 
 def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, *,
@@ -137,7 +397,10 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
     else:
         target = noise
     dtype = next(unet.parameters()).dtype
-    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample
+    noisy = noisy.to(dtype)
+    if is_channels_last(unet):
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    pred = unet(noisy, timesteps, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample
     loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         snr = schedule.snr(timesteps)

@@ -17,7 +17,8 @@ import torch
 
 from ..core.errors import FinetuneError
 from ..core.lora import LoraModule, LoraWeights
-from .diffusion import LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
+from .diffusion import (LatentCache, NoiseSchedule, Offload, TextCache, channels_last, conditioning_for,
+                        dataset_captions, denoise_loss, ensure_sdpa, maybe_compile)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.handle import ModelHandle
@@ -113,8 +114,12 @@ class LoraObjective:
             for i, te in enumerate(base.text_encoders):
                 self.components[f"te{i + 1}"] = te
         self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
-        self.latents = LatentCache(handle, dataset)
-        self.text = TextCache(handle, node, cache=not spec.train_text_encoder)
+        frozen = [base.vae] + ([] if spec.train_text_encoder else list(base.text_encoders))
+        self.offload = Offload(frozen, base.device) if settings.offload_frozen else None
+        self.latents = LatentCache(handle, dataset, disk=settings.cache_to_disk, offload=self.offload)
+        self.text = TextCache(handle, node, cache=not spec.train_text_encoder, disk=settings.cache_to_disk,
+                              offload=self.offload)
+        self.unet_fn = base.unet  # the UNet as the loss calls it (compiled with settings.compile)
 
     # ------------------------------------------------------------------ adapters
     def check(self) -> None:
@@ -178,7 +183,7 @@ class LoraObjective:
         latents = self.latents.latents(batch)
         h, w = batch.pixels.shape[-2:]
         context, added = conditioning_for(self.handle, self.text, list(batch.captions), int(h), int(w))
-        return denoise_loss(self.handle.base.unet, latents, context, self.schedule, generator=generator, added=added,
+        return denoise_loss(self.unet_fn, latents, context, self.schedule, generator=generator, added=added,
                             noise_offset=self.settings.noise_offset,
                             min_snr_gamma=self.settings.min_snr_gamma).mean()
 
@@ -202,20 +207,47 @@ class LoraObjective:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["LoraObjective"]:
-        """Adapters and (optionally) gradient checkpointing on for the block; the base restored after."""
+        """Adapters, speed and memory options (SDPA, checkpointing, channels-last, compile, offload) on for the
+        block; the base restored after."""
         self.check()
         checkpointing = []
+        unet = self.handle.base.unet
         try:
-            self.attach()
-            if self.settings.gradient_checkpointing:
-                checkpointing = [m for m in self.components.values() if enable_checkpointing(m)]
-            yield self
+            with contextlib.ExitStack() as stack:
+                self.attach()
+                ensure_sdpa(unet)
+                if self.settings.gradient_checkpointing:
+                    checkpointing = [m for m in self.components.values() if enable_checkpointing(m)]
+                stack.enter_context(channels_last(unet, self.settings.use_channels_last(self.handle.base.device)))
+                self.unet_fn = maybe_compile(unet, self.settings.compile)
+                if self.offload is not None:
+                    stack.enter_context(prepare_offload(self, self.offload))
+                yield self
         finally:
+            self.unet_fn = unet
             for model in checkpointing:
                 disable_checkpointing(model)
             self.detach()
             for model in self.components.values():
                 model.requires_grad_(False)
+
+    def frozen_on_device(self):
+        """The offloaded frozen modules back on the device for the block (validation samples)."""
+        return self.offload.on_device() if self.offload is not None else contextlib.nullcontext()
+
+
+def prepare_offload(objective, offload: Offload):
+    """Encode every latent (and caption, when cached) now, then ``offload.offloaded()``. A VAE that random crops
+    still need stays on the device."""
+    vae = objective.handle.base.vae
+    if not objective.latents.fill():
+        log.warning("[%s] offload_frozen: random crops are encoded every step, so the VAE stays on the device",
+                    objective.node)
+        offload.modules = [m for m in offload.modules if m is not vae]
+    text = getattr(objective, "text", None)
+    if text is not None and text.cache:
+        text.fill(dataset_captions(objective.dataset))
+    return offload.offloaded()
 
 
 def train_lora(handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: LoraSpec, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import asdict
@@ -109,8 +110,9 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
         check_validation(validation, handle, node)
 
     def validate(step: int) -> torch.Tensor:
-        # cancellable between sampling steps, like everything else in the loop
-        return sample_patched(handle, validation, node=node, progress=lambda i, n: host.check_interrupt())
+        # cancellable between sampling steps, like everything else in the loop; offloaded frozen parts come back
+        with getattr(objective, "frozen_on_device", contextlib.nullcontext)():
+            return sample_patched(handle, validation, node=node, progress=lambda i, n: host.check_interrupt())
 
     try:
         with training_mode(), handle.patched(), objective.attached():

@@ -26,7 +26,8 @@ from ..core.conditioning import substitute_tokens
 from ..core.embeddings import Embedding
 from ..core.errors import FinetuneError
 from ..core.handle import EmbeddingPatch
-from .diffusion import LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
+from .diffusion import (LatentCache, NoiseSchedule, Offload, TextCache, channels_last, conditioning_for, denoise_loss,
+                        ensure_sdpa, maybe_compile)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.handle import ModelHandle
@@ -175,8 +176,11 @@ class TIObjective:
         self.train_handle = handle.with_patch(EmbeddingPatch(self.embedding))
         self.templates = templates_for(spec.templates)
         self.schedule = NoiseSchedule(handle.base.scheduler_config, handle.base.prediction_type)
-        self.latents = LatentCache(handle, dataset)
+        # the text encoders carry the trained vectors' gradients: only the VAE can be offloaded
+        self.offload = Offload([handle.base.vae], device) if settings.offload_frozen else None
+        self.latents = LatentCache(handle, dataset, disk=settings.cache_to_disk, offload=self.offload)
         self.text = TextCache(self.train_handle, node, cache=False)
+        self.unet_fn = handle.base.unet
 
     # ------------------------------------------------------------------ Objective protocol
     def param_groups(self) -> list[dict]:
@@ -197,7 +201,7 @@ class TIObjective:
         h, w = batch.pixels.shape[-2:]
         prompts = self.prompts(list(batch.captions), generator)
         context, added = conditioning_for(self.handle, self.text, prompts, int(h), int(w))
-        return denoise_loss(self.handle.base.unet, latents, context, self.schedule, generator=generator, added=added,
+        return denoise_loss(self.unet_fn, latents, context, self.schedule, generator=generator, added=added,
                             noise_offset=self.settings.noise_offset,
                             min_snr_gamma=self.settings.min_snr_gamma).mean()
 
@@ -225,22 +229,35 @@ class TIObjective:
             fresh = torch.nn.Parameter(p.detach().clone())
             self.params[comp] = fresh
             self.embedding.vectors[comp] = fresh
+        base = self.handle.base
         try:
             for m in self.models():
                 m.requires_grad_(False)
-            if self.settings.gradient_checkpointing:
-                from .lora_trainer import enable_checkpointing  # noqa: PLC0415
+            with contextlib.ExitStack() as stack:
+                ensure_sdpa(base.unet)
+                if self.settings.gradient_checkpointing:
+                    from .lora_trainer import enable_checkpointing  # noqa: PLC0415
 
-                base = self.handle.base
-                checkpointing.extend(m for m in (base.unet, *base.text_encoders) if enable_checkpointing(m))
-            yield self
+                    checkpointing.extend(m for m in (base.unet, *base.text_encoders) if enable_checkpointing(m))
+                stack.enter_context(channels_last(base.unet, self.settings.use_channels_last(base.device)))
+                self.unet_fn = maybe_compile(base.unet, self.settings.compile)
+                if self.offload is not None:
+                    from .lora_trainer import prepare_offload  # noqa: PLC0415
+
+                    stack.enter_context(prepare_offload(self, self.offload))
+                yield self
         finally:
+            self.unet_fn = base.unet
             from .lora_trainer import disable_checkpointing  # noqa: PLC0415
 
             for model in checkpointing:
                 disable_checkpointing(model)
             for p, flag in flags:
                 p.requires_grad_(flag)
+
+    def frozen_on_device(self):
+        """The offloaded VAE back on the device for the block (validation samples)."""
+        return self.offload.on_device() if self.offload is not None else contextlib.nullcontext()
 
     def extract(self, metadata: dict[str, str] | None = None) -> Embedding:
         vectors = {comp: p.detach().float().cpu().clone() for comp, p in self.params.items()}
