@@ -200,3 +200,13 @@ def test_preview_in_comfyui_goes_to_the_progress_bar_and_an_event(fake_comfyui):
     [(event, data)] = [c for c in calls["sent"] if c[0] == "comfy_finetune.train_preview"]
     assert data["node_id"] == "7:3" and data["display_node"] == "7" and data["step"] == 4
     assert _decode(data["image"]).size == (32, 16) == (data["width"], data["height"])
+
+
+def test_other_data_parallel_ranks_send_no_preview(sink, monkeypatch):
+    """Data-parallel ranks other than 0 validate too but report nothing (rank 0 reports for all)."""
+    monkeypatch.setattr(loop.distributed, "is_main", lambda: False)
+    settings = TrainSettings(steps=4, learning_rate=0.1, validate_every=2)
+    result = loop.train(_Line(), lambda first: itertools.count(first), settings, node="LiveViewTest", device=CPU,
+                        validate=lambda step: _images(b=1))
+    assert [s for s, _ in result.validation] == [2, 4]
+    assert sink == []

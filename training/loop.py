@@ -287,6 +287,9 @@ class _NoProgress:
     def update(self, n: int = 1, **postfix: Any) -> None:
         host.check_interrupt()
 
+    def preview(self, images: Any, **info: Any) -> None:
+        pass
+
 
 class _Loop:
     """One run of :func:`train`: optimizer, schedule, checkpoints, NaN policy; ``release()`` drops it all."""
