@@ -187,6 +187,7 @@ def test_two_ranks_batch_1_equal_one_rank_batch_2_and_only_rank_0_writes(models_
                            "--output", str(out), "--input", str(tmp_path), "--quiet", "--processes", "2"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("img_") == 1 and proc.stdout.count("trained") == 1, proc.stdout  # rank 0 reports
 
     # the same step in this process: 1 rank x batch 2 (the reference) and 1 rank x batch 1 (must differ)
     tag = uuid.uuid4().hex[:8]
@@ -219,3 +220,40 @@ def test_two_ranks_batch_1_equal_one_rank_batch_2_and_only_rank_0_writes(models_
     assert sorted(p.name for p in (models / "loras" / "dp").iterdir()) == ["trained.safetensors"]
     assert len(list((out / "dp").glob("*.png"))) == 1
     assert len(list((out / "finetune_checkpoints").glob("*.pt"))) == 1
+
+
+def test_accelerate_launch_runs_the_workflow_data_parallel(models_dir, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2 -m comfy_finetune run WF.json`` (CPU: gloo) gives the
+    same LoRA as one process with the same global batch."""
+    pytest.importorskip("accelerate")
+    models = tmp_path / "models"
+    for sub in ("checkpoints", "loras", "embeddings", "diffusers"):
+        (models / sub).mkdir(parents=True)
+    shutil.copytree(models_dir / "diffusers" / "tiny-sd1", models / "diffusers" / "tiny-sd1")
+    wf = {k: v for k, v in graph(2, "acc/trained").items() if k in ("1", "2", "3", "4")}
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(_free_port()), "-m", "comfy_finetune", "run",
+                           str(tmp_path / "wf.json"), "--models", str(models), "--output", str(tmp_path / "out"),
+                           "--input", str(tmp_path), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1 of 2" in proc.stderr or "rank 0 of 2" in proc.stderr, proc.stderr[-2000:]
+    tag = uuid.uuid4().hex[:8]
+    Executor(node_classes()).execute({**wf, "4": {**wf["4"], "inputs": {**wf["4"]["inputs"],
+                                                                         "name": f"acc-{tag}/b2"}}})
+    dp = _tensors(models / "loras" / "acc" / "trained.safetensors")
+    b2 = _tensors(models_dir / "loras" / f"acc-{tag}" / "b2.safetensors")
+    assert dp.keys() == b2.keys()
+    assert max(float((dp[k] - b2[k]).abs().max()) for k in dp) <= 1e-5
+    assert sorted(p.name for p in (models / "loras" / "acc").iterdir()) == ["trained.safetensors"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
