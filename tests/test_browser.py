@@ -133,6 +133,7 @@ def test_training_view_draws_the_loss_and_previews_and_is_saved(server, node_def
     assert result["done"] == "success", f"{path.name} did not run: {result.get('execution_error')}"
     node_id = str(result["node_id"])
     assert result["has_view_widget"] and result["view_serialized"] is False
+    assert result["saved_before_training"] is None  # an untrained node adds nothing to the workflow
 
     # every optimizer step reached the page as an event naming this node, and became a point on its chart
     events = result["events"]

@@ -346,9 +346,10 @@ app.registerExtension({
     const onSerialize = proto.onSerialize;
     proto.onSerialize = function (o) {
       const result = onSerialize?.apply(this, arguments);
-      if (this.__ftTraining && o) {
+      const view = this.__ftTraining;
+      if (o && view && (view.points.length || view.preview)) {
         o.properties ??= {};
-        o.properties[PROPERTY] = stored(this.__ftTraining);
+        o.properties[PROPERTY] = stored(view);
       }
       return result;
     };

@@ -162,7 +162,10 @@ async function training(page) {
       });
       api.addEventListener("execution_interrupted", () => (seen.done = "interrupted"));
       const view = node.widgets.find((w) => w.name === "ft_training_view");
-      return { node_id: node.id, has_view_widget: !!view, view_serialized: view ? view.serialize !== false : null };
+      app.canvas.draw(true, true);
+      const before = app.graph.serialize().nodes.find((n) => n.id === node.id);
+      return { node_id: node.id, has_view_widget: !!view, view_serialized: view ? view.serialize !== false : null,
+               saved_before_training: before?.properties?.ft_training ?? null };
     },
     { workflow: job.workflow, nodeType: job.node_type, widgets: job.widgets ?? {} },
   );
