@@ -8,7 +8,7 @@
 //            training:  "workflow": {UI workflow}, "node_type": "TrainLoRA", "widgets": {"steps": 12, ...},
 //                       "timeout_s": 240, "live_at_step": take the mid-run screenshot from this step on
 //            synthetic: "workflow", "node_type", "events": how many fake progress events to dispatch
-//            graphs:    "graphs": [{"name": "...", "nodes": [...], "links": [...]}] (tests/browser/bridge_graphs.json)}
+//            graphs:    "graphs": [{"name", "nodes", "links"}] as in tests/browser/bridge_graphs.json}
 // Environment: PLAYWRIGHT_CORE_DIR (default /work/browser-tools/node_modules/playwright-core), CHROMIUM
 // (default /usr/bin/chromium). Screenshots go to out_dir; the last line printed is a JSON result.
 import { createRequire } from "node:module";
@@ -121,7 +121,12 @@ async function focusView(page, nodeId, scale = 1.5) {
       canvas.setDirty(true, true);
       canvas.draw(true, true);
       const rect = canvas.canvas.getBoundingClientRect();
-      return { x: rect.left + left - 6, y: rect.top + top - 6, width: node.size[0] * scale + 12, height: height * scale + 12 };
+      return {
+        x: rect.left + left - 6,
+        y: rect.top + top - 6,
+        width: node.size[0] * scale + 12,
+        height: height * scale + 12,
+      };
     },
     { nodeId, scale },
   );
@@ -352,7 +357,8 @@ async function synthetic(page) {
         out.new_run_points = second.__ftTraining.points.length;
         // an event with no ids goes to the only node of that class when there is one: here two, so nowhere
         send("comfy_finetune.train", { node: nodeType, step: 2, steps: 10, loss: 0.4, lr: 1e-4 });
-        out.ambiguous_ignored = second.__ftTraining.points.length === 1 && (first.__ftTraining?.points?.length ?? 0) === 0;
+        const firstPoints = first.__ftTraining?.points?.length ?? 0;
+        out.ambiguous_ignored = second.__ftTraining.points.length === 1 && firstPoints === 0;
         app.graph.remove(second);
         send("comfy_finetune.train", { node: nodeType, step: 1, steps: 10, loss: 0.4, lr: 1e-4 });
         out.single_node_fallback = first.__ftTraining?.points?.length ?? 0;
