@@ -100,55 +100,65 @@ def test_ensure_sdpa_replaces_the_plain_processor(one_thread):
 
 
 # ------------------------------------------------------------------------------------------------ disk caches
-def _spy_encoders(monkeypatch, handle) -> tuple[_Counter, list[int]]:
-    vae_counter = _Counter(handle.base.vae.encode)
-    monkeypatch.setattr(handle.base.vae, "encode", vae_counter)
-    te_calls = [0]
+@pytest.fixture
+def spy_encoders(monkeypatch):
+    """spy(handle) -> (VAE encode counter, [text-encoder forward calls]); hooks removed after the test."""
+    hooks = []
 
-    def hook(*_):
-        te_calls[0] += 1
+    def spy(handle) -> tuple[_Counter, list[int]]:
+        vae_counter = _Counter(handle.base.vae.encode)
+        monkeypatch.setattr(handle.base.vae, "encode", vae_counter)
+        te_calls = [0]
 
-    hooks = [te.register_forward_hook(hook) for te in handle.base.text_encoders]
-    monkeypatch.setattr(_spy_encoders, "hooks", hooks, raising=False)
-    return vae_counter, te_calls
+        def hook(*_):
+            te_calls[0] += 1
+
+        hooks.extend(te.register_forward_hook(hook) for te in handle.base.text_encoders)
+        return vae_counter, te_calls
+
+    yield spy
+    for hk in hooks:
+        hk.remove()
 
 
-def test_second_run_reads_latents_and_captions_from_disk(tiny_handles, dataset, cache_dir, monkeypatch, one_thread):
+def test_second_run_reads_latents_and_captions_from_disk(tiny_handles, dataset, cache_dir, spy_encoders, one_thread):
     h = tiny_handles["sdxl"]
-    vae, te = _spy_encoders(monkeypatch, h)
+    vae, te = spy_encoders(h)
     spec = LoraSpec(rank=2, alpha=2, targets="attention")
-    try:
-        first, _ = train_lora(h, dataset, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
-        assert vae.calls == 3 and te[0] == 3 * 2  # three images; three captions through two text encoders
-        files = sorted(cache_dir.rglob("*.safetensors"))
-        assert len(files) == 6 and not [p for p in cache_dir.rglob("*") if ".tmp" in p.name]
-        from safetensors.torch import load_file
+    first, _ = train_lora(h, dataset, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
+    assert vae.calls == 3 and te[0] == 3 * 2  # three images; three captions through two text encoders
+    files = sorted(cache_dir.rglob("*.safetensors"))
+    assert len(files) == 6 and not [p for p in cache_dir.rglob("*") if ".tmp" in p.name]
+    from safetensors.torch import load_file
 
-        assert {tuple(load_file(str(f))) for f in files} == {("latent",), ("cond", "pooled")}
+    assert {tuple(load_file(str(f))) for f in files} == {("latent",), ("cond", "pooled")}
 
-        vae.calls, te[0] = 0, 0
-        second, _ = train_lora(h, dataset, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
-        assert vae.calls == 0 and te[0] == 0, "a re-run must not encode again"
-        # same latents and conditioning, so the same training result
-        for key, mod in first.modules.items():
-            assert torch.allclose(mod.up, second.modules[key].up, atol=1e-6)
+    vae.calls, te[0] = 0, 0
+    second, _ = train_lora(h, dataset, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
+    assert vae.calls == 0 and te[0] == 0, "a re-run must not encode again"
+    # same latents and conditioning, so the same training result
+    for key, mod in first.modules.items():
+        assert torch.allclose(mod.up, second.modules[key].up, atol=1e-6)
 
-        # one image changed: only that one is encoded again; a new caption is one text encoding more
-        images = _images(3)
-        images[1] = 1.0 - images[1]
-        changed = from_image_batch(images, ["a red circle", "a blue square", "a big green star"], resolution=64)
-        vae.calls, te[0] = 0, 0
-        train_lora(h, changed, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
-        assert vae.calls == 1 and te[0] == 2
+    # one image changed: only that one is encoded again; a new caption is one text encoding more
+    images = _images(3)
+    images[1] = 1.0 - images[1]
+    changed = from_image_batch(images, ["a red circle", "a blue square", "a big green star"], resolution=64)
+    vae.calls, te[0] = 0, 0
+    train_lora(h, changed, _settings(steps=3, batch_size=3, cache_to_disk=True), spec)
+    assert vae.calls == 1 and te[0] == 2
 
-        # another resolution (a setting) misses every latent
-        vae.calls = 0
-        smaller = from_image_batch(_images(3), ["a red circle", "a blue square", "a green star"], resolution=32)
-        train_lora(h, smaller, _settings(steps=1, batch_size=3, cache_to_disk=True), spec)
-        assert vae.calls == 3
-    finally:
-        for hk in _spy_encoders.hooks:
-            hk.remove()
+    # another resolution (a setting) misses every latent
+    vae.calls = 0
+    smaller = from_image_batch(_images(3), ["a red circle", "a blue square", "a green star"], resolution=32)
+    train_lora(h, smaller, _settings(steps=1, batch_size=3, cache_to_disk=True), spec)
+    assert vae.calls == 3
+
+    # another model misses too (its own source, weights and text encoders)
+    other = tiny_handles["sd1"]
+    vae1, te1 = spy_encoders(other)
+    train_lora(other, dataset, _settings(steps=1, batch_size=3, cache_to_disk=True), spec)
+    assert vae1.calls == 3 and te1[0] == 3
 
 
 def test_disk_cache_off_writes_nothing(tiny_handles, dataset, cache_dir, one_thread):
@@ -156,17 +166,13 @@ def test_disk_cache_off_writes_nothing(tiny_handles, dataset, cache_dir, one_thr
     assert not list(cache_dir.rglob("*.safetensors"))
 
 
-def test_a_damaged_cache_file_is_recomputed(tiny_handles, dataset, cache_dir, monkeypatch, one_thread):
+def test_a_damaged_cache_file_is_recomputed(tiny_handles, dataset, cache_dir, spy_encoders, one_thread):
     h = tiny_handles["sd1"]
     train_lora(h, dataset, _settings(steps=1, batch_size=3, cache_to_disk=True), LoraSpec(rank=2, alpha=2))
     latent_files = sorted((cache_dir / "latents").rglob("*.safetensors"))
     latent_files[0].write_bytes(b"not safetensors")
-    vae, _ = _spy_encoders(monkeypatch, h)
-    try:
-        train_lora(h, dataset, _settings(steps=1, batch_size=3, cache_to_disk=True), LoraSpec(rank=2, alpha=2))
-    finally:
-        for hk in _spy_encoders.hooks:
-            hk.remove()
+    vae, _ = spy_encoders(h)
+    train_lora(h, dataset, _settings(steps=1, batch_size=3, cache_to_disk=True), LoraSpec(rank=2, alpha=2))
     assert vae.calls == 1
     from safetensors.torch import load_file
 
@@ -335,7 +341,7 @@ def test_vae_tiles_large_images_and_slices_batches(tiny_handles, monkeypatch, on
 
 # ------------------------------------------------------------------------------------------------ offload
 def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handles, dataset, monkeypatch,
-                                                                     one_thread):
+                                                                     spy_encoders, one_thread):
     """Where modules live is recorded through Offload._move (on this CPU-only machine both places are RAM)."""
     h = tiny_handles["sd1"]
     base = h.base
@@ -348,7 +354,7 @@ def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handle
         real_move(self, device)
 
     monkeypatch.setattr(Offload, "_move", move)
-    vae, te = _spy_encoders(monkeypatch, h)
+    vae, te = spy_encoders(h)
     during = []
     hook = base.unet.register_forward_pre_hook(
         lambda *_: during.append((where.get(id(base.vae)), where.get(id(base.text_encoders[0])), vae.calls)))
@@ -356,8 +362,6 @@ def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handle
         train_lora(h, dataset, _settings(steps=3, batch_size=1, offload_frozen=True), LoraSpec(rank=2, alpha=2))
     finally:
         hook.remove()
-        for hk in _spy_encoders.hooks:
-            hk.remove()
     # every latent and caption was encoded before the first UNet step, then VAE and text encoder went to the CPU
     assert during and all(d == ("cpu", "cpu", 3) for d in during)
     assert te[0] == 3
