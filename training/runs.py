@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
+import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable
 
@@ -127,4 +129,17 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        return_freed_memory()
     return output, result
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (Linux/glibc ``malloc_trim``). glibc keeps freed memory in its arenas,
+    so without this a run's peak (activations, optimizer state) stays in the process's resident memory after the
+    run ends, is cancelled or fails, although nothing uses it; measured in ComfyUI: 400 of 520 MB kept."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
