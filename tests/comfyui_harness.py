@@ -5,16 +5,21 @@ Everything the server writes goes to a temp folder: the pack is loaded from a te
 output, input, temp and user folders, the sqlite database and the model folders (checkpoints, loras, embeddings,
 diffusers) all live under that folder. The server listens on 127.0.0.1 only.
 
-Stdlib only; ``websocket-client`` is used to follow a prompt when importable, otherwise ``/history`` is polled.
+Stdlib only: prompts are followed over ComfyUI's websocket (with the small RFC 6455 client below), or by polling
+``/history``. :class:`EventSession` keeps one websocket open across prompts and
+records every event, including this pack's ``comfy_finetune.*`` ones (which carry no ``prompt_id``).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,11 +30,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-try:  # optional: follow prompts over the websocket when available
-    import websocket  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the environment
-    websocket = None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER_NAME = "comfyui-finetune"
@@ -109,6 +109,213 @@ class PromptResult:
 
 class ServerError(RuntimeError):
     pass
+
+
+# ---------------------------------------------------------------------------------------------- websocket
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WebSocketClient:
+    """Just enough of an RFC 6455 client to read ComfyUI's websocket: text and binary messages (fragmented or not),
+    pings answered, close noticed. Client frames are masked as the RFC requires. No extensions, no TLS."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           ).encode("ascii"))
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self._buf:
+            self._fill(deadline)
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+        if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
+            self.sock.close()
+            raise ServerError(f"websocket handshake refused: {lines[0]!r}")
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no websocket data in time")
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except socket.timeout as exc:
+            raise TimeoutError("no websocket data in time") from exc
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        self._buf += chunk
+
+    def _frame(self) -> tuple[bool, int, bytes] | None:
+        """The next whole frame from the buffer (consumed), or None if it is not all here yet."""
+        b = self._buf
+        if len(b) < 2:
+            return None
+        fin, op, masked, n, i = bool(b[0] & 0x80), b[0] & 0x0F, bool(b[1] & 0x80), b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, i = struct.unpack(">H", b[2:4])[0], 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, i = struct.unpack(">Q", b[2:10])[0], 10
+        mask = b""
+        if masked:
+            if len(b) < i + 4:
+                return None
+            mask, i = b[i:i + 4], i + 4
+        if len(b) < i + n:
+            return None
+        payload, self._buf = b[i:i + n], b[i + n:]
+        if masked:
+            payload = bytes(c ^ mask[j % 4] for j, c in enumerate(payload))
+        return fin, op, payload
+
+    def _send(self, op: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            head = struct.pack(">BB", 0x80 | op, 0x80 | n)
+        elif n < 1 << 16:
+            head = struct.pack(">BBH", 0x80 | op, 0x80 | 126, n)
+        else:
+            head = struct.pack(">BBQ", 0x80 | op, 0x80 | 127, n)
+        self.sock.sendall(head + mask + bytes(c ^ mask[j % 4] for j, c in enumerate(payload)))
+
+    def recv(self, timeout: float) -> str | bytes:
+        """The next message (str for text, bytes for binary); TimeoutError if none within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        parts: list[bytes] = []
+        kind = None
+        while True:
+            frame = self._frame()
+            if frame is None:
+                self._fill(deadline)
+                continue
+            fin, op, payload = frame
+            if op == 0x9:  # ping
+                self._send(0xA, payload)
+                continue
+            if op == 0xA:  # pong
+                continue
+            if op == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if op in (0x1, 0x2):
+                kind, parts = op, [payload]
+            else:  # continuation
+                parts.append(payload)
+            if fin:
+                data = b"".join(parts)
+                return data.decode("utf-8") if kind == 0x1 else data
+
+    def close(self) -> None:
+        try:
+            self._send(0x8, struct.pack(">H", 1000))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class EventSession:
+    """One websocket client of the server: queue prompts under its client id and read every event it gets.
+
+    ``events`` holds every JSON message received, in order, as ``(type, data, prompt_id)`` where ``prompt_id`` is
+    the data's own, or - for messages without one, like this pack's ``comfy_finetune.*`` events - the prompt that
+    was executing when it arrived (from ``execution_start``). Binary messages (previews) are counted, not kept.
+    """
+
+    def __init__(self, server: "ComfyServer", client_id: str | None = None) -> None:
+        self.server = server
+        self.client_id = client_id or uuid.uuid4().hex
+        self.ws = WebSocketClient("127.0.0.1", server.port, f"/ws?clientId={self.client_id}")
+        self.events: list[tuple[str, dict, str | None]] = []
+        self.binary_messages = 0
+        self._running: str | None = None
+        self._finished: set[str] = set()
+
+    def __enter__(self) -> "EventSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def queue(self, prompt: Mapping[str, Any]) -> str:
+        return self.server.queue_prompt(prompt, self.client_id)
+
+    def _read_one(self, deadline: float) -> tuple[str, dict, str | None] | None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            msg = self.ws.recv(left)
+        except TimeoutError:
+            return None
+        if not isinstance(msg, str):
+            self.binary_messages += 1
+            return self._read_one(deadline)
+        event = json.loads(msg)
+        etype, data = event.get("type"), event.get("data")
+        data = data if isinstance(data, dict) else {}
+        pid = data.get("prompt_id")
+        if etype == "execution_start":
+            self._running = pid
+        if etype in ("execution_success", "execution_error", "execution_interrupted") or (
+                etype == "executing" and data.get("node") is None and pid is not None):
+            self._finished.add(pid)
+            if self._running == pid:
+                self._running = None
+        item = (str(etype), data, pid if pid is not None else self._running)
+        self.events.append(item)
+        return item
+
+    def wait_for(self, predicate, timeout: float, what: str) -> tuple[str, dict, str | None]:
+        """Read events until ``predicate(type, data)`` holds for one (returned); ServerError after ``timeout`` s."""
+        for etype, data, pid in self.events:  # already received?
+            if predicate(etype, data):
+                return etype, data, pid
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._read_one(deadline)
+            if item is None:
+                raise ServerError(f"no {what} within {timeout:.0f} s; events: {[e[0] for e in self.events][-30:]}")
+            if predicate(item[0], item[1]):
+                return item
+
+    def events_of(self, prompt_id: str) -> list[tuple[str, dict]]:
+        return [(t, d) for t, d, pid in self.events if pid == prompt_id]
+
+    def follow(self, prompt_id: str, timeout: float) -> PromptResult:
+        """Wait until ``prompt_id`` ends; its result with the events that belong to it and its history entry."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while prompt_id not in self._finished and self._read_one(deadline) is not None:
+            pass
+        result = PromptResult(prompt_id, "timeout", events=self.events_of(prompt_id))
+        for etype, data in result.events:
+            if etype == "execution_success" or (etype == "executing" and data.get("node") is None
+                                                 and result.status == "timeout"):
+                result.status = "success"
+            elif etype == "execution_error":
+                result.status, result.error = "error", data
+            elif etype == "execution_interrupted":
+                result.status = "interrupted"
+        # the websocket event can arrive a moment before the history entry is written
+        end = time.monotonic() + 10
+        while True:
+            result.history = self.server.history(prompt_id)
+            if (result.history.get("status") or {}).get("completed") is not None or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        result.seconds = time.monotonic() - t0
+        return result
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -258,6 +465,14 @@ class ComfyServer:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    def get_raw(self, path: str, timeout: float = 30.0) -> tuple[int, bytes, dict[str, str]]:
+        """GET ``path``: HTTP status, body and headers (errors included, not raised)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read(), dict(r.headers.items())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers.items())
+
     def get_json(self, path: str, timeout: float = 30.0) -> Any:
         status, raw = self.request("GET", path, timeout=timeout)
         if status != 200:
@@ -284,63 +499,52 @@ class ComfyServer:
         return (self.get_json(f"/history/{prompt_id}") or {}).get(prompt_id) or {}
 
     def run_prompt(self, prompt: Mapping[str, Any], timeout: float = 120.0,
-                   use_websocket: bool | None = None) -> PromptResult:
-        """Queue ``prompt`` and wait until it finishes: over the websocket if possible, else by polling /history."""
-        if use_websocket is None:
-            use_websocket = websocket is not None
-        client_id = uuid.uuid4().hex
+                   use_websocket: bool = True) -> PromptResult:
+        """Queue ``prompt`` and wait until it finishes: over the websocket, or by polling /history."""
         t0 = time.monotonic()
         if use_websocket:
-            result = self._run_ws(prompt, client_id, timeout)
+            with self.session() as session:
+                result = session.follow(session.queue(prompt), timeout)
         else:
-            result = self._run_poll(prompt, client_id, timeout)
+            result = self._run_poll(prompt, uuid.uuid4().hex, timeout)
         result.seconds = time.monotonic() - t0
         return result
 
-    def _run_ws(self, prompt: Mapping[str, Any], client_id: str, timeout: float) -> PromptResult:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=10)
-        try:
-            prompt_id = self.queue_prompt(prompt, client_id)
-            result = PromptResult(prompt_id, "timeout")
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ws.settimeout(left)
-                try:
-                    msg = ws.recv()
-                except websocket.WebSocketTimeoutException:
-                    break
-                if not isinstance(msg, str):
-                    continue  # binary frames: previews, progress text
-                event = json.loads(msg)
-                etype, data = event.get("type"), event.get("data") or {}
-                if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-                    continue
-                result.events.append((etype, data))
-                if etype == "execution_success":
-                    result.status = "success"
-                    break
-                if etype == "execution_error":
-                    result.status, result.error = "error", data
-                    break
-                if etype == "execution_interrupted":
-                    result.status = "interrupted"
-                    break
-                if etype == "executing" and data.get("node") is None:
-                    result.status = "success"
-                    break
-        finally:
-            ws.close()
-        # the websocket event can arrive a moment before the history entry is written
-        end = time.monotonic() + 10
-        while True:
-            result.history = self.history(prompt_id)
-            if (result.history.get("status") or {}).get("completed") is not None or time.monotonic() > end:
-                break
-            time.sleep(0.1)
-        return result
+    def session(self) -> "EventSession":
+        """A websocket client of this server (use as a context manager); see :class:`EventSession`."""
+        return EventSession(self)
+
+    def interrupt(self, prompt_id: str | None = None) -> int:
+        """POST /interrupt (only ``prompt_id`` when given, as the frontend's cancel button does); the HTTP status."""
+        status, _ = self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+        return status
+
+    # -------------------------------------------------------------------------------------- process memory
+    def _proc_status(self) -> dict[str, int]:
+        if self.proc is None:
+            raise ServerError("the server is not running")
+        out = {}
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory now (Linux ``/proc/<pid>/status`` VmRSS)."""
+        return self._proc_status()["VmRSS"]
+
+    def peak_rss_bytes(self) -> int:
+        """The highest resident memory since start or the last :meth:`reset_peak_rss` (VmHWM)."""
+        return self._proc_status()["VmHWM"]
+
+    def reset_peak_rss(self) -> None:
+        """Reset VmHWM to the current RSS (``echo 5 > /proc/<pid>/clear_refs``; Linux 4.0+, same user)."""
+        if self.proc is None:
+            raise ServerError("the server is not running")
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
 
     def _run_poll(self, prompt: Mapping[str, Any], client_id: str, timeout: float) -> PromptResult:
         prompt_id = self.queue_prompt(prompt, client_id)

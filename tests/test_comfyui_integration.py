@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -122,12 +125,45 @@ def test_object_info_matches_node_classes(object_info, node_id):
 
 # ---------------------------------------------------------------------------------------------- 3. templates
 def test_example_workflows_are_served(server):
+    """The template browser lists ``<stem>`` (its title) from /workflow_templates, loads
+    /api/workflow_templates/<pack>/<stem>.json and shows /api/workflow_templates/<pack>/<stem>.jpg."""
     assert EXAMPLES, "the pack ships no example_workflows/*.json"
     templates = server.get_json("/workflow_templates")
-    assert sorted(templates.get(PACK, [])) == sorted(p.stem for p in EXAMPLES), templates
+    assert sorted(templates.get(PACK, [])) == sorted(p.stem for p in EXAMPLES), templates  # no .jpg listed
     for path in EXAMPLES:
-        served = server.get_json(f"/api/workflow_templates/{PACK}/{path.stem}.json")
+        base = f"/api/workflow_templates/{PACK}/{urllib.parse.quote(path.stem, safe='()')}"  # as a browser sends it
+        served = server.get_json(base + ".json")
         assert served == json.loads(path.read_text(encoding="utf-8")), f"{path.name} served differently"
+        status, body, headers = server.get_raw(base + ".jpg")
+        assert status == 200, f"{path.stem}.jpg: HTTP {status} (run tools/make_thumbnails.py)"
+        assert headers.get("Content-Type", "").startswith("image/jpeg"), headers
+        assert body == path.with_suffix(".jpg").read_bytes() and body[:3] == b"\xff\xd8\xff", path.stem
+
+
+def test_frontend_takes_custom_template_thumbnails_from_stem_jpg(server):
+    """The frontend this ComfyUI requires (comfyui-frontend-package) builds a custom node template's entry as
+    ``{name: <stem>, mediaType: "image", mediaSubtype: "jpg"}`` and its thumbnail URL as
+    ``/workflow_templates/<module>/<name>.<mediaSubtype>``: what the thumbnails above are named for."""
+    bundle = _frontend_bundle(server)
+    custom = re.search(r"templates\.map\(\(name\d*\) => \(\{\s*name: name\d*,\s*mediaType: \"image\",\s*"
+                       r"mediaSubtype: \"jpg\"", bundle)
+    assert custom, "the frontend no longer gives custom node templates a .jpg thumbnail; check its template store"
+    assert re.search(r"api\.apiURL\(`/workflow_templates/\$\{sourceModule\}/\$\{template\d*\.name\}`\)", bundle), \
+        "the frontend no longer loads custom node thumbnails from /workflow_templates/<module>/<name>"
+
+
+def _frontend_bundle(server) -> str:
+    code = "import comfyui_frontend_package, os; print(os.path.dirname(comfyui_frontend_package.__file__))"
+    proc = subprocess.run([server.python, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=server.env())
+    if proc.returncode != 0:
+        pytest.skip(f"comfyui_frontend_package is not importable in ComfyUI's python: {proc.stderr[-300:]}")
+    assets = Path(proc.stdout.strip()) / "static" / "assets"
+    for js in sorted(assets.glob("index-*.js")):
+        text = js.read_text(encoding="utf-8", errors="replace")
+        if "getWorkflowTemplates" in text:
+            return text
+    pytest.skip(f"no frontend bundle with the template store under {assets}")
 
 
 # ---------------------------------------------------------------------------------------------- 4. run examples
@@ -389,3 +425,251 @@ def test_bridges_inside_comfyui(tmp_path):
     if r["native_diff_keys"]:
         assert any(f"{r['native_diff_keys']} full-weight deltas" in n for n in r["converted_notes"]), r
     assert r["native_max_diff"] < 1e-5, r
+
+
+# ---------------------------------------------------------------------------------------------- 7. robustness
+TRAIN_EVENT = "comfy_finetune.train"
+TEMP_NAME = re.compile(r"(^\.|\.tmp|\.partial|\.part$)", re.IGNORECASE)  # atomic_write's .<name>.tmp-<pid>-<rand>
+
+
+def _node_id(prompt: dict, class_type: str) -> str:
+    ids = [nid for nid, n in prompt.items() if n["class_type"] == class_type]
+    assert len(ids) == 1, f"expected one {class_type} node, found {ids}"
+    return ids[0]
+
+
+def _train_events(events) -> list[dict]:
+    return [d for t, d in events if t == TRAIN_EVENT]
+
+
+def _leftover_temp_files(*roots: Path) -> list[str]:
+    return sorted(str(p) for root in roots if root.exists() for p in root.rglob("*") if TEMP_NAME.search(p.name))
+
+
+def _error_text(result: harness.PromptResult) -> str:
+    err = result.error or {}
+    return f"{err.get('node_type')}: {err.get('exception_message')}"
+
+
+def test_cancel_through_interrupt_keeps_a_resumable_checkpoint_and_the_queue_goes_on(server, node_defs):
+    """POST /interrupt while TrainLoRA runs (after its first loss event): the prompt ends 'interrupted' at the
+    training node, the step reached is saved as a resumable checkpoint (and resuming continues from it), no temp
+    or partial file is left anywhere, and the prompt queued behind it runs."""
+    from comfy_finetune.training.loop import load_checkpoint
+
+    train_wf = _example_api(REPO_ROOT / "example_workflows" / "Train a LoRA.json", node_defs)
+    train_id = _node_id(train_wf, "TrainLoRA")
+    long_run = apply_overrides(train_wf, [f"{train_id}.steps=100000", f"{train_id}.seed=11",
+                                          f"{train_id}.validate_every=0"], node_defs)
+    save_id = _node_id(long_run, "FinetuneSaveLoRA")
+    long_run[save_id]["inputs"]["name"] = f"cancel_test/never_{os.getpid()}"
+    nxt = apply_overrides(_example_api(REPO_ROOT / "example_workflows" / "Generate images.json", node_defs),
+                          ["Sample.seed=1234", "SaveImage.filename_prefix=after_cancel/img"], node_defs)
+    ckpt_dir = server.output_dir / "finetune_checkpoints"
+    before = set(ckpt_dir.glob("lora-*.pt")) if ckpt_dir.exists() else set()
+    saved_loras_before = sorted((server.models_dir / "loras").rglob("*"))
+
+    with server.session() as session:
+        pid = session.queue(long_run)
+        next_pid = session.queue(nxt)  # waits in the queue behind the training
+        session.wait_for(lambda t, d: t == TRAIN_EVENT, PROMPT_TIMEOUT_S, "comfy_finetune.train event")
+        assert server.interrupt(pid) == 200
+        cancelled = session.follow(pid, PROMPT_TIMEOUT_S)
+        after = session.follow(next_pid, PROMPT_TIMEOUT_S)
+
+    assert cancelled.status == "interrupted", (cancelled.status, _error_text(cancelled))
+    stopped = next(d for t, d in cancelled.events if t == "execution_interrupted")
+    assert stopped.get("node_type") == "TrainLoRA", stopped
+    steps_seen = [d["step"] for d in _train_events(cancelled.events)]
+    assert steps_seen and steps_seen[-1] < 100000, steps_seen
+
+    new = sorted(set(ckpt_dir.glob("lora-*.pt")) - before)
+    assert len(new) == 1, f"expected one new checkpoint in {ckpt_dir}, found {new} (had {before})"
+    state = load_checkpoint(new[0])
+    assert steps_seen[-1] <= state["step"] <= steps_seen[-1] + 1, (state["step"], steps_seen)
+    assert len(state["losses"]) == state["step"] and state["trainable"], sorted(state)
+    assert not _leftover_temp_files(server.output_dir, server.models_dir), \
+        _leftover_temp_files(server.output_dir, server.models_dir)
+    assert sorted((server.models_dir / "loras").rglob("*")) == saved_loras_before, "a cancelled run saved a LoRA"
+
+    assert after.status == "success", (after.status, _error_text(after))
+    assert any(server.saved_images(nxt, after).values()), after.history.get("outputs")
+
+    # the checkpoint is resumable: the same run with resume on goes on from the step it reached
+    resumed = apply_overrides(long_run, [f"{train_id}.steps={state['step'] + 2}", f"{train_id}.resume=true"],
+                              node_defs)
+    resumed[save_id]["inputs"]["name"] = f"cancel_test/resumed_{os.getpid()}"
+    result = _run(server, resumed, "resumed training")
+    steps = [d["step"] for d in _train_events(result.events)]
+    assert steps == [state["step"] + 1, state["step"] + 2], (state["step"], steps)
+
+
+def test_rerun_with_only_a_sampling_widget_changed_does_not_retrain(server, node_defs):
+    """Re-queue a training graph with only Sample's seed changed: ComfyUI reports the trainer cached
+    (``execution_cached``), no loss event arrives and the trainer never executes; only sampling runs again."""
+    wf = _example_api(REPO_ROOT / "example_workflows" / "Train a LoRA.json", node_defs)
+    train_id = _node_id(wf, "TrainLoRA")
+    sample_id = _node_id(wf, "Sample")
+    first = apply_overrides(wf, [f"{train_id}.steps=3", f"{train_id}.validate_every=0", f"{train_id}.seed=21",
+                                 "SaveImage.filename_prefix=cache_test/first"], node_defs)
+    first[_node_id(first, "FinetuneSaveLoRA")]["inputs"]["name"] = f"cache_test/lora_{os.getpid()}"
+    seed = first[sample_id]["inputs"]["seed"]
+    second = apply_overrides(first, [f"Sample.seed={seed + 1}"], node_defs)
+
+    r1 = _run(server, first, "training graph")
+    r2 = _run(server, second, "same graph, new sampling seed")
+
+    assert [d["step"] for d in _train_events(r1.events)] == [1, 2, 3]
+    assert any(t == "executing" and d.get("node") == train_id for t, d in r1.events)
+    cached = next(d["nodes"] for t, d in r2.events if t == "execution_cached")
+    assert train_id in cached, f"TrainLoRA ({train_id}) not in execution_cached {cached}"
+    assert not _train_events(r2.events), "training ran again"
+    executed = {d.get("node") for t, d in r2.events if t == "executing"}
+    assert train_id not in executed and sample_id in executed, executed
+    images1 = server.saved_images(first, r1)
+    images2 = server.saved_images(second, r2)
+    assert any(images2.values()) and images1 != images2
+
+
+def _settled_rss(server, seconds: float = 4.0) -> int:
+    """The server's RSS once it stops changing (ComfyUI finishes a prompt's bookkeeping after the last event)."""
+    last, end = server.rss_bytes(), time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.5)
+        now = server.rss_bytes()
+        if abs(now - last) < (1 << 20):
+            return now
+        last = now
+    return last
+
+
+def test_cancelled_and_failed_training_give_their_memory_back(server, node_defs):
+    """Full DreamBooth fine-tuning (batch 8 at 256 px, cancelled after its first step) grows the server's resident memory by well over 10 %;
+    after a cancel, and after a failure (the loss turns NaN at step 2), it is back within 10 % of the growth of
+    what it was before the run (and so within 10 % of before). A warm-up run at batch 1 loads the model and
+    caches the data first, so "before" holds everything that legitimately stays. The failure reaches the host as
+    a normal execution_error with our message (node, input, fix), and the next prompt runs."""
+    if not Path(f"/proc/{server.proc.pid}/status").exists():
+        pytest.skip("process memory is read from /proc (Linux)")
+    example = _example_api(REPO_ROOT / "example_workflows" / "Teach a subject (DreamBooth).json", node_defs)
+    keep = {"LoadBase", "TrainingData", "DreamBoothTrain"}
+    base = {nid: n for nid, n in example.items() if n["class_type"] in keep}
+    train_id = _node_id(base, "DreamBoothTrain")
+    base["990"] = {"class_type": "PreviewImage", "inputs": {"images": [train_id, 2]}}  # the loss plot
+    base = apply_overrides(base, ["TrainingData.resolution=256", "TrainingData.repeats=4",
+                                  f"{train_id}.method=full", f"{train_id}.prior_preservation=false",
+                                  f"{train_id}.validate_every=0", f"{train_id}.validation_prompt=",
+                                  f"{train_id}.batch_size=1", f"{train_id}.steps=2"], node_defs)
+    _run(server, base, "warm-up training (batch 1)")
+
+    def measured(prompt, stop_at_step: int | None):
+        server.reset_peak_rss()
+        with server.session() as session:
+            pid = session.queue(prompt)
+            if stop_at_step:
+                session.wait_for(lambda t, d: t == TRAIN_EVENT and d.get("step", 0) >= stop_at_step,
+                                 PROMPT_TIMEOUT_S, f"training step {stop_at_step}")
+                assert server.interrupt(pid) == 200
+            result = session.follow(pid, PROMPT_TIMEOUT_S)
+        return result, server.peak_rss_bytes(), _settled_rss(server)
+
+    mib = 1 << 20
+    before = _settled_rss(server)
+    cancel = apply_overrides(base, [f"{train_id}.batch_size=8", f"{train_id}.steps=100000", f"{train_id}.seed=3"],
+                             node_defs)
+    r_cancel, peak_cancel, after_cancel = measured(cancel, stop_at_step=1)
+    fail = apply_overrides(base, [f"{train_id}.batch_size=8", f"{train_id}.steps=20", f"{train_id}.seed=4",
+                                  f"{train_id}.learning_rate=10"], node_defs)
+    r_fail, peak_fail, after_fail = measured(fail, stop_at_step=None)
+
+    report = (f"RSS before {before / mib:.0f} MiB; cancel: peak {peak_cancel / mib:.0f}, after "
+              f"{after_cancel / mib:.0f}; failure: peak {peak_fail / mib:.0f}, after {after_fail / mib:.0f}")
+    print(report)
+    assert r_cancel.status == "interrupted", (r_cancel.status, _error_text(r_cancel))
+    assert r_fail.status == "error", (r_fail.status, r_fail.history.get("status"))
+    for what, peak, after in (("cancel", peak_cancel, after_cancel), ("failure", peak_fail, after_fail)):
+        growth = peak - before
+        assert growth > 0.10 * before, f"{what}: the run grew RSS by only {growth / mib:.0f} MiB, too little to " \
+                                        f"tell a leak from noise ({report})"
+        assert after - before <= 0.10 * growth, f"{what}: {(after - before) / mib:.0f} of the run's " \
+                                                 f"{growth / mib:.0f} MiB growth stayed resident ({report})"
+
+    err = r_fail.error
+    msg = str(err.get("exception_message"))
+    assert err.get("node_type") == "DreamBoothTrain" and err.get("node_id") == train_id, err
+    assert "[DreamBoothTrain]" in msg and "learning_rate" in msg and "nan" in msg.lower(), msg
+    assert re.search(r"\bFix:", msg), msg
+    nxt = apply_overrides(_example_api(REPO_ROOT / "example_workflows" / "Generate images.json", node_defs),
+                          ["Sample.seed=99", "SaveImage.filename_prefix=after_failure/img"], node_defs)
+    assert any(server.saved_images(nxt, _run(server, nxt, "prompt after the failure")).values())
+
+
+# ---------------------------------------------------------------------------------------------- 8. link types
+def link_allowed(output_type, input_type) -> bool:
+    """The frontend's link check (LiteGraph ``isValidConnection``, frontend 1.27): "" / "*" match anything, else
+    the type names compared case-insensitively, comma-separated unions matching if any member does."""
+    a = 0 if output_type in ("", "*") else output_type
+    b = 0 if input_type in ("", "*") else input_type
+    if not a or not b or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(link_allowed(x, y) for x in a.split(",") for y in b.split(","))
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _link_types(info: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """``([(input name, type)], [output types])`` of a node's link (non-widget) sockets in /object_info."""
+    inputs = []
+    for section in ("required", "optional"):
+        for name, spec in ((info.get("input") or {}).get(section) or {}).items():
+            kind = spec[0] if isinstance(spec, list) and spec else spec
+            if isinstance(kind, str) and kind not in WIDGET_TYPES:
+                inputs.append((name, kind))
+    return inputs, [t for t in info.get("output") or [] if isinstance(t, str)]
+
+
+def test_custom_types_are_namespaced_and_never_link_to_native_sockets(object_info):
+    """Every socket type only this pack uses is FT_*; no native node (any other pack or ComfyUI's own) has an
+    output the frontend would let into an FT_* input, or an input (other than "*" wildcards) an FT_* output could
+    go into. So an incompatible input can never be linked to a training node."""
+    ours = {k: v for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK}"}
+    native = {k: v for k, v in object_info.items() if k not in ours}
+    assert set(ours) == set(NODE_CLASS_MAPPINGS) and len(native) > 100, (len(ours), len(native))
+
+    native_in, native_out = set(), set()
+    for info in native.values():
+        ins, outs = _link_types(info)
+        native_in.update(t for _, t in ins)
+        native_out.update(outs)
+    native_types = native_in | native_out
+    our_types = set()
+    for info in ours.values():
+        ins, outs = _link_types(info)
+        our_types.update(t for _, t in ins)
+        our_types.update(outs)
+        assert "*" not in {t for _, t in ins} and not any("," in t for _, t in ins), info["name"]
+
+    ft = {t for t in our_types if t.startswith("FT_")}
+    assert ft, our_types
+    own = our_types - native_types  # used by no other node: must be namespaced
+    assert own == ft, f"types only this pack uses but not FT_*: {sorted(own - ft)}; FT_* types a native node " \
+                      f"uses: {sorted(ft - own)}"
+    assert not {t.lower() for t in ft} & {t.lower() for t in native_types}  # the check is case-insensitive
+
+    for node_id, info in ours.items():
+        ins, outs = _link_types(info)
+        for name, kind in ins:
+            if kind in ft:
+                bad = sorted(t for t in native_out if link_allowed(t, kind))
+                assert not bad, f"{node_id}.{name} ({kind}) would accept native outputs {bad}"
+        for kind in outs:
+            if kind in ft:
+                bad = sorted(t for t in native_in if t not in ("", "*") and link_allowed(kind, t))
+                assert not bad, f"{node_id} output {kind} would link into native inputs {bad}"
+    # and the rule the test relies on is the frontend's
+    assert not link_allowed("MODEL", "FT_PIPE") and not link_allowed("FT_LORA", "LORA_MODEL")
+    assert link_allowed("FT_LORA", "FT_LORA") and link_allowed("IMAGE", "*") and link_allowed("A,FT_X", "ft_x")
