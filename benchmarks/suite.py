@@ -133,12 +133,13 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_rate(device, seconds: float = 2.0) -> dict:
-    """Dense matmul FLOP/s of the device: bf16 8192^3 on CUDA, fp32 1024^3 on the CPU (median of timed runs)."""
+def matmul_rate(device, seconds: float = 3.0) -> dict:
+    """Dense matmul FLOP/s of the device: bf16 8192^3 on CUDA, fp32 2048^3 on the CPU; the best of the timed runs
+    (the rate the device reaches, not one slowed by another process)."""
     import torch
 
     cuda = device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -146,13 +147,56 @@ def matmul_rate(device, seconds: float = 2.0) -> dict:
     _sync(device)
     rates, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(rates) < 5:
-        reps = 10 if cuda else 2
+        reps = 10 if cuda else 1
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
         _sync(device)
         rates.append(2 * n**3 * reps / (time.perf_counter() - t))
-    return {"flops_per_s": statistics.median(rates), "dtype": str(dtype).replace("torch.", ""), "n": n}
+    return {"flops_per_s": max(rates), "median_flops_per_s": statistics.median(rates), "dtype": str(dtype).replace("torch.", ""), "n": n}
+
+
+def real_size_flops(models=("sd15", "sdxl"), batches=(1, 8)) -> dict:
+    """FLOPs of one LoRA training step (UNet forward + backward, rank 16, attention + feed-forward) and of one
+    UNet forward, for the real-size UNets at their native sizes, counted on the meta device (no memory, no
+    compute: seconds on any machine). What the GPU targets' MFU refers to."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from comfy_finetune.core.realsize import NATIVE_SIZE, load_configs
+    from comfy_finetune.training.lora_trainer import UNET_TARGETS
+
+    out = {}
+    for name in models:
+        cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in load_configs(name)["unet"].items()
+               if not k.startswith("_")}
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg)
+        unet.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=list(UNET_TARGETS[
+            "attention+feedforward"])), unet)
+        for n, p in unet.named_parameters():
+            p.requires_grad_("lora_" in n)
+        size = NATIVE_SIZE[name]
+        for b in batches:
+            x = torch.randn(b, 4, size // 8, size // 8, device="meta")
+            ctx = torch.randn(b, 77, cfg["cross_attention_dim"], device="meta")
+            added = None
+            if cfg.get("addition_embed_type") == "text_time":
+                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+                added = {"text_embeds": torch.randn(b, pooled, device="meta"),
+                         "time_ids": torch.randn(b, 6, device="meta")}
+            t = torch.zeros(b, dtype=torch.long, device="meta")
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                pred = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+                forward = counter.get_total_flops()
+                pred.float().pow(2).mean().backward()
+            out[f"{name} {size}px b{b}"] = {"unet_forward_flops": int(forward),
+                                            "lora_step_flops": int(counter.get_total_flops())}
+    return out
 
 
 def environment(device) -> dict:
@@ -255,7 +299,9 @@ def run_train_case(case: dict, handle, device) -> dict:
 
     from comfy_finetune import host
 
-    data = _dataset(case["size"], max(4, case["batch"]))
+    # exactly one batch of images: every latent and caption is encoded in the first (warm-up) step, so the timed
+    # steps and the FLOP difference below are training steps only (no VAE encode of a not-yet-seen image)
+    data = _dataset(case["size"], case["batch"])
     run = _train_fn(case, handle, data)
     stamps: dict[int, float] = {}
 
@@ -407,7 +453,7 @@ def label(case: dict) -> str:
     return " ".join(bits)
 
 
-def report(env: dict, rate: dict, rows: list[dict], overhead: dict) -> str:
+def report(env: dict, rate: dict, rows: list[dict], overhead: dict, flops_real: dict) -> str:
     cuda = env["device"].startswith("cuda")
     mem_head = "peak MiB" if cuda else "+RSS MiB"
     lines = [f"machine: {env.get('gpu', 'no GPU')} | CPU {env['cpu']} ({env['cores']} cores, {env['threads']} "
@@ -429,6 +475,9 @@ def report(env: dict, rate: dict, rows: list[dict], overhead: dict) -> str:
         else:
             lines.append(f"{label(row['case']):44}{r['step_s']:9.4f}{r['images_per_s']:9.2f}{'':9}{'':9}"
                          f"{r['flops_per_step'] / 1e9:10.1f}{r['mfu']:7.1%}{mem:10.0f}")
+    for name, f in flops_real.items():
+        lines.append(f"real-size {name}: LoRA step {f['lora_step_flops'] / 1e12:.2f} TFLOP, UNet forward "
+                     f"{f['unet_forward_flops'] / 1e12:.2f} TFLOP (meta device count)")
     for name, o in overhead.items():
         lines.append(f"overhead {name}: " + (f"{o['ratio']:.3f} (target <= {o['target']})" if "ratio" in o
                                              else f"error {o['error']}"))
@@ -474,15 +523,17 @@ def main(argv=None) -> int:
         rows.append({"case": case, "label": label(case), "result": result})
         print(f"  {label(case)}: " + (result.get("error") or ", ".join(
             f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))), flush=True)
+    flops_real = real_size_flops()
     overhead = {}
     if "tiny" in models and device.type == "cpu" and not args.no_overhead:
         with tempfile.TemporaryDirectory(prefix="ft-suite-") as tmp:
             overhead = overhead_ratios(Path(tmp))
-    text = report(env, rate, rows, overhead)
+    text = report(env, rate, rows, overhead, flops_real)
     print("\n" + text)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "matmul": rate, "results": rows,
-                                               "overhead": overhead, "table": text}, indent=1))
+                                               "overhead": overhead, "real_size_flops": flops_real,
+                                               "table": text}, indent=1))
         print(f"\nwrote {args.json}")
     return 0
 
