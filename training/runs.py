@@ -16,6 +16,7 @@ from .. import host
 from ..core.errors import FinetuneError
 from ..core.sampling import SampleSettings, sample_patched
 from .loop import TrainResult, checkpoint_path, run_key, train, training_mode
+from .memory import check as check_memory
 from .settings import TrainSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,6 +119,7 @@ def run_training(kind: str, handle: "ModelHandle", dataset: "TrainingSet", setti
 
     try:
         with training_mode(), handle.patched(), objective.attached():
+            check_memory(handle, dataset, settings, objective, node=node, device=device)  # before any step
             result = train(objective, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
                            node=node, device=device, checkpoint=ckpt,
                            validate=validate if validation is not None and validation.prompt else None)
