@@ -310,8 +310,8 @@ def probe_activations(unet: torch.nn.Module, mode: str, trained: frozenset[str],
     key = (repr(sorted(cfg.items())), mode, hash(trained), context_grad, width, height, dtype)
     if key in _PROBES:
         return _PROBES[key]
-    with torch.device("meta"):
-        meta = type(unet).from_config(cfg).to(dtype)
+    with _default_dtype(dtype), torch.device("meta"):
+        meta = type(unet).from_config(cfg)
     meta.requires_grad_(False)
     meta.train()
     if mode == "full":
@@ -413,6 +413,16 @@ def current_choice(work: Workload, settings: Any) -> Choice:
 def _precision(settings: Any, device: torch.device) -> str:
     resolve = getattr(settings, "resolved_precision", None)  # "auto": bf16/fp16 on a GPU, fp32 on the CPU
     return str(resolve(device)) if callable(resolve) else str(getattr(settings, "precision", "fp32"))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _bnb_available() -> bool:
@@ -520,3 +530,64 @@ def _input_of(change: str) -> str:
         if name in change:
             return name
     return "batch_size"
+
+
+# ---------------------------------------------------------------------------------------------- real-size table
+def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, int]:
+    """(meta UNet in ``dtype``, UNet parameter count, VAE + text encoder parameter count) of a real architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
+
+    from ..core.realsize import load_configs  # noqa: PLC0415
+
+    cfgs = load_configs(name)
+    with _default_dtype(dtype), torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfgs["unet"])
+        others = [AutoencoderKL.from_config(cfgs["vae"])]
+        others += [CLIPTextModel(CLIPTextConfig(**{k: v for k, v in c.items() if k != "architectures"}))
+                   for k, c in cfgs.items() if k.startswith("text_encoder")]
+    return unet, sum(p.numel() for p in unet.parameters()), sum(p.numel() for m in others for p in m.parameters())
+
+
+def real_size_estimates() -> list[dict]:
+    """Estimated peaks of the issue's target settings on the real SD 1.5 / SDXL architectures (``configs/``,
+    built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said otherwise."""
+    from .lora_trainer import UNET_TARGETS  # noqa: PLC0415
+
+    rows = []
+    cases = [  # (architecture, kind, resolution, batch, checkpointing, precision, optimizer)
+        ("sd15", "lora", 512, 1, True, "bf16", "adamw"), ("sd15", "lora", 512, 1, False, "bf16", "adamw"),
+        ("sd15", "lora", 512, 8, False, "bf16", "adamw"), ("sd15", "lora", 512, 8, True, "bf16", "adamw"),
+        ("sdxl", "lora", 1024, 1, True, "bf16", "adamw"), ("sdxl", "lora", 1024, 1, False, "bf16", "adamw"),
+        ("sd15", "full", 512, 1, True, "bf16", "adamw8bit"), ("sd15", "full", 512, 1, True, "bf16", "adamw"),
+    ]
+    for name, kind, res, batch, ckpt, precision, optimizer in cases:
+        unet, n_unet, n_other = _meta_counts(name, torch.bfloat16)
+        targets = UNET_TARGETS["attention+feedforward"]
+        names = frozenset(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+                          and any(n == t or n.endswith("." + t) for t in targets))
+        if kind == "lora":
+            rank = 16
+            lora = sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules() if n in names)
+            weights, extra, values = (n_unet + n_other) * 2, lora, lora
+        else:  # full: a fp32 trained copy of the UNet beside the bf16 base (FullObjective)
+            weights, extra, values = (n_unet + n_other) * 2 + n_unet * 4, 0, n_unet
+        work = Workload(unet=unet, weight_bytes=weights, frozen_half_saving=0, extra_trainable_values=extra,
+                        trainable_values=values, trainable_bytes_per_value=4, mode=kind,
+                        trained_names=names if kind == "lora" else frozenset(), context_grad=False,
+                        text_encoder_values=0, unet_passes=1, vae_channels=128, encode_batches=False,
+                        width=res, height=res, device=torch.device("cuda"))
+        if kind == "full":  # the trained copy is fp32 (autocast bf16): probe it as such
+            work.unet = _meta_counts(name, torch.float32)[0]
+        est = estimate(work, Choice(batch, ckpt, precision, optimizer, res, res))
+        rows.append({"model": name, "kind": kind, "resolution": res, "batch": batch, "checkpointing": ckpt,
+                     "precision": precision, "optimizer": optimizer, "peak_gb": est.total / GB,
+                     "parts": est.parts()})
+    return rows
+
+
+if __name__ == "__main__":  # python -m comfy_finetune.training.memory: the real-size table
+    for row in real_size_estimates():
+        print(f"{row['model']:5} {row['kind']:4} {row['resolution']:5} px  batch {row['batch']}  "
+              f"ckpt {'on ' if row['checkpointing'] else 'off'}  {row['precision']}  {row['optimizer']:9}  "
+              f"peak {row['peak_gb']:5.1f} GB  ({row['parts']})")
