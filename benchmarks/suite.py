@@ -391,6 +391,9 @@ def child(case: dict) -> dict:
 
     _quiet_libraries()
     device = torch.device(case["device"])
+    # the matmul rate again, in this process just before the case: on a shared CPU the rate a case can reach moves
+    # with the other load, so its MFU is taken against this one (the run's start-up rate is reported too)
+    rate = matmul_rate(device, seconds=1.5 if device.type == "cpu" else 2.0)["flops_per_s"]
     with tempfile.TemporaryDirectory(prefix="ft-suite-") as tmp:
         handle = _handle(case["model"], case["precision"], case["device"], Path(tmp))
         from comfy_finetune.core.realsize import parameter_counts
@@ -400,7 +403,7 @@ def child(case: dict) -> dict:
             out = run_sample_case(case, handle, device)
         else:
             out = run_train_case(case, handle, device)
-    return {**out, "params": params}
+    return {**out, "params": params, "case_matmul_flops_per_s": rate}
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -519,7 +522,9 @@ def main(argv=None) -> int:
         result = run_case(case, args.timeout)
         if "flops_per_step" in result:
             step = result["step_s"] if "step_s" in result else result["ours_s"] / case["steps"]
-            result["mfu"] = result["flops_per_step"] / step / rate["flops_per_s"]
+            peak = max(result.get("case_matmul_flops_per_s", 0.0), rate["flops_per_s"]) if device.type == "cuda" \
+                else result.get("case_matmul_flops_per_s") or rate["flops_per_s"]
+            result["mfu"] = result["flops_per_step"] / step / peak
         rows.append({"case": case, "label": label(case), "result": result})
         print(f"  {label(case)}: " + (result.get("error") or ", ".join(
             f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))), flush=True)

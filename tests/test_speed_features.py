@@ -366,3 +366,52 @@ def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handle
     assert during and all(d == ("cpu", "cpu", 3) for d in during)
     assert te[0] == 3
     assert where[id(base.vae)] == str(base.device)  # back where they were after the run
+
+
+# ------------------------------------------------------------------------------------------------ real-size configs
+def test_shipped_configs_build_the_real_architectures():
+    """Counted on the meta device (no memory): the published parameter counts of SD 1.5 and SDXL."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from comfy_finetune.core.realsize import load_configs
+
+    def clean(cfg):
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+                if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    expected = {"sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+                "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                         "text_encoder_2": 694_659_840}}
+    for name, parts in expected.items():
+        configs = load_configs(name)
+        assert set(configs) == set(parts)
+        with torch.device("meta"):
+            built = {"unet": UNet2DConditionModel(**clean(configs["unet"])),
+                     "vae": AutoencoderKL(**clean(configs["vae"])),
+                     "text_encoder": CLIPTextModel(CLIPTextConfig(**clean(configs["text_encoder"])))}
+            if "text_encoder_2" in configs:
+                built["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**clean(
+                    configs["text_encoder_2"])))
+        assert {k: count(m) for k, m in built.items()} == parts
+    with pytest.raises(ValueError):
+        load_configs("sd3")
+
+
+def test_realsize_builder_allocates_in_the_target_dtype(models_dir, one_thread):
+    from comfy_finetune.core.realsize import build_base, parameter_counts
+
+    h = build_base("small", "bf16", "cpu")
+    base = h.base
+    assert base.family.value == "sd1" and base.dtype == torch.bfloat16
+    assert {p.dtype for m in (base.unet, base.vae, *base.text_encoders) for p in m.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in base.unet.parameters())
+    assert parameter_counts(h)["unet"] == sum(p.numel() for p in base.unet.parameters()) > 30_000_000
+    # it is a working model: the pack's own sampling runs on it
+    from comfy_finetune.core.sampling import SampleSettings, sample
+
+    image = sample(h, SampleSettings(prompt="a red circle", steps=1, width=64, height=64, cfg=1.0))
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
