@@ -2,23 +2,25 @@
 
     python benchmarks/suite.py [--device cpu|cuda] [--models tiny,small,sd15,sdxl] [--json out.json] [--quick]
 
-Models: ``tiny`` / ``tinyxl`` (core/tiny.py SD 1.x / SDXL), ``small`` (SD 1.5 layout at ~1/10 width) and the real-size ``sd15`` / ``sdxl``
-architectures from ``configs/`` with random weights (core/realsize.py; nothing is downloaded). The CPU default is
-tiny + small at scaled sizes so it finishes in a few minutes; on a GPU the default is sd15 + sdxl at 512 / 1024 px.
+Models: ``tiny`` / ``tinyxl`` (core/tiny.py SD 1.x / SDXL), ``small`` (SD 1.5 layout at ~1/10 width) and the
+real-size ``sd15`` / ``sdxl`` architectures from ``configs/`` with random weights (core/realsize.py; nothing is
+downloaded). The CPU default is tiny + small at scaled sizes so it finishes in a few minutes; on a GPU the default
+is sd15 + sdxl at 512 / 1024 px.
 
 Every case runs the pack's own code (training/* trainers through run_training and the shared loop;
 core/sampling.py for sampling) in a fresh subprocess, so peak memory does not mix between cases:
 
 * **train** (LoRA, full DreamBooth, Textual Inversion): seconds per optimizer step (median time between the loop's
-  progress events after a warm-up), images/s, peak memory (CUDA: ``max_memory_allocated``, weights included; CPU: peak RSS
-  growth over the loaded model), and model FLOPs utilisation = FLOPs of one step / step time / the device's
+  progress events after a warm-up), images/s, peak memory (CUDA: ``max_memory_allocated``, weights included; CPU:
+  peak RSS growth over the loaded model), and model FLOPs utilisation = FLOPs of one step / step time / the device's
   matmul rate. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` as the difference between a 2-step
   and a 1-step run (so one-off encoding and setup cancel), counted without gradient checkpointing (model FLOPs,
   not the recomputation).
 * **sample**: denoising steps/s of ``core.sampling.sample`` against a plain diffusers pipeline built from the same
   modules, same scheduler, prompt, cfg, size, batch and initial noise, alternated in the same process; MFU the same
   way.
-* the matmul rate (bf16 on CUDA, fp32 on CPU) is measured at the start of the same run;
+* the matmul rate (bf16 on CUDA, fp32 on CPU) is measured at the start of the same run and again in each case's
+  process; real-size SD 1.5 / SDXL step FLOPs are counted on the meta device;
 * with ``tiny`` on the CPU, the graph/patch overhead ratios of ``sample_overhead.py`` and ``train_overhead.py``
   (target <= 1.05).
 """
@@ -153,7 +155,8 @@ def matmul_rate(device, seconds: float = 3.0) -> dict:
             a @ b
         _sync(device)
         rates.append(2 * n**3 * reps / (time.perf_counter() - t))
-    return {"flops_per_s": max(rates), "median_flops_per_s": statistics.median(rates), "dtype": str(dtype).replace("torch.", ""), "n": n}
+    return {"flops_per_s": max(rates), "median_flops_per_s": statistics.median(rates),
+            "dtype": str(dtype).replace("torch.", ""), "n": n}
 
 
 def real_size_flops(models=("sd15", "sdxl"), batches=(1, 8)) -> dict:
@@ -211,7 +214,8 @@ def environment(device) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    env = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+    env = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "python": platform.python_version(),
            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "device": str(device), "bitsandbytes": _has("bitsandbytes")}
     if device.type == "cuda":
@@ -271,11 +275,12 @@ def _train_fn(case: dict, handle, data):
 
     kind = case["kind"]
 
-    def run(steps: int, checkpointing: bool):
+    def run(steps: int, checkpointing: bool, compiled: bool | None = None):
         settings = TrainSettings(steps=steps, learning_rate=1e-5 if kind == "dreambooth" else 1e-4,
                                  batch_size=case["batch"], precision=case["precision"],
                                  gradient_checkpointing=checkpointing, optimizer=case.get("optimizer", "adamw"),
-                                 cache_to_disk=False, compile=case.get("compile", False),
+                                 cache_to_disk=False,
+                                 compile=case.get("compile", False) if compiled is None else compiled,
                                  offload_frozen=case.get("offload", False), seed=0)
         if kind == "lora":
             from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
@@ -317,7 +322,8 @@ def run_train_case(case: dict, handle, device) -> dict:
     memory = mem.result()
     # median of the per-step times after the warm-up: robust to a step slowed by another process
     step_s = statistics.median(stamps[i + 1] - stamps[i] for i in range(warm, warm + n))
-    flops = count_flops(lambda: run(2, False)) - count_flops(lambda: run(1, False))
+    # model FLOPs: eager (compiling under the counter would only add compile time), no checkpointing
+    flops = count_flops(lambda: run(2, False, False)) - count_flops(lambda: run(1, False, False))
     del torch
     return {"step_s": step_s, "images_per_s": case["batch"] / step_s, "flops_per_step": flops, **memory}
 
