@@ -47,6 +47,11 @@ class BaseModel:
     def info(self) -> FamilyInfo:
         return info(self.family)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 8 for every released SD model, 4 for the three-block shapes-tiny VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def component(self, name: str):
         """``unet``, ``te1`` or ``te2``."""
         if name == "unet":

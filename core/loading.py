@@ -26,6 +26,10 @@ log = logging.getLogger("comfy_finetune")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEMO_NAME = "[built-in] demo-tiny (untrained, for trying the pack)"
+SHAPES_NAME = "[built-in] shapes-tiny"
+#: The pretrained tiny SD 1.x model of the shapes world that ships with the pack (see shapes/train_base.py).
+SHAPES_FOLDER = Path(__file__).resolve().parent.parent / "shapes" / "shapes-tiny"
+DEFAULT_MODEL = SHAPES_NAME
 
 _cache: "weakref.WeakValueDictionary[tuple, BaseModel]" = weakref.WeakValueDictionary()
 
@@ -287,10 +291,10 @@ def demo_folder() -> Path:
 
 
 def available_models() -> list[str]:
-    """Names LoadBase offers: the built-in demo, checkpoints files, diffusers folders."""
+    """Names LoadBase offers: the built-in models, checkpoints files, diffusers folders."""
     from .. import host  # noqa: PLC0415
 
-    names = [DEMO_NAME]
+    names = [SHAPES_NAME, DEMO_NAME]
     names += host.list_files("checkpoints")
     names += [f"diffusers/{n}" for n in host.list_diffusers_folders()]
     return names
@@ -305,6 +309,14 @@ def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str 
     if hub_id.strip():
         key: tuple = ("hub", hub_id.strip(), str(dt), str(dev))
         loader = lambda: load_hub(hub_id.strip(), dt, dev)  # noqa: E731
+    elif name == SHAPES_NAME:
+        folder = SHAPES_FOLDER
+        if not (folder / "model_index.json").exists():
+            raise FinetuneError("the built-in shapes-tiny model is missing from the installed pack", node="LoadBase",
+                                input="ckpt_name", fix="reinstall the pack, or rebuild it with "
+                                "python -m comfy_finetune.shapes.train_base --force")
+        key = ("shapes", str(folder), str(dt), str(dev))
+        loader = lambda: load_diffusers_folder(folder, dt, dev, label="shapes-tiny")  # noqa: E731
     elif name == DEMO_NAME:
         folder = demo_folder()
         key = ("demo", str(folder), str(dt), str(dev))

@@ -178,7 +178,8 @@ def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callab
         context = context.to(device=device, dtype=dtype)
 
         scheduler.set_timesteps(s.steps, device=device)
-        latents = comfy_noise(s.seed, (b, base.unet.config.in_channels, s.height // 8, s.width // 8))
+        latents = comfy_noise(s.seed, (b, base.unet.config.in_channels, s.height // base.vae_scale_factor,
+                                      s.width // base.vae_scale_factor))
         latents = latents.to(device) * scheduler.init_noise_sigma
         step_gen = torch.Generator("cpu").manual_seed(int(s.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         timesteps = scheduler.timesteps

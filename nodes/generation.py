@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import host
 from ..core.conditioning import Negative
 from ..core.errors import FinetuneError
-from ..core.loading import DEMO_NAME, DTYPES, DEVICES, available_models, load_base
+from ..core.loading import DEFAULT_MODEL, DTYPES, DEVICES, available_models, load_base
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, file_signature
 
@@ -20,7 +20,8 @@ class LoadBase(FTNode):
     CATEGORY = f"{CATEGORY}/models"
     DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL base model: a single-file checkpoint from "
                    "models/checkpoints, a diffusers folder from models/diffusers, a Hugging Face hub id, or the "
-                   "built-in demo model. Loading the same model twice reuses the weights in memory.")
+                   "built-in models (shapes-tiny: a small pretrained model of a world of coloured shapes, 64x64 px; demo-tiny: "
+                   "untrained). Loading the same model twice reuses the weights in memory.")
     RETURN_TYPES = (PIPE,)
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The model handle: base weights plus the LoRAs and embeddings added downstream.",)
@@ -30,9 +31,10 @@ class LoadBase(FTNode):
         return {
             "required": {
                 "ckpt_name": (available_models(), {
-                    "default": DEMO_NAME,
-                    "tooltip": "Checkpoint file (models/checkpoints), diffusers folder (models/diffusers) or the "
-                               "built-in untrained demo model.",
+                    "default": DEFAULT_MODEL,
+                    "tooltip": "Checkpoint file (models/checkpoints), diffusers folder (models/diffusers) or a "
+                               "built-in model: shapes-tiny (pretrained on coloured shapes; sample at 64x64) or "
+                               "demo-tiny (untrained).",
                 }),
                 "dtype": (list(DTYPES), {"default": "auto",
                                          "tooltip": "Weight precision. auto: bf16/fp16 on GPU, fp32 on CPU."}),

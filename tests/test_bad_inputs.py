@@ -96,6 +96,7 @@ DEFAULTS: dict[str, dict] = {
                              strength_clip=1.0),
     "EmbeddingToPrompt": dict(embedding=Ref("embedding:sd1"), pipe=PIPE, name="bad_inputs/word", overwrite=True),
     "NativeLoRAToFinetune": dict(lora={}, pipe=PIPE),
+    "FinetuneImageGrid": dict(images_1=Ref("images"), label_1="before"),
 }
 
 
@@ -405,6 +406,14 @@ ROWS: list[Row] = [
         input="pipe"),
     Row("NativeLoRAToFinetune-lora-missing-executor", "NativeLoRAToFinetune", dict(), via="executor",
         error=PromptValidationError, match="missing", input="lora", drop=("lora",)),
+    Row("FinetuneImageGrid-images-STRING", "FinetuneImageGrid", dict(images_2="a picture"), match="IMAGE",
+        input="images_2"),
+    Row("FinetuneImageGrid-images-2d-tensor", "FinetuneImageGrid", dict(images_2=torch.zeros(16, 16)),
+        match="IMAGE", input="images_2"),
+    Row("FinetuneImageGrid-images-missing-executor", "FinetuneImageGrid", dict(), via="executor",
+        error=PromptValidationError, match="missing", input="images_1", drop=("images_1",)),
+    Row("FinetuneImageGrid-two-rows-ok", "FinetuneImageGrid", dict(images_2=Ref("images"), label_2="after"),
+        error=None, check=lambda out, res: out[0].shape[0] == 1 and out[0].shape[-1] == 3),
     # ------------------------------------------------------------------------------------------ FinetuneSaveLoRA
     Row("FinetuneSaveLoRA-name-empty", "FinetuneSaveLoRA", dict(name=""), match="empty", input="name"),
     Row("FinetuneSaveLoRA-name-blank", "FinetuneSaveLoRA", dict(name="  / "), match="name", input="name"),
