@@ -300,4 +300,5 @@ def test_training_examples_keep_widget_positions():
     path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())
     train = next(n for n in api.values() if n["class_type"] == "TrainLoRA")["inputs"]
-    assert train["validation_prompt"] == "a striped red star" and train["validate_every"] == 30
+    assert train["validation_prompt"] == "a striped purple cross on a white background"
+    assert train["validate_every"] == 100

@@ -116,14 +116,14 @@ class DiskCache:
         return self.folder / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from ..core.safeio import load_safetensors  # noqa: PLC0415
 
         path = self.path(key)
         if not path.is_file():
             self.misses += 1
             return None
         try:
-            out = load_file(str(path))
+            out, _ = load_safetensors(path)  # header checked before anything is allocated
         except Exception:  # noqa: BLE001 - damaged file: recompute and overwrite
             self.misses += 1
             return None
