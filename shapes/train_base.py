@@ -9,9 +9,9 @@ What it builds (a diffusers folder, the layout ``StableDiffusionPipeline`` reads
   any other text still tokenizes, character by character.
 * ``vae/``: an ``AutoencoderKL`` with three blocks (64x64 pixels <-> 4x16x16 latents), trained as the image codec on
   every combination of the world, held-out ones included: like SD's VAE it is a generic codec and knows no words.
-* ``text_encoder/`` + ``unet/``: a CLIP text encoder and a ``UNet2DConditionModel`` (epsilon prediction, SD's
-  scaled-linear schedule) trained together from scratch on :func:`~comfy_finetune.shapes.world.training_specs`
-  only. Captions vary the way people write prompts (full caption, without the background, without the colour, the
+* ``text_encoder/`` + ``unet/``: a CLIP text encoder, first pretrained to name each caption's attributes (see
+  :func:`pretrain_text_encoder`), and a ``UNet2DConditionModel`` (epsilon prediction, SD's scaled-linear
+  schedule), then trained together from scratch on :func:`~comfy_finetune.shapes.world.training_specs` only. Captions vary the way people write prompts (full caption, without the background, without the colour, the
   shape named ``shape``, and empty for classifier-free guidance), so partial prompts and CFG work.
 * ``metrics.json``: the settings, the world fingerprint, the loss curve summary and the judged accuracy of samples
   (through the pack's own sampler) on the training prompts and on the compositional probe.
