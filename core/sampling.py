@@ -211,10 +211,6 @@ def vae_tiling_needed(vae, height: int, width: int) -> bool:
     return max(height, width) > TILE_ABOVE * native
 
 
-def _vae_scale(vae) -> int:
-    return 2 ** (len(getattr(vae.config, "block_out_channels", (0, 0, 0, 0))) - 1)
-
-
 def decode(handle: "ModelHandle", latents: "torch.Tensor") -> "torch.Tensor":
     """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch.
 
@@ -225,7 +221,7 @@ def decode(handle: "ModelHandle", latents: "torch.Tensor") -> "torch.Tensor":
 
     vae = handle.base.vae
     vae_dtype = next(vae.parameters()).dtype
-    scale = _vae_scale(vae)
+    scale = handle.base.vae_scale_factor
     tiled = vae_tiling_needed(vae, latents.shape[-2] * scale, latents.shape[-1] * scale)
     was_tiling = bool(getattr(vae, "use_tiling", False))
     with torch.inference_mode():

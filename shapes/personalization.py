@@ -31,14 +31,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from comfy_finetune.core.loading import SHAPES_NAME
-from comfy_finetune.core.sampling import SampleSettings, sample
 from comfy_finetune.nodes.data import TrainingDataFromImages
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.nodes.embedding_training import LearnEmbedding
@@ -47,6 +46,7 @@ from comfy_finetune.nodes.training import TrainLoRA
 from comfy_finetune.shapes import world as W
 from comfy_finetune.shapes.judge import evaluate as judge_evaluate
 from comfy_finetune.shapes.judge import load_judge
+from comfy_finetune.shapes.train_base import evaluate_base, sample_prompts
 
 SIZE = 64
 SUBJECT = W.Spec("star", "green", "white")
@@ -109,13 +109,9 @@ def dataset(specs: Sequence[W.Spec], captions: Sequence[str], split: str = "benc
 
 def generate(pipe, prompts: Sequence[str], budget: Budget, seed0: int = 1000) -> torch.Tensor:
     """``budget.samples`` images per prompt (seeds seed0, seed0+1, ...), through the pack's sampler."""
-    out = []
-    for prompt in prompts:
-        for k in range(budget.samples):
-            s = SampleSettings(prompt=prompt, negative="", seed=seed0 + k, steps=budget.sample_steps, cfg=budget.cfg,
-                               sampler="euler", scheduler="normal", width=SIZE, height=SIZE, batch_size=1)
-            out.append(sample(pipe, s))
-    return torch.cat(out)
+    return sample_prompts(pipe, [p for p in prompts for _ in range(budget.samples)],
+                          [seed0 + k for _ in prompts for k in range(budget.samples)],
+                          steps=budget.sample_steps, cfg=budget.cfg)
 
 
 def share(images: torch.Tensor, test: Callable[[Any], bool]) -> float:
@@ -148,7 +144,7 @@ def class_accuracy(pipe, budget: Budget) -> float:
     specs = class_prompts()
     prompts = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} shape on a {s.background} background"
                for s in specs]
-    b = Budget(**{**asdict(budget), "samples": max(2, budget.samples // 4)})
+    b = replace(budget, samples=max(2, budget.samples // 4))
     images = generate(pipe, prompts, b, seed0=7000)
     verdicts = load_judge()(images)
     many = [s for s in specs for _ in range(b.samples)]
@@ -156,8 +152,6 @@ def class_accuracy(pipe, budget: Budget) -> float:
 
 
 def base_row(pipe, budget: Budget) -> Row:
-    from comfy_finetune.shapes.train_base import evaluate_base
-
     t0 = time.perf_counter()
     acc = evaluate_base(pipe, budget.base_per_spec, budget.sample_steps, budget.cfg)
     probe = evaluate_base(pipe, max(2, budget.samples // 2), budget.sample_steps, budget.cfg,
@@ -217,7 +211,7 @@ def ti_row(pipe, budget: Budget, grid: dict) -> Row:
         imgs = generate(with_emb, [f"a {TI_TOKEN} {shape}"], budget)
         fids[shape] = share(imgs, lambda v, shape=shape: v.color == TI_COLOR and v.shape == shape)
     plain = W.Spec("circle", "red", "white").caption()
-    b1 = Budget(**{**asdict(budget), "samples": 1})
+    b1 = replace(budget, samples=1)
     identical = torch.equal(generate(pipe, [plain], b1), generate(with_emb, [plain], b1))
     grid["Textual Inversion"] = with_emb
     return Row("Textual Inversion (teal)", {"ti_fidelity": (fids["square"] + fids["circle"]) / 2,
@@ -239,7 +233,7 @@ def lora_row(pipe, budget: Budget, grid: dict) -> Row:
     unseen = [W.Spec("star", "purple", "white", "striped"), W.Spec("cross", "orange", "gray", "striped"),
               W.Spec("star", "orange", "black", "striped"), W.Spec("cross", "green", "white", "striped")]
     prompts = [s.caption() for s in unseen]
-    b = Budget(**{**asdict(budget), "samples": max(2, budget.samples // 2)})
+    b = replace(budget, samples=max(2, budget.samples // 2))
     styled = {}
     for strength in (0.0, 0.5, 1.0):
         p = run_node(AddLoRA, pipe=pipe, lora=lora, strength_unet=strength, strength_text=strength)[0]
@@ -265,7 +259,7 @@ def write_grid(pipe, models: dict, out: Path, budget: Budget) -> Path:
     from comfy_finetune.training.plots import image_grid
 
     columns = {"base": pipe, **models}
-    b = Budget(**{**asdict(budget), "samples": 2})
+    b = replace(budget, samples=2)
     rows, labels = [], []
     for prompt in GRID_PROMPTS:
         rows.append(torch.cat([generate(p, [prompt], b, seed0=11) for p in columns.values()]))
@@ -297,17 +291,23 @@ def check(row: Row) -> list[str]:
     return missed
 
 
+def _figure(key: str, value: float) -> str:
+    if "identical" in key:
+        return f"{key} {'yes' if value == 1.0 else 'no'}"
+    if isinstance(value, float) and 0 <= value <= 1 and "points" not in key and "ratio" not in key:
+        return f"{key} {value:.0%}"
+    return f"{key} {value}"
+
+
+def format_row(r: Row) -> str:
+    miss = check(r)
+    figs = ", ".join(_figure(k, v) for k, v in r.figures.items())
+    return f"{r.name:<34} {r.seconds:6.0f}  {figs}" + (f"  MISSED: {'; '.join(miss)}" if miss else "")
+
+
 def format_table(rows: Sequence[Row], judge_acc: float) -> str:
-    lines = [f"judge accuracy on held-out synthetic images: {judge_acc:.1%}", "",
-             f"{'run':<34} {'s':>6}  figures", "-" * 100]
-    for r in rows:
-        figs = ", ".join(f"{k} {v:.0%}" if isinstance(v, float) and 0 <= v <= 1 and "points" not in k
-                         and "ratio" not in k and "identical" not in k
-                         else f"{k} {'yes' if v == 1.0 else 'no'}" if "identical" in k else f"{k} {v}"
-                         for k, v in r.figures.items())
-        miss = check(r)
-        lines.append(f"{r.name:<34} {r.seconds:6.0f}  {figs}" + (f"  MISSED: {'; '.join(miss)}" if miss else ""))
-    return "\n".join(lines)
+    return "\n".join([f"judge accuracy on held-out synthetic images: {judge_acc:.1%}", "",
+                      f"{'run':<34} {'s':>6}  figures", "-" * 100, *map(format_row, rows)])
 
 
 def run(budget: Budget = FULL, only: Sequence[str] = ("dreambooth", "ti", "lora"), out: Path | None = None,
@@ -318,14 +318,15 @@ def run(budget: Budget = FULL, only: Sequence[str] = ("dreambooth", "ti", "lora"
     log(format_table(rows, judge_acc))
     grid_models: dict = {}
     if "dreambooth" in only:
-        rows += dreambooth_rows(pipe, budget, rows[0].figures["class_accuracy"], grid_models)
-        log("\n".join(format_table(rows[-4:], judge_acc).splitlines()[4:]))
+        new = dreambooth_rows(pipe, budget, rows[0].figures["class_accuracy"], grid_models)
+        rows += new
+        log("\n".join(map(format_row, new)))
     if "ti" in only:
         rows.append(ti_row(pipe, budget, grid_models))
-        log(format_table(rows[-1:], judge_acc).splitlines()[-1])
+        log(format_row(rows[-1]))
     if "lora" in only:
         rows.append(lora_row(pipe, budget, grid_models))
-        log(format_table(rows[-1:], judge_acc).splitlines()[-1])
+        log(format_row(rows[-1]))
     result = {"judge_accuracy": judge_acc, "budget": asdict(budget), "targets": TARGETS,
               "rows": [{**asdict(r), "missed": check(r)} for r in rows]}
     if out is not None:

@@ -307,7 +307,7 @@ def save_folder(out: Path, vae, unet, te, tokenizer_folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------- evaluation
 def sample_prompts(handle, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, cfg: float = 5.0,
-                   negative: str = "", batch: int = 16):
+                   negative: str = ""):
     """Images ``[N, 64, 64, 3]`` for ``prompts[i]`` with ``seeds[i]`` through the pack's own sampler."""
     import torch
 
