@@ -15,6 +15,8 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Union
 
 from .families import Family, FamilyInfo, info
@@ -26,22 +28,35 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lora import LoraWeights
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class BaseModel:
-    """Loaded components of one checkpoint. Shared; only :meth:`ModelHandle.patched` changes weights, temporarily."""
+    """Loaded components of one checkpoint, shared by every handle made from it and read-only: its fields never
+    change after loading (a trained model is a new ``BaseModel``). Only :meth:`ModelHandle.patched` changes
+    weights, and the training frame changes module settings (adapters, attention processors, checkpointing),
+    both temporarily and restored after."""
 
     family: Family
     prediction_type: str  # "epsilon" or "v_prediction"
     unet: Any
     vae: Any
-    text_encoders: list  # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection] for SDXL
-    tokenizers: list
+    text_encoders: tuple  # (CLIPTextModel,) or (CLIPTextModel, CLIPTextModelWithProjection) for SDXL
+    tokenizers: tuple
     scheduler_config: dict
     dtype: "torch.dtype"
     device: "torch.device"
     source: str  # file or folder it came from, or a built-in name
     label: str = ""  # short name for messages and metadata
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
+        object.__setattr__(self, "tokenizers", tuple(self.tokenizers))
+
+    @cached_property
+    def module_shapes(self) -> tuple[dict[str, tuple[int, ...]], list[dict[str, tuple[int, ...]]]]:
+        """``({UNet module path: weight shape}, [{text-encoder module path: weight shape}, ...])``: the modules a
+        LoRA can target, computed once per base (the architecture never changes)."""
+        return module_shapes(self.unet), [module_shapes(te) for te in self.text_encoders]
 
     @property
     def info(self) -> FamilyInfo:
@@ -64,6 +79,12 @@ class BaseModel:
     @property
     def component_names(self) -> tuple[str, ...]:
         return ("unet",) + tuple(f"te{i + 1}" for i in range(len(self.text_encoders)))
+
+
+def module_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{module path: weight shape}`` for every module with a weight (the LoRA targets of a component)."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
+            if getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,30 @@ class ModelHandle:
     def embeddings(self) -> dict[str, "Embedding"]:
         """Embeddings carried by this handle, by name (later patches win)."""
         return {p.embedding.name: p.embedding for p in self.patches if isinstance(p, EmbeddingPatch)}
+
+    def signature(self) -> list:
+        """What identifies the model this handle gives (for run keys and cache keys): its source with the file's
+        size and modification time, label, dtype, and each patch by name, strength and a cheap content
+        fingerprint (two LoRAs both named 'trained' differ)."""
+        base = self.base
+        try:
+            st = Path(base.source).stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = []
+        return [base.source, stamp, base.label, str(base.dtype), self._patch_signature()]
+
+    def _patch_signature(self) -> list:
+        out = []
+        for p in self.patches:
+            if isinstance(p, LoraPatch):
+                fp = sum(float(m.down.double().sum()) + 3.0 * float(m.up.double().sum())
+                         for m in p.lora.modules.values())
+                out.append(["lora", p.lora.name, p.strength_unet, p.strength_text, len(p.lora.modules), repr(fp)])
+            elif isinstance(p, EmbeddingPatch):
+                fp = sum(float(v.double().sum()) for v in p.embedding.vectors.values())
+                out.append(["embedding", p.embedding.name, repr(fp)])
+        return out
 
     def describe(self) -> str:
         parts = [self.base.label or self.base.source]

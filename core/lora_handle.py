@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FinetuneError
+from .handle import module_shapes
 from .lora import LoraWeights, lora_from_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -14,19 +15,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .handle import ModelHandle
 
 
-def module_shapes(model) -> dict[str, tuple[int, ...]]:
-    """``{module path: weight shape}`` for every module with a weight (the LoRA targets of a component)."""
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
-            if getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
+__all__ = ["module_shapes", "lora_for_handle", "check_family", "check_fits"]
 
 
 def _targets(handle: "ModelHandle"):
-    base = handle.base
-    cached = getattr(base, "_lora_targets", None)
-    if cached is None:
-        cached = (module_shapes(base.unet), [module_shapes(te) for te in base.text_encoders])
-        base._lora_targets = cached
-    return cached
+    return handle.base.module_shapes
 
 
 def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str = "AddLoRA", input: str = "lora_name"

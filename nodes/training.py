@@ -102,7 +102,7 @@ def settings_from(kwargs: dict) -> TrainSettings:
 
 
 def validation_from(kwargs: dict):
-    from ..training.runs import Validation  # noqa: PLC0415
+    from ..training.frame import Validation  # noqa: PLC0415
 
     prompt = str(kwargs.get("validation_prompt") or "")
     if not prompt.strip():

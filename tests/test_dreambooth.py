@@ -15,7 +15,8 @@ from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.training import dreambooth as db
 from comfy_finetune.training.data import prepare, read_folder
 from comfy_finetune.training.diffusion import evaluation_loss
-from comfy_finetune.training.loop import step_generator, training_mode
+from comfy_finetune.training.frame import prepared
+from comfy_finetune.training.loop import step_generator
 from comfy_finetune.training.settings import TrainSettings
 
 INSTANCE = "a photo of sks circle"
@@ -222,16 +223,14 @@ def test_base_prediction_prior_starts_at_zero(tiny_handles, red, method):
     settings = TrainSettings(steps=3, learning_rate=1e-3 if method == "lora" else 1e-4, seed=0, batch_size=2)
     s = spec(method=method, prior_mode="base_prediction", num_class_images=0)
     inst, _ = db.with_prompt(red, INSTANCE)
-    cls = db.DreamBoothLoraObjective if method == "lora" else db.FullObjective
-    obj = cls(h, inst, settings, s, node="test")
-    train_handle = h if method == "lora" else obj.train_handle
+    obj = db.dreambooth_objective(h, inst, settings, s, node="test")
     batch = next(db.PairedSet(inst).batches(2, 0))
-    with training_mode(), train_handle.patched(), obj.attached():
-        instance, prior = obj.terms(0, batch, step_generator(0, 0))
+    with prepared(obj, h, settings, node="test") as run:
+        instance, prior = obj.terms(0, batch, step_generator(0, 0), run.denoiser)
         assert instance.shape == prior.shape == (2,)
         assert float(instance.detach().min()) > 0.01
         assert float(prior.detach().abs().max()) < 1e-10  # the trained model is still the frozen one
-        loss = obj.loss(0, batch, step_generator(0, 0))
+        loss = run.loss(0, batch, step_generator(0, 0))
         assert float(loss.detach()) == pytest.approx(float(instance.detach().mean()), abs=1e-8)
         loss.backward()  # gradients reach the trainables
         assert any(p.grad is not None for g in obj.param_groups() for p in g["params"])

@@ -17,7 +17,8 @@ from comfy_finetune.core.executor import Executor
 from comfy_finetune.runner import node_classes
 from comfy_finetune.training import memory
 from comfy_finetune.training.data import prepare, read_folder
-from comfy_finetune.training.loop import train, training_mode
+from comfy_finetune.training.frame import prepared
+from comfy_finetune.training.loop import train
 from comfy_finetune.training.lora_trainer import LoraObjective, LoraSpec
 from comfy_finetune.training.settings import TrainSettings
 
@@ -94,14 +95,14 @@ def test_estimate_is_close_to_the_measured_peak(tiny_handles, one_thread, capsys
         dataset = prepare(read_folder(STRIPED), resolution=resolution)
         settings = _settings(batch_size=2)
         objective = LoraObjective(handle, dataset, settings, LoraSpec(rank=4, alpha=4.0), node="TrainLoRA")
-        with training_mode(), handle.patched(), objective.attached():
-            work = memory.describe(handle, dataset, settings, objective)
+        with prepared(objective, handle, settings, node="TrainLoRA") as run:
+            work = memory.describe(objective.workload(), objective.param_groups(), torch.device("cpu"))
             est = memory.estimate(work, memory.current_choice(work, settings))
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: growth is real allocation
             Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
             before = _rss("VmRSS")
-            train(objective, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
+            train(run, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
                   node="TrainLoRA", device=torch.device("cpu"))
             grown = _rss("VmHWM") - before
         return est, grown
@@ -121,8 +122,8 @@ def test_suggested_settings_fit_and_are_the_cheapest(tiny_handles, one_thread):
     dataset = prepare(read_folder(STRIPED), resolution=384)
     settings = _settings(batch_size=8, grad_accum=1)
     objective = LoraObjective(handle, dataset, settings, LoraSpec(rank=4, alpha=4.0), node="TrainLoRA")
-    with training_mode(), handle.patched(), objective.attached():
-        work = memory.describe(handle, dataset, settings, objective)
+    with prepared(objective, handle, settings, node="TrainLoRA"):
+        work = memory.describe(objective.workload(), objective.param_groups(), torch.device("cpu"))
         now = memory.current_choice(work, settings)
         need_now = memory.estimate(work, now).total - work.weight_bytes
         ckpt_only = memory.estimate(work, memory.Choice(8, True, "fp32", "adamw", 384, 384)).total - work.weight_bytes
@@ -145,7 +146,8 @@ def test_suggested_settings_fit_and_are_the_cheapest(tiny_handles, one_thread):
         assert chosen_cost == best_cost
         # the error names the node, the input of the first change and the changes with their estimate
         with pytest.raises(FinetuneError) as err:
-            memory.check(handle, dataset, settings, objective, node="TrainLoRA", device=torch.device("cpu"),
+            memory.check(objective.workload(), objective.param_groups(), settings, node="TrainLoRA",
+                         device=torch.device("cpu"),
                          free_bytes=int((ckpt_only + need_now) / 2 / memory.USABLE))
         assert err.value.node == "TrainLoRA" and err.value.input in ("gradient_checkpointing", "precision")
         assert err.value.fix.startswith(f"{changes_one[0]}: estimated")

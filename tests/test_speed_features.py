@@ -16,10 +16,11 @@ import torch
 
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.training.data import from_image_batch
-from comfy_finetune.training.diffusion import Offload, ensure_sdpa
+from comfy_finetune.training.frame import prepared
 from comfy_finetune.training.lora_trainer import LoraObjective, LoraSpec, train_lora
-from comfy_finetune.training.loop import make_optimizer, step_generator, training_mode
+from comfy_finetune.training.loop import make_optimizer, step_generator
 from comfy_finetune.training.settings import TrainSettings
+from comfy_finetune.training.speed import Offload, ensure_sdpa
 
 
 def _images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -42,9 +43,10 @@ def _settings(**kw) -> TrainSettings:
     return TrainSettings(**{"steps": 1, "learning_rate": 1e-3, "cache_to_disk": False, **kw})
 
 
-def _one_loss(objective, batch_size: int = 2) -> torch.Tensor:
-    batch = next(objective.dataset.batches(batch_size, 0))
-    return objective.loss(0, batch, step_generator(0, 0))
+def _one_loss(run, dataset, batch_size: int = 2) -> torch.Tensor:
+    """One step's loss through the frame's prepared run (its denoiser bound)."""
+    batch = next(dataset.batches(batch_size, 0))
+    return run.loss(0, batch, step_generator(0, 0))
 
 
 class _Counter:
@@ -76,10 +78,11 @@ def test_unet_attention_runs_through_sdpa(tiny_handles, dataset, monkeypatch, on
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     hooks = [unet.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
              unet.register_forward_hook(lambda *_: inside.__setitem__(0, False))]
-    objective = LoraObjective(tiny_handles["sd1"], dataset, _settings(), LoraSpec(rank=2, alpha=2), node="T")
+    settings = _settings()
+    objective = LoraObjective(tiny_handles["sd1"], dataset, settings, LoraSpec(rank=2, alpha=2), node="T")
     try:
-        with training_mode(), objective.attached():
-            _one_loss(objective)
+        with prepared(objective, tiny_handles["sd1"], settings, node="T") as run:
+            _one_loss(run, dataset)
     finally:
         for hk in hooks:
             hk.remove()
@@ -184,15 +187,15 @@ def test_a_damaged_cache_file_is_recomputed(tiny_handles, dataset, cache_dir, sp
 def test_gradient_checkpointing_recomputes_the_unet_blocks(tiny_handles, dataset, on, one_thread):
     h = tiny_handles["sd1"]
     unet = h.base.unet
-    objective = LoraObjective(h, dataset, _settings(gradient_checkpointing=on), LoraSpec(rank=2, alpha=2),
-                              node="T")
+    settings = _settings(gradient_checkpointing=on)
+    objective = LoraObjective(h, dataset, settings, LoraSpec(rank=2, alpha=2), node="T")
     calls = [0]
     hook = unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
-        with training_mode(), objective.attached():
+        with prepared(objective, h, settings, node="T") as run:
             flags = [getattr(m, "gradient_checkpointing", False) for m in unet.modules()]
             assert any(flags) == on
-            _one_loss(objective).backward()
+            _one_loss(run, dataset).backward()
     finally:
         hook.remove()
     # checkpointed blocks run their forward again in the backward pass (a pre-hook: torch stops the recompute early)
@@ -267,15 +270,15 @@ def test_compile_wraps_the_unet_and_matches_eager(tiny_handles, dataset, monkeyp
     h = tiny_handles["sd1"]
     losses = {}
     for on in (False, True):
-        objective = LoraObjective(h, dataset, _settings(compile=on), LoraSpec(rank=2, alpha=2), node="T")
+        settings = _settings(compile=on)
+        objective = LoraObjective(h, dataset, settings, LoraSpec(rank=2, alpha=2), node="T")
         before = counters["stats"]["unique_graphs"]
-        with training_mode(), objective.attached():
-            assert isinstance(objective.unet_fn, OptimizedModule) == on
-            loss = _one_loss(objective)
+        with prepared(objective, h, settings, node="T") as run:
+            assert isinstance(run.denoiser, OptimizedModule) == on
+            loss = _one_loss(run, dataset)
             loss.backward()
             grads = [p.grad.clone() for _, p in objective.named_trainables()]
         assert (counters["stats"]["unique_graphs"] > before) == on
-        assert objective.unet_fn is h.base.unet  # the plain module again after the run
         losses[on] = (float(loss), grads)
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4, abs=1e-6)
     for a, b in zip(losses[True][1], losses[False][1]):
@@ -294,8 +297,9 @@ def test_channels_last_unet_during_training_only(tiny_handles, dataset, one_thre
     try:
         train_lora(h, dataset, _settings(steps=2, channels_last="on"), LoraSpec(rank=2, alpha=2))
         assert seen and all(w and x for w, x in seen)
-        objective = LoraObjective(h, dataset, _settings(channels_last="on"), LoraSpec(rank=2, alpha=2), node="T")
-        with training_mode(), objective.attached():
+        settings = _settings(channels_last="on")
+        objective = LoraObjective(h, dataset, settings, LoraSpec(rank=2, alpha=2), node="T")
+        with prepared(objective, h, settings, node="T"):
             assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
         assert all(w.is_contiguous() for w in convs)  # the shared base is put back
         assert not TrainSettings(channels_last="auto").use_channels_last(torch.device("cpu"))

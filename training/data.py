@@ -120,6 +120,10 @@ class TrainingSet:
             raise ValueError("every example must be in exactly one bucket")
         object.__setattr__(self, "_size_of", tuple(size_of))
 
+    def signature(self) -> list:
+        """What identifies the set in run keys (checkpoint names): names, captions and pixel checksums."""
+        return [[ex.name, ex.caption, float(ex.pixels.double().sum())] for ex in self.examples]
+
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -6,35 +6,34 @@ models the velocity ``alpha_t * noise - sigma_t * x0``. Optional min-SNR-gamma w
 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") and noise
 offset (crosslabs' "diffusion with offset noise").
 
-Speed and memory helpers every trainer uses (README "Performance"):
-
-* :class:`LatentCache` / :class:`TextCache` keep encodings in memory and, with a :class:`DiskCache`, as
-  safetensors files under ``host.cache_dir()``, keyed by the model's identity (source, dtype, a fingerprint of
-  the encoder weights, patches) and the exact input (a hash of the prepared pixels - so the file content,
-  resolution, crop and flip - or of the caption), so a re-run skips the VAE and text encoders;
-* :func:`ensure_sdpa` (PyTorch scaled-dot-product attention), :func:`channels_last`, :func:`maybe_compile`
-  (``torch.compile``) and :class:`Offload` (frozen VAE / text encoders on the CPU while the UNet trains).
+:class:`LatentCache` / :class:`TextCache` keep encodings in memory and, with a :class:`DiskCache`, as safetensors
+files under ``host.cache_dir()``, keyed by the model's identity (source, dtype, a fingerprint of the encoder
+weights, patches) and the exact input (a hash of the prepared pixels - so the file content, resolution, crop and
+flip - or of the caption), so a re-run skips the VAE and text encoders. An objective declares its caches; the
+training frame configures them (disk, offload) and fills them before it offloads the frozen encoders.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from .. import host
 from ..core.conditioning import PromptEncoder
+from ..core.errors import FinetuneError
 from ..core.families import Family
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.handle import ModelHandle
-    from .data import TrainingSet
+from ..core.handle import ModelHandle
+from ..core.safeio import load_safetensors
+from . import distributed
+from .data import TrainingSet, join_caption
+from .saving import atomic_write
+from .speed import Offload, is_channels_last, on_device
 
 log = logging.getLogger("comfy_finetune")
 CACHE_FORMAT = 1  # bump when what is cached (or how it is computed) changes: old entries are then never read
@@ -106,8 +105,6 @@ class DiskCache:
     """
 
     def __init__(self, kind: str, model_key: str) -> None:
-        from .. import host  # noqa: PLC0415
-
         self.folder = Path(host.cache_dir()) / kind / model_key
         self.hits = self.misses = 0
         self._warned = False
@@ -116,8 +113,6 @@ class DiskCache:
         return self.folder / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        from ..core.safeio import load_safetensors  # noqa: PLC0415
-
         path = self.path(key)
         if not path.is_file():
             self.misses += 1
@@ -131,10 +126,7 @@ class DiskCache:
         return out
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        from ..core.errors import FinetuneError  # noqa: PLC0415
-        from .saving import atomic_write  # noqa: PLC0415
+        from safetensors.torch import save_file  # noqa: PLC0415 - heavy at start-up
 
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         try:
@@ -145,13 +137,11 @@ class DiskCache:
                 self._warned = True
 
 
-def _model_identity(handle: "ModelHandle") -> list:
-    from .runs import base_signature  # noqa: PLC0415
-
-    return [CACHE_FORMAT, base_signature(handle), handle.base.device.type]
+def _model_identity(handle: ModelHandle) -> list:
+    return [CACHE_FORMAT, handle.signature(), handle.base.device.type]
 
 
-def latent_disk_cache(handle: "ModelHandle") -> DiskCache:
+def latent_disk_cache(handle: ModelHandle) -> DiskCache:
     """The disk cache for ``handle``'s VAE encodings (keyed by source, dtype, device type and encoder weights)."""
     vae = handle.base.vae
     parts = [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
@@ -160,7 +150,7 @@ def latent_disk_cache(handle: "ModelHandle") -> DiskCache:
     return DiskCache("latents", key)
 
 
-def text_disk_cache(handle: "ModelHandle") -> DiskCache:
+def text_disk_cache(handle: ModelHandle) -> DiskCache:
     """The disk cache for ``handle``'s caption encodings (text encoders' weights and the handle's patches)."""
     base = handle.base
     toks = [len(t) for t in base.tokenizers]
@@ -168,52 +158,33 @@ def text_disk_cache(handle: "ModelHandle") -> DiskCache:
     return DiskCache("text", key)
 
 
-class Offload:
-    """Frozen modules moved to the CPU for a block (``offloaded``), and back on the device when needed."""
-
-    def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
-        self.modules, self.device = [m for m in modules if m is not None], device
-        self.active = False
-
-    def _move(self, device) -> None:
-        for m in self.modules:
-            torch.nn.Module.to(m, device=device)
-
-    @contextlib.contextmanager
-    def offloaded(self) -> Iterator["Offload"]:
-        self._move("cpu")  # (a no-op when training on the CPU)
-        self.active = True
-        try:
-            yield self
-        finally:
-            self.active = False
-            self._move(self.device)
-
-    @contextlib.contextmanager
-    def on_device(self) -> Iterator[None]:
-        """The modules on the training device for the block (a cache miss, validation samples)."""
-        if not self.active:
-            yield
-            return
-        self._move(self.device)
-        try:
-            yield
-        finally:
-            self._move("cpu")
-
-
 class TextCache:
-    """Caption → conditioning, computed once while the text encoders are frozen (and kept on disk)."""
+    """Caption → conditioning, computed once while the text encoders are frozen (and kept on disk).
 
-    def __init__(self, handle: "ModelHandle", node: str, *, cache: bool = True, disk: bool = False,
-                 offload: Offload | None = None) -> None:
+    ``prompts`` are the captions the run will encode, so :meth:`fill` can encode them all before the text encoders
+    leave the device. With ``cache=False`` (the text encoders train, or carry an embedding's gradient) every
+    caption is encoded afresh each step, with gradients.
+    """
+
+    def __init__(self, handle: ModelHandle, node: str, *, cache: bool = True, prompts: Iterable[str] = ()) -> None:
         self.handle = handle
         self.encoder = PromptEncoder(handle, node=node, input="captions")
         self.cache = cache
-        self.disk_enabled = disk and cache
+        self.prompts = list(dict.fromkeys(prompts))
+        self.disk_enabled = False
         self.disk: DiskCache | None = None
-        self.offload = offload
+        self.offload: Offload | None = None
         self._memo: dict[str, tuple] = {}
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The encoders a cache miss runs."""
+        return list(self.handle.base.text_encoders)
+
+    def configure(self, *, disk: bool, offload: Offload | None) -> None:
+        """Keep encodings on disk too (``disk``); bring offloaded encoders back for a miss (``offload``)."""
+        self.disk_enabled = disk and self.cache
+        self.offload = offload
 
     def _disk(self) -> DiskCache | None:
         # built on first use: it fingerprints the text encoders as they are when encoding (patches applied)
@@ -229,7 +200,7 @@ class TextCache:
         if hit is not None:
             c, p = hit["cond"].to(device), (hit["pooled"].to(device) if "pooled" in hit else None)
         else:
-            with torch.no_grad(), (self.offload.on_device() if self.offload else contextlib.nullcontext()):
+            with torch.no_grad(), on_device(self.offload):
                 enc = self.encoder.encode(text)
             c, p = enc.cond.detach(), (enc.pooled.detach() if enc.pooled is not None else None)
             if disk is not None:
@@ -237,11 +208,14 @@ class TextCache:
         self._memo[text] = (c, p)
         return c, p
 
-    def fill(self, captions) -> None:
-        """Encode every caption now (before the text encoders are offloaded)."""
-        for text in dict.fromkeys(captions):
-            if self.cache and text not in self._memo:
+    def fill(self) -> bool:
+        """Encode every expected caption now (before the text encoders are offloaded); False when not caching."""
+        if not self.cache:
+            return False
+        for text in self.prompts:
+            if text not in self._memo:
                 self._encode_cached(text)
+        return True
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         conds, pooled = [], []
@@ -261,27 +235,36 @@ class LatentCache:
     """VAE latents (scaled) per example and flip, encoded once (and kept on disk, keyed by the pixels' hash);
     random crops are encoded per batch."""
 
-    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet", *, disk: bool = False,
-                 offload: Offload | None = None) -> None:
+    def __init__(self, handle: ModelHandle, dataset: TrainingSet) -> None:
         self.handle = handle
         self.vae = handle.base.vae
         self.device = handle.base.device
         self.dataset = dataset
-        self.disk_enabled = disk
+        self.disk_enabled = False
         self.disk: DiskCache | None = None
-        self.offload = offload
+        self.offload: Offload | None = None
         self._memo: dict[tuple[int, bool], torch.Tensor] = {}
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The encoder a cache miss (or a random crop) runs."""
+        return [self.vae]
+
+    def configure(self, *, disk: bool, offload: Offload | None) -> None:
+        """Keep latents on disk too (``disk``); bring an offloaded VAE back for a miss (``offload``)."""
+        self.disk_enabled = disk
+        self.offload = offload
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        with self.offload.on_device() if self.offload else contextlib.nullcontext():
+        with on_device(self.offload):
             dtype = next(self.vae.parameters()).dtype
             dist = self.vae.encode(pixels.to(device=self.device, dtype=dtype)).latent_dist
             return (dist.mean * self.vae.config.scaling_factor).float()
 
     @property
     def cacheable(self) -> bool:
-        return not getattr(self.dataset, "random_crop", False)
+        return not self.dataset.random_crop
 
     def _one(self, index: int, flipped: bool, px: torch.Tensor) -> torch.Tensor:
         key = (int(index), bool(flipped))
@@ -304,7 +287,7 @@ class LatentCache:
         """Encode every example (and its mirror image when the set flips) now; False with random crops."""
         if not self.cacheable:
             return False
-        flips = (False, True) if getattr(self.dataset, "flip", False) else (False,)
+        flips = (False, True) if self.dataset.flip else (False,)
         for i, ex in enumerate(self.dataset.examples):
             for flipped in flips:
                 self._one(i, flipped, ex.pixels.flip(-1) if flipped else ex.pixels)
@@ -316,60 +299,15 @@ class LatentCache:
         return torch.stack([self._one(i, f, px) for i, f, px in zip(batch.indices, batch.flipped, batch.pixels)])
 
 
-def dataset_captions(dataset: "TrainingSet") -> list[str]:
-    """Every caption the set can produce: each example's (with the prefix), and "" when captions drop out."""
-    from .data import join_caption  # noqa: PLC0415
+Cache = TextCache | LatentCache
 
-    prefix = getattr(dataset, "caption_prefix", "")
-    out = [join_caption(prefix, ex.caption) for ex in dataset.examples]
-    if getattr(dataset, "caption_dropout", 0.0) > 0:
+
+def dataset_captions(dataset: TrainingSet) -> list[str]:
+    """Every caption the set can produce: each example's (with the prefix), and "" when captions drop out."""
+    out = [join_caption(dataset.caption_prefix, ex.caption) for ex in dataset.examples]
+    if dataset.caption_dropout > 0:
         out.append("")
     return out
-
-
-# ---------------------------------------------------------------------------------------------- speed
-def ensure_sdpa(unet: torch.nn.Module) -> int:
-    """Put PyTorch's fused scaled-dot-product attention (diffusers ``AttnProcessor2_0``) on every attention layer
-    still using the plain processor; returns how many were changed (0 when SDPA is already used everywhere)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
-
-    procs = getattr(unet, "attn_processors", None)
-    if not procs:
-        return 0
-    plain = [k for k, p in procs.items() if type(p) is AttnProcessor]
-    if plain:
-        unet.set_attn_processor({k: (AttnProcessor2_0() if type(p) is AttnProcessor else p) for k, p in procs.items()})
-    return len(plain)
-
-
-@contextlib.contextmanager
-def channels_last(module: torch.nn.Module, on: bool) -> Iterator[None]:
-    """``module``'s 4-D weights in channels-last memory format for the block (faster convolutions on CUDA),
-    contiguous again after. Parameters keep their identity (an optimizer built before still holds them)."""
-    if not on:
-        yield
-        return
-    module.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        module.to(memory_format=torch.contiguous_format)
-
-
-def is_channels_last(module) -> bool:
-    conv = getattr(module, "conv_in", None)
-    w = getattr(conv, "weight", None)
-    return w is not None and w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and \
-        not w.is_contiguous()
-
-
-def maybe_compile(module: torch.nn.Module, on: bool):
-    """``torch.compile(module)`` when ``on`` (backend from ``COMFY_FINETUNE_COMPILE_BACKEND``, default inductor),
-    else ``module``. The compiled wrapper shares the module's parameters."""
-    if not on:
-        return module
-    backend = os.environ.get("COMFY_FINETUNE_COMPILE_BACKEND", "inductor")
-    return torch.compile(module, backend=backend)
 
 
 def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, *,
@@ -380,8 +318,6 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
 
     ``target_fn(noisy, t)`` replaces the usual target (used by prior preservation against the frozen model).
     """
-    from . import distributed  # noqa: PLC0415 - data-parallel ranks draw the global batch's noise and slice it
-
     b = latents.shape[0]
     device = latents.device
     noise = distributed.randn(latents.shape, generator).to(device)
@@ -410,7 +346,7 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
     return loss
 
 
-def conditioning_for(handle: "ModelHandle", text: TextCache, captions: list[str], height: int, width: int):
+def conditioning_for(handle: ModelHandle, text: TextCache, captions: list[str], height: int, width: int):
     """(context, added_cond_kwargs) for a batch of captions."""
     cond, pooled = text.encode(captions)
     base = handle.base
@@ -422,7 +358,7 @@ def conditioning_for(handle: "ModelHandle", text: TextCache, captions: list[str]
 
 
 @torch.no_grad()
-def evaluation_loss(handle: "ModelHandle", dataset: "TrainingSet", *, seed: int = 1234,
+def evaluation_loss(handle: ModelHandle, dataset: TrainingSet, *, seed: int = 1234,
                     timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
     """Mean denoising loss of ``handle`` (patches applied) over every example at fixed timesteps and noise.
 

@@ -44,7 +44,8 @@ import os
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -54,16 +55,16 @@ from PIL.PngImagePlugin import PngInfo
 from .. import host
 from ..core.errors import FinetuneError
 from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
+from ..core.lora import LoraWeights
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
-from .diffusion import LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
-from .lora_trainer import UNET_TARGETS, LoraObjective, LoraSpec, _lora_layers
+from .diffusion import (Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, dataset_captions,
+                        denoise_loss)
+from .frame import Validation, check_dataset, run_training
+from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .loop import TrainResult, run_key
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.lora import LoraWeights
-    from .runs import Validation
-    from .settings import TrainSettings
+from .memory import RunShape
+from .settings import UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 
@@ -208,9 +209,7 @@ class PairedSet:
         return self.instance.examples
 
     def signature(self) -> list:
-        from .runs import dataset_signature  # noqa: PLC0415
-
-        return [dataset_signature(self.instance), dataset_signature(self.klass) if self.klass is not None else None]
+        return [[self.instance.signature(), self.klass.signature() if self.klass is not None else None]]
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[PairedBatch]:
         inst = self.instance.batches(batch_size, seed, start_step)
@@ -226,9 +225,7 @@ class PairedSet:
 # ---------------------------------------------------------------------------------------------- class images
 def class_images_key(handle: ModelHandle, spec: DreamBoothSpec, seed: int, size: int) -> str:
     """Names the cache folder: everything that decides the class images' pixels, but not their count."""
-    from .runs import base_signature  # noqa: PLC0415
-
-    return run_key("dreambooth-class-images", base_signature(handle),
+    return run_key("dreambooth-class-images", handle.signature(),
                    " ".join(spec.class_prompt.split()), int(seed), int(size), int(spec.class_sample_steps),
                    float(spec.class_cfg), spec.class_sampler, spec.class_scheduler)
 
@@ -314,111 +311,113 @@ def class_image_set(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int, res
     return prepare(raw, resolution=int(resolution), node=node)
 
 
-# ---------------------------------------------------------------------------------------------- shared loss
-class _PriorMixin:
-    """The DreamBooth loss for one step; subclasses say which UNet trains and what the frozen model is.
+# ---------------------------------------------------------------------------------------------- the DreamBooth loss
+class Denoising(Protocol):
+    """What :class:`DreamBoothObjective` needs of the objective it wraps (:class:`~.lora_trainer.LoraObjective`,
+    :class:`FullObjective`), besides the frame's :class:`~.frame.Objective` contract."""
 
-    Needs: ``db`` (spec), ``settings``, ``schedule``, ``latents`` (instance LatentCache), ``class_latents``,
-    ``text`` (TextCache of the training model), and the methods below.
+    latents: LatentCache
+
+    def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
+                generator: torch.Generator, target_fn=None) -> torch.Tensor: ...
+
+    def frozen(self) -> ContextManager[FrozenModel]: ...
+
+
+class DreamBoothObjective:
+    """DreamBooth's loss around any denoising objective: the instance term through the wrapped objective's
+    denoiser and, with prior preservation, the prior term (class images, or the frozen model's prediction).
+
+    Everything else (what trains, what is frozen, the denoiser, the caches) is the wrapped objective's; this adds
+    the class images' latent cache and a second UNet pass to what the memory check sees.
     """
 
-    db: DreamBoothSpec
-    last_terms: tuple[float, float] | None = None
+    def __init__(self, inner: Denoising, spec: DreamBoothSpec, class_latents: LatentCache | None) -> None:
+        self.inner, self.db, self.class_latents = inner, spec, class_latents
+        self.last_terms: tuple[float, float] | None = None
 
-    def _train_handle(self) -> ModelHandle:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # ------------------------------------------------------------------ the frame's contract, delegated
+    def attached(self):
+        return self.inner.attached()
 
-    def _train_unet(self) -> torch.nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @property
+    def train_handle(self) -> ModelHandle:
+        return self.inner.train_handle
 
-    def _frozen(self):  # pragma: no cover - abstract
-        """Context manager yielding ``(unet, handle, text_cache)`` of the frozen model."""
-        raise NotImplementedError
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        return self.inner.trained_modules()
 
-    def _denoise(self, latents, captions, h, w, generator, target_fn=None) -> torch.Tensor:
-        context, added = conditioning_for(self._train_handle(), self.text, list(captions), int(h), int(w))
-        return denoise_loss(self._train_unet(), latents, context, self.schedule, generator=generator, added=added,
-                            noise_offset=self.settings.noise_offset, min_snr_gamma=self.settings.min_snr_gamma,
-                            target_fn=target_fn)
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return self.inner.frozen_modules()
 
+    def denoiser(self) -> torch.nn.Module:
+        return self.inner.denoiser()
+
+    def caches(self) -> list[Cache]:
+        return self.inner.caches() + ([self.class_latents] if self.class_latents is not None else [])
+
+    def workload(self) -> RunShape:
+        passes = 2 if self.class_latents is not None and self.db.prior_preservation else 1
+        return replace(self.inner.workload(), unet_passes=passes)
+
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.inner.trainable_state()
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_trainable_state(state)
+
+    # ------------------------------------------------------------------ the loss
     def _frozen_target(self, captions: list[str], h: int, w: int):
         def target_fn(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), self._frozen() as (unet, handle, text):
-                context, added = conditioning_for(handle, text, captions, h, w)
-                dtype = next(unet.parameters()).dtype
-                out = unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype),
-                           added_cond_kwargs=added).sample
+            with torch.no_grad(), self.inner.frozen() as frozen:
+                context, added = conditioning_for(frozen.handle, frozen.text, captions, h, w)
+                dtype = next(frozen.unet.parameters()).dtype
+                out = frozen.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype),
+                                  added_cond_kwargs=added).sample
             return out.float()
 
         return target_fn
 
-    def terms(self, step: int, batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def terms(self, step: int, batch, generator: torch.Generator, denoiser
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample ``(instance_losses, prior_losses)``; prior is None without prior preservation."""
         inst, klass = (batch.instance, batch.klass) if isinstance(batch, PairedBatch) else (batch, None)
-        latents = self.latents.latents(inst)
+        denoise = self.inner.denoise
+        latents = self.inner.latents.latents(inst)
         h, w = (int(x) for x in inst.pixels.shape[-2:])
         if not self.db.prior_preservation:
-            return self._denoise(latents, inst.captions, h, w, generator), None
+            return denoise(denoiser, latents, inst.captions, h, w, generator), None
         if self.db.prior_mode == "base_prediction":
             # The same noise and timesteps for both terms: replay the generator.
             replay = torch.Generator("cpu")
             replay.set_state(generator.get_state())
-            instance = self._denoise(latents, inst.captions, h, w, generator)
+            instance = denoise(denoiser, latents, inst.captions, h, w, generator)
             captions = [self.db.class_prompt] * latents.shape[0]
-            prior = self._denoise(latents, captions, h, w, replay, target_fn=self._frozen_target(captions, h, w))
+            prior = denoise(denoiser, latents, captions, h, w, replay,
+                            target_fn=self._frozen_target(captions, h, w))
             return instance, prior
-        if klass is None:
+        if klass is None or self.class_latents is None:
             raise RuntimeError("class-image prior preservation without class batches")
         class_latents = self.class_latents.latents(klass)
         if class_latents.shape[1:] == latents.shape[1:]:  # one forward pass for both (GroupNorm: per sample)
             b = latents.shape[0]
-            losses = self._denoise(torch.cat([latents, class_latents]), list(inst.captions) + list(klass.captions),
-                                   h, w, generator)
+            losses = denoise(denoiser, torch.cat([latents, class_latents]),
+                             list(inst.captions) + list(klass.captions), h, w, generator)
             return losses[:b], losses[b:]
         ch, cw = (int(x) for x in klass.pixels.shape[-2:])
-        return (self._denoise(latents, inst.captions, h, w, generator),
-                self._denoise(class_latents, klass.captions, ch, cw, generator))
+        return (denoise(denoiser, latents, inst.captions, h, w, generator),
+                denoise(denoiser, class_latents, klass.captions, ch, cw, generator))
 
-    def loss(self, step: int, batch, generator: torch.Generator) -> torch.Tensor:
-        instance, prior = self.terms(step, batch, generator)
+    def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
+        instance, prior = self.terms(step, batch, generator, denoiser)
         if prior is None:
             self.last_terms = (float(instance.detach().mean()), 0.0)
             return instance.mean()
         self.last_terms = (float(instance.detach().mean()), float(prior.detach().mean()))
         return prior_preservation_loss(instance, prior, self.db.prior_loss_weight)
-
-
-# ---------------------------------------------------------------------------------------------- LoRA
-class DreamBoothLoraObjective(_PriorMixin, LoraObjective):
-    """:class:`~.lora_trainer.LoraObjective` with the DreamBooth loss."""
-
-    def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: "TrainSettings", spec: DreamBoothSpec,
-                 *, node: str, class_set: TrainingSet | None = None) -> None:
-        lora_spec = LoraSpec(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets,
-                             train_text_encoder=bool(spec.train_text_encoder),
-                             text_learning_rate=float(spec.text_learning_rate))
-        super().__init__(handle, dataset, settings, lora_spec, node=node)
-        self.db = spec
-        self.class_latents = LatentCache(handle, class_set) if class_set is not None else None
-        # The frozen model's text encoders have no trained adapters when they are not trained: share the cache.
-        self.frozen_text = self.text if not spec.train_text_encoder else TextCache(handle, node, cache=True)
-
-    def _train_handle(self) -> ModelHandle:
-        return self.handle
-
-    def _train_unet(self) -> torch.nn.Module:
-        return self.handle.base.unet
-
-    @contextlib.contextmanager
-    def _frozen(self):
-        layers = [layer for model in self.components.values() for _, layer in _lora_layers(model)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield self.handle.base.unet, self.handle, self.frozen_text
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)  # also puts requires_grad back on the active (trained) adapter
 
 
 # ---------------------------------------------------------------------------------------------- full
@@ -441,100 +440,118 @@ def _te_has_lora(handle: ModelHandle, component: str) -> bool:
     return any(p.strength_text != 0 and any(c == component for c, _ in p.lora.modules) for p in handle.loras)
 
 
-class FullObjective(_PriorMixin):
+class FullObjective:
     """Full fine-tuning of copies of the UNet (and text encoders), the input handle untouched.
 
-    ``train_handle`` is a handle over a new :class:`BaseModel` that :meth:`attached` fills in: the copies are made
-    *inside the input handle's* :meth:`ModelHandle.patched`, so the LoRAs on the input handle are baked into them
-    (and the input's base stays patched for the run, so ``base_prediction`` sees the same frozen model the copies
-    started from). The copies train in fp32; :meth:`result` casts them back to the base dtype. Text encoders are
-    copied when trained, or when the input's LoRAs change them (to bake those in); otherwise they are shared with
-    the input base. Embedding patches are kept on the output handle (they are prompt-level, not weights); LoRA
-    patches are not (they are in the weights now).
+    :meth:`attached` makes the copies *inside the input handle's* :meth:`ModelHandle.patched` (the frame enters it
+    first), so the LoRAs on the input handle are baked into them, and the input's base stays patched for the run,
+    so ``base_prediction`` sees the same frozen model the copies started from. The copies train in fp32 and live
+    in a new :class:`BaseModel` (``train_handle``); :meth:`result` casts them back to the base dtype. Text encoders
+    are copied when trained, or when the input's LoRAs change them (to bake those in); otherwise they are shared
+    with the input base. Embedding patches are kept on the output handle (they are prompt-level, not weights);
+    LoRA patches are not (they are in the weights now).
     """
 
-    def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: "TrainSettings", spec: DreamBoothSpec,
-                 *, node: str, class_set: TrainingSet | None = None) -> None:
+    def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
+                 *, node: str, extra_prompts: tuple[str, ...] = ()) -> None:
         self.source, self.dataset, self.settings, self.db, self.node = handle, dataset, settings, spec, node
         base = handle.base
         self.copy_tes = [spec.train_text_encoder or _te_has_lora(handle, f"te{i + 1}")
                          for i in range(len(base.text_encoders))]
-        shared = not all(self.copy_tes)
-        train_base = replace(base, unet=None, text_encoders=list(base.text_encoders), dtype=torch.float32,
-                             lock=base.lock if shared else threading.RLock())
-        self.train_handle = ModelHandle(train_base, tuple(p for p in handle.patches if isinstance(p, EmbeddingPatch)))
         self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
+        self.prompts = [*dataset_captions(dataset), *extra_prompts]
         self.latents = LatentCache(handle, dataset)
-        self.class_latents = LatentCache(handle, class_set) if class_set is not None else None
-        self.text = TextCache(self.train_handle, node, cache=not spec.train_text_encoder)
-        self.frozen_text = TextCache(handle, node, cache=True)
-        self.unet: torch.nn.Module | None = None
-        self.text_encoders: list[torch.nn.Module] = []
-
-    # ------------------------------------------------------------------ model roles
-    def _train_handle(self) -> ModelHandle:
-        return self.train_handle
-
-    def _train_unet(self) -> torch.nn.Module:
-        return self.unet
+        self.frozen_text = TextCache(handle, node, prompts=self.prompts)
+        self._train_handle: ModelHandle | None = None
+        self.text: TextCache | None = None
 
     @contextlib.contextmanager
-    def _frozen(self):
-        yield self.source.base.unet, self.source, self.frozen_text
+    def attached(self) -> Iterator[FullObjective]:
+        """The trained copies (and their handle) for the block; dropped after (the result holds its own)."""
+        base = self.source.base
+        unet = _trainable_copy(base.unet, True)
+        tes = tuple(_trainable_copy(te, bool(self.db.train_text_encoder)) if self.copy_tes[i] else te
+                    for i, te in enumerate(base.text_encoders))
+        shared = not all(self.copy_tes)
+        train_base = replace(base, unet=unet, text_encoders=tes, dtype=torch.float32,
+                             lock=base.lock if shared else threading.RLock())
+        self._train_handle = ModelHandle(train_base, tuple(p for p in self.source.patches
+                                                           if isinstance(p, EmbeddingPatch)))
+        self.text = TextCache(self._train_handle, self.node, cache=not self.db.train_text_encoder,
+                              prompts=self.prompts)
+        try:
+            yield self
+        finally:
+            self._train_handle = self.text = None
 
-    def _trained_modules(self) -> dict[str, torch.nn.Module]:
-        out = {"unet": self.unet}
+    # ------------------------------------------------------------------ what the frame sets up
+    @property
+    def train_handle(self) -> ModelHandle:
+        if self._train_handle is None:
+            raise RuntimeError("FullObjective.train_handle is only there while attached")
+        return self._train_handle
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        base = self.train_handle.base
+        out = {"unet": base.unet}
         if self.db.train_text_encoder:
-            for i, te in enumerate(self.text_encoders):
+            for i, te in enumerate(base.text_encoders):
                 out[f"te{i + 1}"] = te
         return out
 
-    # ------------------------------------------------------------------ Objective protocol
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        base = self.train_handle.base
+        return [base.vae] + ([] if self.db.train_text_encoder else list(base.text_encoders))
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.train_handle.base.unet
+
+    def caches(self) -> list[Cache]:
+        return [self.latents, self.text, self.frozen_text]
+
+    def workload(self) -> RunShape:
+        src, train = self.source.base, self.train_handle.base
+        return RunShape(denoiser=train.unet, modules=(src.unet, src.vae, *src.text_encoders, train.unet,
+                                                      *train.text_encoders),
+                        grad_text_encoders=tuple(te for c, te in self.trained_modules().items() if c != "unet"),
+                        sizes=tuple(self.dataset.buckets), encode_batches=self.dataset.random_crop, vae=src.vae)
+
+    # ------------------------------------------------------------------ training
     def param_groups(self) -> list[dict]:
-        unet = [p for p in self.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet, "lr": self.settings.learning_rate}]
-        if self.db.train_text_encoder:
-            params = [p for te in self.text_encoders for p in te.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": self.db.text_learning_rate})
+        modules = self.trained_modules()
+        groups = [{"params": [p for p in modules["unet"].parameters() if p.requires_grad],
+                   "lr": self.settings.learning_rate}]
+        params = [p for c, te in modules.items() if c != "unet" for p in te.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": self.db.text_learning_rate})
         return groups
 
+    def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
+                generator: torch.Generator, target_fn=None) -> torch.Tensor:
+        """Per-sample denoising losses ``[B]`` of the trained copies for ``latents`` captioned ``captions``."""
+        context, added = conditioning_for(self.train_handle, self.text, list(captions), int(h), int(w))
+        return denoise_loss(denoiser, latents, context, self.schedule, generator=generator, added=added,
+                            noise_offset=self.settings.noise_offset, min_snr_gamma=self.settings.min_snr_gamma,
+                            target_fn=target_fn)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[FrozenModel]:
+        """The input model (patched, untouched by training)."""
+        yield FrozenModel(self.source.base.unet, self.source, self.frozen_text)
+
+    def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
+        h, w = batch.pixels.shape[-2:]
+        return self.denoise(denoiser, self.latents.latents(batch), batch.captions, h, w, generator).mean()
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"{comp}:{name}": p.detach() for comp, model in self._trained_modules().items()
+        return {f"{comp}:{name}": p.detach() for comp, model in self.trained_modules().items()
                 for name, p in model.named_parameters()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for comp, model in self._trained_modules().items():
+            for comp, model in self.trained_modules().items():
                 for name, p in model.named_parameters():
                     p.copy_(state[f"{comp}:{name}"])
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["FullObjective"]:
-        base = self.source.base
-        train_base = self.train_handle.base
-        checkpointing = []
-        try:
-            with self.source.patched():
-                self.unet = _trainable_copy(base.unet, True)
-                train_base.unet = self.unet
-                for i, te in enumerate(base.text_encoders):
-                    if self.copy_tes[i]:
-                        train_base.text_encoders[i] = _trainable_copy(te, bool(self.db.train_text_encoder))
-                self.text_encoders = list(train_base.text_encoders)
-                if self.settings.gradient_checkpointing:
-                    from .lora_trainer import enable_checkpointing  # noqa: PLC0415
-
-                    checkpointing.extend(m for m in self._trained_modules().values() if enable_checkpointing(m))
-                yield self
-        finally:
-            from .lora_trainer import disable_checkpointing  # noqa: PLC0415
-
-            for model in checkpointing:
-                disable_checkpointing(model)
-            train_base.unet = None  # the result (if any) holds its own references
-            self.unet = None
-            self.text_encoders = []
 
     def result(self, label_key: str) -> ModelHandle:
         """The trained model as a new handle (call while attached): copies cast to the base dtype, frozen."""
@@ -545,20 +562,18 @@ class FullObjective(_PriorMixin):
                 _module_to(te, base.dtype)
                 te.requires_grad_(False)
                 te.eval()
-        _module_to(self.unet, base.dtype)
-        self.unet.requires_grad_(False)
-        self.unet.eval()
+        _module_to(train_base.unet, base.dtype)
+        train_base.unet.requires_grad_(False)
+        train_base.unet.eval()
         label = f"{base.label or Path(base.source).name} + DreamBooth [{label_key[:8]}]"
-        new_base = replace(train_base, unet=self.unet, text_encoders=list(train_base.text_encoders), dtype=base.dtype,
-                           label=label)
-        return ModelHandle(new_base, self.train_handle.patches)
+        return ModelHandle(replace(train_base, dtype=base.dtype, label=label), self.train_handle.patches)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "TrainSettings", spec: DreamBoothSpec, *,
+def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec, *,
                      node: str = "DreamBoothTrain", class_dataset: TrainingSet | None = None,
-                     validation: "Validation | None" = None
-                     ) -> tuple[ModelHandle, "LoraWeights | None", TrainResult]:
+                     validation: Validation | None = None
+                     ) -> tuple[ModelHandle, LoraWeights | None, TrainResult]:
     """Train DreamBooth on ``handle`` and return ``(output handle, LoRA or None, TrainResult)``.
 
     * ``method="lora"``: the output handle is ``handle.with_patch(LoraPatch(lora))`` and the LoRA is returned.
@@ -569,8 +584,6 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
     ``class_dataset`` optionally supplies the class images (captioned with ``spec.class_prompt``) instead of
     generating ``spec.num_class_images`` of them.
     """
-    from .runs import base_signature, check_dataset, dataset_signature, run_training  # noqa: PLC0415
-
     has_class_data = class_dataset is not None
     settings.validate(node)
     spec.validate(node, has_class_data=has_class_data)
@@ -597,7 +610,7 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
 
     config = {k: v for k, v in asdict(spec).items()
               if k not in ("num_class_images", "class_sample_steps", "class_cfg", "class_sampler", "class_scheduler")}
-    config["input"] = base_signature(handle)  # includes the patches' strengths and content
+    config["input"] = handle.signature()  # includes the patches' strengths and content
     kind = f"dreambooth-{spec.method}"
     common = {"ss_training_comment": f"trained with comfyui-finetune {node} (DreamBooth, {spec.method})",
               "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),
@@ -613,21 +626,34 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: "Train
               "ft_dreambooth_class_images": str(len(class_set)) if class_set is not None else "0",
               "ft_dreambooth_ignored_captions": str(ignored)}
 
+    objective = dreambooth_objective(handle, instance, settings, spec, node=node, class_set=class_set)
     if spec.method == "lora":
-        objective = DreamBoothLoraObjective(handle, instance, settings, spec, node=node, class_set=class_set)
         metadata = {**common, "ft_targets": spec.targets}
         lora, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
                                     validation=validation,
-                                    finish=lambda: objective.extract(metadata, name="dreambooth"))
+                                    finish=lambda: objective.inner.extract(metadata, name="dreambooth"))
         return handle.with_patch(LoraPatch(lora)), lora, result
-
-    objective = FullObjective(handle, instance, settings, spec, node=node, class_set=class_set)
-    label_key = run_key(kind, config, dataset_signature(paired), asdict(settings))
-    out, result = run_training(kind, objective.train_handle, paired, settings, objective, node=node, config=config,
-                               validation=validation, finish=lambda: objective.result(label_key))
+    label_key = run_key(kind, config, paired.signature(), asdict(settings))
+    out, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
+                               validation=validation, finish=lambda: objective.inner.result(label_key))
     return out, None, result
 
 
+def dreambooth_objective(handle: ModelHandle, instance: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
+                         *, node: str, class_set: TrainingSet | None = None) -> DreamBoothObjective:
+    """DreamBooth's loss around a LoRA (``spec.method="lora"``) or a full fine-tuning objective."""
+    extra = (spec.class_prompt,) if spec.prior_preservation else ()
+    if spec.method == "lora":
+        lora_spec = LoraSpec(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets,
+                             train_text_encoder=bool(spec.train_text_encoder),
+                             text_learning_rate=float(spec.text_learning_rate))
+        inner = LoraObjective(handle, instance, settings, lora_spec, node=node, extra_prompts=extra)
+    else:
+        inner = FullObjective(handle, instance, settings, spec, node=node, extra_prompts=extra)
+    class_latents = LatentCache(handle, class_set) if class_set is not None else None
+    return DreamBoothObjective(inner, spec, class_latents)
+
+
 __all__ = ["DreamBoothSpec", "prior_preservation_loss", "train_dreambooth", "with_prompt", "class_image_set",
-           "ensure_class_images", "class_images_folder", "PairedSet", "PairedBatch", "DreamBoothLoraObjective",
+           "ensure_class_images", "class_images_folder", "PairedSet", "PairedBatch", "DreamBoothObjective", "dreambooth_objective",
            "FullObjective"]

@@ -1,7 +1,7 @@
 """The optimisation loop every trainer shares.
 
-A trainer supplies an :class:`Objective` (its trainable parameters and a loss for one batch);
-this module owns everything else: leaving ComfyUI's inference mode, optimizer and learning-rate
+The training frame (:mod:`.frame`) hands it a :class:`Trainable` (trainable parameters and a loss for one
+batch); this module owns the optimisation: leaving ComfyUI's inference mode, optimizer and learning-rate
 schedule, mixed precision, gradient accumulation, progress with the loss, cancel, NaN checks,
 periodic validation and resumable checkpoints.
 
@@ -47,7 +47,9 @@ from .settings import MAX_ROLLBACKS, TrainSettings
 log = logging.getLogger("comfy_finetune")
 
 
-class Objective(Protocol):
+class Trainable(Protocol):
+    """What the loop optimises (the frame's view of an objective, with its denoiser bound)."""
+
     def param_groups(self) -> list[dict]: ...
 
     def loss(self, step: int, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
@@ -241,7 +243,7 @@ def training_mode() -> Iterator[None]:
         yield
 
 
-def train(objective: Objective, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *, node: str,
+def train(objective: Trainable, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *, node: str,
           device: torch.device, checkpoint: Path | None = None,
           validate: Callable[[int], torch.Tensor] | None = None,
           extra_state: Callable[[], dict] | None = None) -> TrainResult:
@@ -294,7 +296,7 @@ class _NoProgress:
 class _Loop:
     """One run of :func:`train`: optimizer, schedule, checkpoints, NaN policy; ``release()`` drops it all."""
 
-    def __init__(self, objective: Objective, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *,
+    def __init__(self, objective: Trainable, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *,
                  node: str, device: torch.device, checkpoint: Path | None,
                  validate: Callable[[int], torch.Tensor] | None, extra_state: Callable[[], dict] | None) -> None:
         self.objective, self.batches, self.settings, self.node = objective, batches, settings, node

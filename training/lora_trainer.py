@@ -10,32 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import NamedTuple
 
 import torch
 
 from ..core.errors import FinetuneError
+from ..core.handle import ModelHandle
 from ..core.lora import LoraModule, LoraWeights
-from .diffusion import (LatentCache, NoiseSchedule, Offload, TextCache, channels_last, conditioning_for,
-                        dataset_captions, denoise_loss, ensure_sdpa, maybe_compile)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.handle import ModelHandle
-    from .data import TrainingSet
-    from .settings import TrainSettings
+from .data import TrainingSet
+from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, dataset_captions, denoise_loss
+from .frame import run_training
+from .memory import RunShape
+from .settings import TEXT_TARGETS, UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 ADAPTER = "ft_train"
 
-UNET_TARGETS = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+feedforward": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                              "ff.net.2"),
-    "attention+feedforward+conv": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                                   "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
-}
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass(frozen=True)
@@ -45,6 +37,14 @@ class LoraSpec:
     targets: str = "attention+feedforward"
     train_text_encoder: bool = False
     text_learning_rate: float = 5e-5
+
+
+class FrozenModel(NamedTuple):
+    """The model as it was before training, for targets that must not move with it (DreamBooth's prior)."""
+
+    unet: torch.nn.Module
+    handle: ModelHandle
+    text: TextCache
 
 
 def _lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -68,27 +68,6 @@ def _min_width(model: torch.nn.Module, targets: tuple[str, ...]) -> tuple[int, s
     return smallest, where
 
 
-def enable_checkpointing(model: torch.nn.Module) -> bool:
-    """Gradient checkpointing on a diffusers or transformers model (non-reentrant); False if it has none."""
-    if hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
-        return True
-    if hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return True
-    return False
-
-
-def disable_checkpointing(model: torch.nn.Module) -> None:
-    """Undo gradient checkpointing completely, including the input-embedding hook transformers adds for it."""
-    if hasattr(model, "disable_gradient_checkpointing"):
-        model.disable_gradient_checkpointing()
-    else:
-        model.gradient_checkpointing_disable()
-    if getattr(model, "_require_grads_hook", None) is not None and hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
-
-
 def remove_lora_layers(model: torch.nn.Module) -> None:
     """Put every peft-wrapped module back as its original base layer (exact: the base tensors never changed)."""
     for name, module in list(_lora_layers(model)):
@@ -103,23 +82,28 @@ def remove_lora_layers(model: torch.nn.Module) -> None:
 
 
 class LoraObjective:
-    """peft LoRA on the UNet (and optionally the text encoders) of ``handle``'s base."""
+    """peft LoRA on the UNet (and optionally the text encoders) of ``handle``'s base.
 
-    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: LoraSpec,
-                 *, node: str) -> None:
+    ``extra_prompts`` are captions the loss encodes besides the dataset's (DreamBooth's class prompt), so the text
+    cache can encode them before the text encoders are offloaded.
+    """
+
+    def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: LoraSpec,
+                 *, node: str, extra_prompts: tuple[str, ...] = ()) -> None:
         self.handle, self.dataset, self.settings, self.spec, self.node = handle, dataset, settings, spec, node
         base = handle.base
         self.components: dict[str, torch.nn.Module] = {"unet": base.unet}
         if spec.train_text_encoder:
             for i, te in enumerate(base.text_encoders):
                 self.components[f"te{i + 1}"] = te
+        self.check()
         self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
-        frozen = [base.vae] + ([] if spec.train_text_encoder else list(base.text_encoders))
-        self.offload = Offload(frozen, base.device) if settings.offload_frozen else None
-        self.latents = LatentCache(handle, dataset, disk=settings.cache_to_disk, offload=self.offload)
-        self.text = TextCache(handle, node, cache=not spec.train_text_encoder, disk=settings.cache_to_disk,
-                              offload=self.offload)
-        self.unet_fn = base.unet  # the UNet as the loss calls it (compiled with settings.compile)
+        prompts = [*dataset_captions(dataset), *extra_prompts]
+        self.latents = LatentCache(handle, dataset)
+        self.text = TextCache(handle, node, cache=not spec.train_text_encoder, prompts=prompts)
+        # The frozen model (adapters disabled) encodes captions as the base does: when the text encoders train,
+        # it needs a cache of its own.
+        self.frozen_text = self.text if not spec.train_text_encoder else TextCache(handle, node, prompts=prompts)
 
     # ------------------------------------------------------------------ adapters
     def check(self) -> None:
@@ -130,11 +114,11 @@ class LoraObjective:
             raise FinetuneError(f"text_learning_rate must be positive when the text encoder trains (got "
                                 f"{self.spec.text_learning_rate})", node=self.node, input="text_learning_rate",
                                 fix="use e.g. 5e-5, or turn train_text_encoder off")
-        missing = getattr(self.dataset, "missing_captions", 0)
+        missing = self.dataset.missing_captions
         if missing:
             log.warning("[%s] %d of %d images have no caption; they train with %s", self.node, missing,
                         len(self.dataset), f"the caption prefix '{self.dataset.caption_prefix}'"
-                        if getattr(self.dataset, "caption_prefix", "") else "an empty caption (add .txt captions "
+                        if self.dataset.caption_prefix else "an empty caption (add .txt captions "
                         "or a caption_prefix such as a trigger word)")
         if self.spec.targets not in UNET_TARGETS:
             raise FinetuneError(f"unknown target preset '{self.spec.targets}'", node=self.node, input="targets",
@@ -146,23 +130,26 @@ class LoraObjective:
                 raise FinetuneError(f"rank {self.spec.rank} is larger than the layer {where} ({width} wide)",
                                     node=self.node, input="rank", fix=f"use a rank of at most {width}")
 
-    def attach(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[LoraObjective]:
+        """peft LoRA layers on the components for the block (fp32, seeded); the original layers put back after."""
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - heavy at start-up
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.seed)
-            for comp, model in self.components.items():
-                targets = UNET_TARGETS[self.spec.targets] if comp == "unet" else TEXT_TARGETS
-                config = LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, target_modules=list(targets),
-                                    init_lora_weights=True)
-                inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        for _, param in self.named_trainables():
-            param.data = param.data.float()  # trainables stay fp32 whatever the base precision
-            param.requires_grad_(True)
-
-    def detach(self) -> None:
-        for model in self.components.values():
-            remove_lora_layers(model)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.seed)
+                for comp, model in self.components.items():
+                    targets = UNET_TARGETS[self.spec.targets] if comp == "unet" else TEXT_TARGETS
+                    config = LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, target_modules=list(targets),
+                                        init_lora_weights=True)
+                    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+            for _, param in self.named_trainables():
+                param.data = param.data.float()  # trainables stay fp32 whatever the base precision
+                param.requires_grad_(True)
+            yield self
+        finally:
+            for model in self.components.values():
+                remove_lora_layers(model)
 
     def named_trainables(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for comp, model in self.components.items():
@@ -170,7 +157,31 @@ class LoraObjective:
                 yield f"{comp}:{name}:A", layer.lora_A[ADAPTER].weight
                 yield f"{comp}:{name}:B", layer.lora_B[ADAPTER].weight
 
-    # ------------------------------------------------------------------ Objective protocol
+    # ------------------------------------------------------------------ what the frame sets up
+    @property
+    def train_handle(self) -> ModelHandle:
+        return self.handle
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self.components)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        base = self.handle.base
+        return [base.vae] + ([] if self.spec.train_text_encoder else list(base.text_encoders))
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.handle.base.unet
+
+    def caches(self) -> list[Cache]:
+        return [self.latents, self.text, self.frozen_text]
+
+    def workload(self) -> RunShape:
+        base = self.handle.base
+        return RunShape(denoiser=base.unet, modules=(base.unet, base.vae, *base.text_encoders),
+                        grad_text_encoders=tuple(m for c, m in self.components.items() if c != "unet"),
+                        sizes=tuple(self.dataset.buckets), encode_batches=self.dataset.random_crop, vae=base.vae)
+
+    # ------------------------------------------------------------------ training
     def param_groups(self) -> list[dict]:
         unet = [p for n, p in self.named_trainables() if n.startswith("unet:")]
         text = [p for n, p in self.named_trainables() if not n.startswith("unet:")]
@@ -179,13 +190,29 @@ class LoraObjective:
             groups.append({"params": text, "lr": self.spec.text_learning_rate})
         return groups
 
-    def loss(self, step: int, batch, generator: torch.Generator) -> torch.Tensor:
-        latents = self.latents.latents(batch)
+    def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
+                generator: torch.Generator, target_fn=None) -> torch.Tensor:
+        """Per-sample denoising losses ``[B]`` of the trained model for ``latents`` captioned ``captions``."""
+        context, added = conditioning_for(self.handle, self.text, list(captions), int(h), int(w))
+        return denoise_loss(denoiser, latents, context, self.schedule, generator=generator, added=added,
+                            noise_offset=self.settings.noise_offset, min_snr_gamma=self.settings.min_snr_gamma,
+                            target_fn=target_fn)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[FrozenModel]:
+        """The model before training (adapters disabled) for the block."""
+        layers = [layer for model in self.components.values() for _, layer in _lora_layers(model)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield FrozenModel(self.handle.base.unet, self.handle, self.frozen_text)
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)  # also puts requires_grad back on the active (trained) adapter
+
+    def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
         h, w = batch.pixels.shape[-2:]
-        context, added = conditioning_for(self.handle, self.text, list(batch.captions), int(h), int(w))
-        return denoise_loss(self.unet_fn, latents, context, self.schedule, generator=generator, added=added,
-                            noise_offset=self.settings.noise_offset,
-                            min_snr_gamma=self.settings.min_snr_gamma).mean()
+        return self.denoise(denoiser, self.latents.latents(batch), batch.captions, h, w, generator).mean()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_trainables()}
@@ -205,56 +232,10 @@ class LoraObjective:
                                                    alpha=float(self.spec.alpha))
         return LoraWeights(self.handle.family, modules, dict(metadata or {}), name)
 
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["LoraObjective"]:
-        """Adapters, speed and memory options (SDPA, checkpointing, channels-last, compile, offload) on for the
-        block; the base restored after."""
-        self.check()
-        checkpointing = []
-        unet = self.handle.base.unet
-        try:
-            with contextlib.ExitStack() as stack:
-                self.attach()
-                ensure_sdpa(unet)
-                if self.settings.gradient_checkpointing:
-                    checkpointing = [m for m in self.components.values() if enable_checkpointing(m)]
-                stack.enter_context(channels_last(unet, self.settings.use_channels_last(self.handle.base.device)))
-                self.unet_fn = maybe_compile(unet, self.settings.compile)
-                if self.offload is not None:
-                    stack.enter_context(prepare_offload(self, self.offload))
-                yield self
-        finally:
-            self.unet_fn = unet
-            for model in checkpointing:
-                disable_checkpointing(model)
-            self.detach()
-            for model in self.components.values():
-                model.requires_grad_(False)
 
-    def frozen_on_device(self):
-        """The offloaded frozen modules back on the device for the block (validation samples)."""
-        return self.offload.on_device() if self.offload is not None else contextlib.nullcontext()
-
-
-def prepare_offload(objective, offload: Offload):
-    """Encode every latent (and caption, when cached) now, then ``offload.offloaded()``. A VAE that random crops
-    still need stays on the device."""
-    vae = objective.handle.base.vae
-    if not objective.latents.fill():
-        log.warning("[%s] offload_frozen: random crops are encoded every step, so the VAE stays on the device",
-                    objective.node)
-        offload.modules = [m for m in offload.modules if m is not vae]
-    text = getattr(objective, "text", None)
-    if text is not None and text.cache:
-        text.fill(dataset_captions(objective.dataset))
-    return offload.offloaded()
-
-
-def train_lora(handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: LoraSpec, *,
+def train_lora(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: LoraSpec, *,
                node: str = "TrainLoRA", validation=None):
     """Train a LoRA on ``handle`` (its own patches applied) and return ``(LoraWeights, TrainResult)``."""
-    from .runs import run_training  # noqa: PLC0415
-
     objective = LoraObjective(handle, dataset, settings, spec, node=node)
     metadata = {"ss_training_comment": f"trained with comfyui-finetune {node}",
                 "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),

@@ -65,6 +65,8 @@ from typing import Any, Iterator
 import torch
 
 from ..core.errors import FinetuneError
+from . import distributed
+from .settings import UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 
@@ -178,25 +180,28 @@ def free_memory(device: torch.device) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- the workload
-def _modules_of(handle: Any) -> list[torch.nn.Module]:
-    base = getattr(handle, "base", None)
-    if base is None:
-        return []
-    mods = [getattr(base, "unet", None), getattr(base, "vae", None), *list(getattr(base, "text_encoders", []) or [])]
-    return [m for m in mods if isinstance(m, torch.nn.Module)]
+@dataclass(frozen=True)
+class RunShape:
+    """What an objective tells the memory check about its run (``Objective.workload()``, while attached)."""
+
+    denoiser: torch.nn.Module                    # the UNet the loss calls (with its adapters, or a trained copy)
+    modules: tuple[torch.nn.Module, ...]         # every model module the run holds (base and trained copies)
+    grad_text_encoders: tuple[torch.nn.Module, ...]  # text encoders backprop runs through (trained, or carrying
+    #                                               an embedding's gradient)
+    sizes: tuple[tuple[int, int], ...]           # training sizes (w, h) in pixels
+    encode_batches: bool                         # random crop: latents are encoded per batch
+    vae: torch.nn.Module | None = None
+    unet_passes: int = 1                         # 2 with class-image prior preservation
 
 
-def describe(handle: Any, dataset: Any, settings: Any, objective: Any) -> Workload:
-    """Gather the :class:`Workload` of a run whose objective is attached (trainables exist)."""
-    from . import distributed  # noqa: PLC0415
+def describe(shape: RunShape, param_groups: list[dict], device: torch.device) -> Workload:
+    """Gather the :class:`Workload` of a run from its objective's :class:`RunShape` and trainables."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy at start-up
 
-    train_unet = getattr(objective, "_train_unet", None)
-    unet = train_unet() if callable(train_unet) else None
-    unet = unet if isinstance(unet, torch.nn.Module) else handle.base.unet
-    modules = _modules_of(handle) + _modules_of(getattr(objective, "source", None)) + [unet]
-    trainables = {id(p): p for g in objective.param_groups() for p in g["params"]}
+    unet = shape.denoiser
+    trainables = {id(p): p for g in param_groups for p in g["params"]}
     seen: dict[int, torch.nn.Parameter] = {}
-    for m in modules:
+    for m in (*shape.modules, unet):
         for p in m.parameters():
             seen.setdefault(id(p), p)
     weight_bytes = sum(p.numel() * p.element_size() for p in seen.values())
@@ -204,8 +209,6 @@ def describe(handle: Any, dataset: Any, settings: Any, objective: Any) -> Worklo
                       if i not in trainables and p.dtype == torch.float32)
     extra = sum(p.numel() for i, p in trainables.items() if i not in seen)
     values = sum(p.numel() for p in trainables.values())
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
-
     lora_names = frozenset(n for n, m in unet.named_modules() if isinstance(m, LoraLayer)
                            and any(p.requires_grad for p in m.parameters()))
     injected = extra_ids(unet)
@@ -215,35 +218,23 @@ def describe(handle: Any, dataset: Any, settings: Any, objective: Any) -> Worklo
         mode = "lora"
     else:
         mode = "none"
-    unet_params = {id(p) for p in unet.parameters()}
-    te_values, context_grad = 0, False
-    outside_unet = any(i not in unet_params for i in trainables)  # text encoder weights or embedding vectors
-    for te in list(getattr(handle.base, "text_encoders", []) or []):
-        te_trains = any(p.requires_grad for p in te.parameters())
-        if te_trains or (outside_unet and mode == "none"):  # LoRA/full on it, or an embedding's gradient
-            cfg = getattr(te, "config", None)
-            te_values += int(getattr(cfg, "num_hidden_layers", 12)) * 77 * int(getattr(cfg, "hidden_size", 768))
-            context_grad = True
-    klass = getattr(dataset, "klass", None)
-    db = getattr(objective, "db", None)
-    passes = 2 if klass is not None and getattr(db, "prior_preservation", False) else 1
-    inst = getattr(dataset, "instance", dataset)
-    sizes = list(getattr(inst, "buckets", {}) or {}) or [(int(inst.resolution), int(inst.resolution))]
-    width, height = max(sizes, key=lambda s: s[0] * s[1])
-    vae = handle.base.vae
-    vae_ch = int(getattr(getattr(vae, "config", None), "block_out_channels", [128])[0])
+    te_values = 0
+    for te in shape.grad_text_encoders:
+        cfg = te.config  # transformers text models: their blocks' saved tensors scale with layers x 77 x width
+        te_values += int(cfg.num_hidden_layers) * 77 * int(cfg.hidden_size)
+    width, height = max(shape.sizes, key=lambda s: s[0] * s[1])
+    vae_ch = int(shape.vae.config.block_out_channels[0]) if shape.vae is not None else 128
     return Workload(unet=unet, weight_bytes=weight_bytes, frozen_half_saving=frozen_half,
                     extra_trainable_values=extra, trainable_values=values, trainable_bytes_per_value=4,
                     mode=mode, trained_names=lora_names if mode == "lora" else frozenset(),
-                    context_grad=context_grad, text_encoder_values=te_values, unet_passes=passes,
-                    vae_channels=vae_ch, encode_batches=bool(getattr(inst, "random_crop", False)),
-                    width=int(width), height=int(height),
-                    world_size=distributed.world_size(), device=handle.base.device)
+                    context_grad=bool(shape.grad_text_encoders), text_encoder_values=te_values,
+                    unet_passes=shape.unet_passes, vae_channels=vae_ch, encode_batches=shape.encode_batches,
+                    width=int(width), height=int(height), world_size=distributed.world_size(), device=device)
 
 
 def extra_ids(unet: torch.nn.Module) -> set[int]:
     """ids of the LoRA tensors peft injected into ``unet`` (they are not the UNet's own weights)."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy at start-up
 
     out: set[int] = set()
     for m in unet.modules():
@@ -403,16 +394,11 @@ def estimate(work: Workload, choice: Choice) -> Estimate:
                     activations=activations, workspace=2 * largest, encode=encode)
 
 
-def current_choice(work: Workload, settings: Any) -> Choice:
+def current_choice(work: Workload, settings: TrainSettings) -> Choice:
     return Choice(batch_size=max(1, int(settings.batch_size) // max(1, work.world_size)),
                   gradient_checkpointing=bool(settings.gradient_checkpointing),
-                  precision=_precision(settings, work.device), optimizer=str(settings.optimizer),
-                  width=work.width, height=work.height, grad_accum=int(getattr(settings, "grad_accum", 1)))
-
-
-def _precision(settings: Any, device: torch.device) -> str:
-    resolve = getattr(settings, "resolved_precision", None)  # "auto": bf16/fp16 on a GPU, fp32 on the CPU
-    return str(resolve(device)) if callable(resolve) else str(getattr(settings, "precision", "fp32"))
+                  precision=settings.resolved_precision(work.device), optimizer=str(settings.optimizer),
+                  width=work.width, height=work.height, grad_accum=int(settings.grad_accum))
 
 
 @contextlib.contextmanager
@@ -486,7 +472,7 @@ def suggest(work: Workload, now: Choice, budget: float) -> tuple[list[str], Choi
     return None if best is None else (best[2], best[3], best[1])
 
 
-def check(handle: Any, dataset: Any, settings: Any, objective: Any, *, node: str, device: torch.device,
+def check(shape: RunShape, param_groups: list[dict], settings: TrainSettings, *, node: str, device: torch.device,
           free_bytes: int | None = None) -> Estimate | None:
     """Raise a :class:`FinetuneError` naming the settings that fit when the run will not fit; returns the
     estimate (None when the check is off, the free memory is unknown, or the model cannot be probed)."""
@@ -496,7 +482,7 @@ def check(handle: Any, dataset: Any, settings: Any, objective: Any, *, node: str
     if free is None:
         return None
     try:
-        work = describe(handle, dataset, settings, objective)
+        work = describe(shape, param_groups, torch.device(device))
         now = current_choice(work, settings)
         est = estimate(work, now)
     except Exception as exc:  # noqa: BLE001 - an architecture the probe cannot run: train without the check
@@ -552,8 +538,6 @@ def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, i
 def real_size_estimates() -> list[dict]:
     """Estimated peaks of the issue's target settings on the real SD 1.5 / SDXL architectures (``configs/``,
     built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said otherwise."""
-    from .lora_trainer import UNET_TARGETS  # noqa: PLC0415
-
     rows = []
     cases = [  # (architecture, kind, resolution, batch, checkpointing, precision, optimizer)
         ("sd15", "lora", 512, 1, True, "bf16", "adamw"), ("sd15", "lora", 512, 1, False, "bf16", "adamw"),

@@ -12,6 +12,15 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
 NAN_POLICIES = ("stop", "rollback")
 CHANNELS_LAST = ("auto", "on", "off")  # auto: on for CUDA (faster convolutions there), off on the CPU
+# LoRA target presets: the module names (suffixes) a LoRA wraps in the UNet, and in the text encoders
+UNET_TARGETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+feedforward": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                              "ff.net.2"),
+    "attention+feedforward+conv": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                   "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+}
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 MAX_ROLLBACKS = 3  # with nan_policy "rollback": the NaN after this many rollbacks stops the run
 
 

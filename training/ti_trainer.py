@@ -18,21 +18,20 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..core.conditioning import substitute_tokens
 from ..core.embeddings import Embedding
 from ..core.errors import FinetuneError
-from ..core.handle import EmbeddingPatch
-from .diffusion import (LatentCache, NoiseSchedule, Offload, TextCache, channels_last, conditioning_for, denoise_loss,
-                        ensure_sdpa, maybe_compile)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.handle import ModelHandle
-    from .data import TrainingSet
-    from .settings import TrainSettings
+from ..core.handle import EmbeddingPatch, ModelHandle
+from . import distributed
+from .data import TrainingSet
+from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
+from .frame import run_training
+from .memory import RunShape
+from .settings import TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 
@@ -86,7 +85,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
 
-def check_spec(handle: "ModelHandle", spec: TISpec, node: str) -> None:
+def check_spec(handle: ModelHandle, spec: TISpec, node: str) -> None:
     """Refuse tokens the prompt syntax or the vocabulary would swallow, and impossible settings."""
     token = spec.token if isinstance(spec.token, str) else ""
     if not token.strip():
@@ -115,7 +114,7 @@ def check_spec(handle: "ModelHandle", spec: TISpec, node: str) -> None:
                                 fix="use a new word such as <my-dog>")
 
 
-def initial_vectors(handle: "ModelHandle", spec: TISpec, seed: int, node: str) -> dict[str, torch.Tensor]:
+def initial_vectors(handle: ModelHandle, spec: TISpec, seed: int, node: str) -> dict[str, torch.Tensor]:
     """fp32 ``[N, width]`` per encoder from the initializer word's token rows (averaged or cycled to N)."""
     n = int(spec.num_vectors)
     word = (spec.initializer or "").strip() or "*"
@@ -161,7 +160,7 @@ def caption_prompt(mode: str, caption: str, token: str, placeholder: str, templa
 class TIObjective:
     """Trainable token vectors for ``handle`` with everything else frozen."""
 
-    def __init__(self, handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: TISpec,
+    def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: TISpec,
                  *, node: str) -> None:
         check_spec(handle, spec, node)
         self.handle, self.dataset, self.settings, self.spec, self.node = handle, dataset, settings, spec, node
@@ -173,35 +172,65 @@ class TIObjective:
             comp: torch.nn.Parameter(v.to(device=device, dtype=torch.float32).clone())
             for comp, v in self.initial.items()}
         self.embedding = Embedding(self.name, dict(self.params), token=spec.token)
-        self.train_handle = handle.with_patch(EmbeddingPatch(self.embedding))
+        self._train_handle = handle.with_patch(EmbeddingPatch(self.embedding))
         self.templates = templates_for(spec.templates)
         self.schedule = NoiseSchedule(handle.base.scheduler_config, handle.base.prediction_type)
-        # the text encoders carry the trained vectors' gradients: only the VAE can be offloaded
-        self.offload = Offload([handle.base.vae], device) if settings.offload_frozen else None
-        self.latents = LatentCache(handle, dataset, disk=settings.cache_to_disk, offload=self.offload)
-        self.text = TextCache(self.train_handle, node, cache=False)
-        self.unet_fn = handle.base.unet
+        self.latents = LatentCache(handle, dataset)
+        # the text encoders carry the trained vectors' gradients: encoded afresh every step, never offloaded
+        self.text = TextCache(self._train_handle, node, cache=False)
 
-    # ------------------------------------------------------------------ Objective protocol
+    # ------------------------------------------------------------------ what the frame sets up
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[TIObjective]:
+        """Fresh trainable vectors for the block. The host runs nodes under inference mode, where a Parameter made
+        in ``__init__`` can never get a gradient: the frame enters this after leaving it."""
+        for comp, p in list(self.params.items()):
+            fresh = torch.nn.Parameter(p.detach().clone())
+            self.params[comp] = fresh
+            self.embedding.vectors[comp] = fresh
+        yield self
+
+    @property
+    def train_handle(self) -> ModelHandle:
+        return self._train_handle
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        base = self.handle.base  # gradients reach the vectors through the UNet and the text encoders
+        return {"unet": base.unet, **{f"te{i + 1}": te for i, te in enumerate(base.text_encoders)}}
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.handle.base.vae]
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.handle.base.unet
+
+    def caches(self) -> list[Cache]:
+        return [self.latents, self.text]
+
+    def workload(self) -> RunShape:
+        base = self.handle.base
+        return RunShape(denoiser=base.unet, modules=(base.unet, base.vae, *base.text_encoders),
+                        grad_text_encoders=tuple(base.text_encoders), sizes=tuple(self.dataset.buckets),
+                        encode_batches=self.dataset.random_crop, vae=base.vae)
+
+    # ------------------------------------------------------------------ training
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.params.values()), "lr": self.settings.learning_rate}]
 
     def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
-        from . import distributed  # noqa: PLC0415 - data-parallel ranks draw for the global batch and slice
-
         templates = [None] * len(captions)
-        if self.templates:
+        if self.templates:  # data-parallel ranks draw for the global batch and slice
             templates = [self.templates[i] for i in distributed.per_sample(
                 len(captions), lambda: int(torch.randint(len(self.templates), (1,), generator=generator)))]
         return [caption_prompt(self.spec.templates, caption, self.spec.token, self.placeholder, template)
                 for caption, template in zip(captions, templates)]
 
-    def loss(self, step: int, batch, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
         latents = self.latents.latents(batch)
         h, w = batch.pixels.shape[-2:]
         prompts = self.prompts(list(batch.captions), generator)
-        context, added = conditioning_for(self.handle, self.text, prompts, int(h), int(w))
-        return denoise_loss(self.unet_fn, latents, context, self.schedule, generator=generator, added=added,
+        context, added = conditioning_for(self._train_handle, self.text, prompts, int(h), int(w))
+        return denoise_loss(denoiser, latents, context, self.schedule, generator=generator, added=added,
                             noise_offset=self.settings.noise_offset,
                             min_snr_gamma=self.settings.min_snr_gamma).mean()
 
@@ -213,58 +242,12 @@ class TIObjective:
             for comp, p in self.params.items():
                 p.copy_(state[comp])
 
-    # ------------------------------------------------------------------ run frame
-    def models(self) -> list[torch.nn.Module]:
-        base = self.handle.base
-        return [m for m in (base.unet, base.vae, *base.text_encoders) if isinstance(m, torch.nn.Module)]
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["TIObjective"]:
-        """Every model weight frozen (flags restored after); optional gradient checkpointing on."""
-        flags = [(p, p.requires_grad) for m in self.models() for p in m.parameters()]
-        checkpointing = []
-        # The host runs nodes under inference mode, where a Parameter made in __init__ can never get a gradient:
-        # make the trainable vectors afresh here (run_training enters this inside training_mode()).
-        for comp, p in list(self.params.items()):
-            fresh = torch.nn.Parameter(p.detach().clone())
-            self.params[comp] = fresh
-            self.embedding.vectors[comp] = fresh
-        base = self.handle.base
-        try:
-            for m in self.models():
-                m.requires_grad_(False)
-            with contextlib.ExitStack() as stack:
-                ensure_sdpa(base.unet)
-                if self.settings.gradient_checkpointing:
-                    from .lora_trainer import enable_checkpointing  # noqa: PLC0415
-
-                    checkpointing.extend(m for m in (base.unet, *base.text_encoders) if enable_checkpointing(m))
-                stack.enter_context(channels_last(base.unet, self.settings.use_channels_last(base.device)))
-                self.unet_fn = maybe_compile(base.unet, self.settings.compile)
-                if self.offload is not None:
-                    from .lora_trainer import prepare_offload  # noqa: PLC0415
-
-                    stack.enter_context(prepare_offload(self, self.offload))
-                yield self
-        finally:
-            self.unet_fn = base.unet
-            from .lora_trainer import disable_checkpointing  # noqa: PLC0415
-
-            for model in checkpointing:
-                disable_checkpointing(model)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-    def frozen_on_device(self):
-        """The offloaded VAE back on the device for the block (validation samples)."""
-        return self.offload.on_device() if self.offload is not None else contextlib.nullcontext()
-
     def extract(self, metadata: dict[str, str] | None = None) -> Embedding:
         vectors = {comp: p.detach().float().cpu().clone() for comp, p in self.params.items()}
         return Embedding(self.name, vectors, dict(metadata or {}), token=self.spec.token)
 
 
-def train_embedding(handle: "ModelHandle", dataset: "TrainingSet", settings: "TrainSettings", spec: TISpec, *,
+def train_embedding(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: TISpec, *,
                     node: str = "LearnEmbedding", validation=None):
     """Learn ``spec.num_vectors`` vectors for ``spec.token`` on ``handle`` (its patches applied, all frozen).
 
@@ -272,8 +255,6 @@ def train_embedding(handle: "ModelHandle", dataset: "TrainingSet", settings: "Tr
     :class:`~..core.handle.EmbeddingPatch` understands the token in ordinary prompts. Validation prompts may use
     the token too.
     """
-    from .runs import run_training  # noqa: PLC0415
-
     objective = TIObjective(handle, dataset, settings, spec, node=node)
     metadata = {"token": spec.token, "initializer": spec.initializer, "num_vectors": str(int(spec.num_vectors)),
                 "templates": spec.templates, "steps": str(settings.steps),

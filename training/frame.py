@@ -1,0 +1,248 @@
+"""The training frame: one lifecycle for every trainer.
+
+A trainer builds an :class:`Objective` (what trains and its loss) and calls :func:`run_training`, which owns the
+whole sequence in one ``ExitStack``, in this order, and undoes it in reverse when the run ends, fails or is
+cancelled:
+
+1. ComfyUI's inference mode left (nodes run under ``torch.inference_mode()``);
+2. the input handle's patches merged into the base weights (:meth:`ModelHandle.patched`);
+3. every base weight frozen (``requires_grad`` flags and train/eval modes put back after);
+4. the objective attached (adapters injected, trained copies made, trainable tensors created);
+5. the speed and memory options applied once, to what the objective declares: SDPA attention, channels-last and
+   ``torch.compile`` on its :meth:`~Objective.denoiser`, gradient checkpointing on its
+   :meth:`~Objective.trained_modules`, the disk cache and the offload of its :meth:`~Objective.frozen_modules`
+   on its :meth:`~Objective.caches` (filled first, so nothing needs the offloaded encoders per step);
+6. the memory check (:func:`.memory.check`) from the objective's :meth:`~Objective.workload`;
+7. the loop (:func:`.loop.train`) over a :class:`Run`, which binds the prepared (maybe compiled) denoiser to
+   the objective's loss; validation samples through the training handle with the offloaded encoders back;
+8. the result built by the trainer's ``finish()`` while everything is still attached.
+
+Nothing here probes an objective for optional attributes: :class:`Objective` is the whole contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, ContextManager, Protocol
+
+import torch
+
+from .. import host
+from ..core.errors import FinetuneError
+from ..core.handle import ModelHandle
+from ..core.sampling import SampleSettings, make_scheduler, sample_patched
+from . import speed
+from .diffusion import Cache, LatentCache
+from .loop import TrainResult, checkpoint_path, run_key, train, training_mode
+from .memory import RunShape
+from .memory import check as check_memory
+from .settings import TrainSettings
+
+log = logging.getLogger("comfy_finetune")
+
+# Validation samples during training use exactly the Sample settings (same sampling path and negative as after
+# training), one image per validation step.
+Validation = SampleSettings
+
+
+class Dataset(Protocol):
+    """What the frame needs of a training set (:class:`~.data.TrainingSet`, DreamBooth's paired set)."""
+
+    repeats: int
+
+    def __len__(self) -> int: ...
+
+    def signature(self) -> list: ...
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Any]: ...
+
+
+class Objective(Protocol):
+    """Everything the frame and the memory check use of a trainer's objective.
+
+    ``train_handle``, ``trained_modules``, ``frozen_modules``, ``denoiser``, ``caches`` and ``workload`` are read
+    while attached (after :meth:`attached` has entered).
+    """
+
+    def attached(self) -> ContextManager[Any]:
+        """Make the trainables (inject adapters, copy weights, fresh parameters) for the block; undo after."""
+
+    @property
+    def train_handle(self) -> ModelHandle:
+        """The model being trained, as validation samples it."""
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module backprop runs through, by component (``unet``, ``te1``, ``te2``): checkpointing goes here."""
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules used only without gradients (the VAE, text encoders whose encodings are cached): offloadable."""
+
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet the loss calls: SDPA, channels-last and compile apply to it."""
+
+    def caches(self) -> list[Cache]:
+        """The encoding caches the loss reads: disk caching and offload apply to them."""
+
+    def workload(self) -> RunShape:
+        """What the memory check needs to know about the run."""
+
+    def param_groups(self) -> list[dict]: ...
+
+    def loss(self, step: int, batch: Any, generator: torch.Generator, denoiser: Callable) -> torch.Tensor:
+        """The scalar loss of one batch, calling ``denoiser`` (the prepared UNet) for every prediction."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class Run:
+    """An attached objective with the frame's prepared denoiser: what the loop trains (:class:`.loop.Trainable`)."""
+
+    objective: Objective
+    denoiser: Callable
+    offload: speed.Offload | None = None
+
+    def param_groups(self) -> list[dict]:
+        return self.objective.param_groups()
+
+    def loss(self, step: int, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        return self.objective.loss(step, batch, generator, self.denoiser)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.objective.trainable_state()
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.objective.load_trainable_state(state)
+
+    def on_device(self) -> ContextManager[None]:
+        """The offloaded frozen modules back on the device for the block (validation samples)."""
+        return speed.on_device(self.offload)
+
+
+@contextlib.contextmanager
+def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Every parameter of ``modules`` frozen for the block; ``requires_grad`` and train/eval modes put back after."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        for m in modules:
+            m.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for sub, mode in modes:
+            sub.training = mode
+
+
+@contextlib.contextmanager
+def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings, *, node: str) -> Iterator[Run]:
+    """Steps 1-5 of the module doc for the block; everything undone after, in reverse order."""
+    base = handle.base
+    device = base.device
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(training_mode())
+        stack.enter_context(handle.patched())
+        stack.enter_context(frozen([m for m in (base.unet, base.vae, *base.text_encoders)
+                                    if isinstance(m, torch.nn.Module)]))
+        stack.enter_context(objective.attached())
+        unet = objective.denoiser()
+        stack.enter_context(speed.sdpa(unet))
+        if settings.gradient_checkpointing:
+            stack.enter_context(speed.checkpointing(objective.trained_modules().values()))
+        stack.enter_context(speed.channels_last(unet, settings.use_channels_last(device)))
+        offload = speed.Offload(objective.frozen_modules(), device) if settings.offload_frozen else None
+        caches = list({id(c): c for c in objective.caches()}.values())
+        for cache in caches:
+            cache.configure(disk=settings.cache_to_disk, offload=offload)
+        if offload is not None:
+            for cache in caches:
+                if not cache.fill():  # it encodes every step (random crops, trained text encoders)
+                    offload.keep(cache.modules)
+                    if isinstance(cache, LatentCache):
+                        log.warning("[%s] offload_frozen: random crops are encoded every step, so the VAE stays on "
+                                    "the device", node)
+            stack.enter_context(offload.offloaded())
+        yield Run(objective, speed.maybe_compile(unet, settings.compile), offload)
+
+
+def check_validation(validation: Validation, handle: ModelHandle, node: str) -> None:
+    """Refuse bad validation settings before training starts, naming the trainer's validation_* input."""
+    inputs = {"sampler_name": "validation_sampler", "scheduler": "validation_scheduler", "width": "validation_size",
+              "height": "validation_size", "steps": "validation_steps", "batch_size": "validation_size",
+              "cfg": "validation_cfg"}
+    try:
+        validation.validate(node)
+        make_scheduler(handle.base.scheduler_config, validation.sampler, validation.scheduler, node=node)
+    except FinetuneError as exc:
+        raise FinetuneError(exc.detail, node=node, input=inputs.get(exc.input or "", exc.input),
+                            fix=exc.fix) from exc
+
+
+def check_dataset(dataset: Dataset, settings: TrainSettings, node: str) -> None:
+    if dataset is None or len(dataset) == 0:
+        raise FinetuneError("the training set is empty", node=node, input="dataset",
+                            fix="connect a Training Data node with at least one image")
+    available = len(dataset) * max(1, int(dataset.repeats))
+    if available < settings.batch_size:
+        raise FinetuneError(f"batch_size {settings.batch_size} is larger than the {len(dataset)} training images "
+                            f"(x{dataset.repeats} repeats)", node=node, input="batch_size",
+                            fix=f"use batch_size {available} or less, or add images/repeats")
+
+
+def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: TrainSettings, objective: Objective,
+                 *, node: str, config: dict, validation: Validation | None = None,
+                 finish: Callable[[], Any]) -> tuple[Any, TrainResult]:
+    """Train ``objective`` on ``handle`` over ``dataset`` (the module doc's sequence) and return
+    ``(finish(), TrainResult)``; ``finish`` builds the trainer's result while the objective is still attached."""
+    settings.validate(node)
+    check_dataset(dataset, settings, node)
+    key = run_key(kind, handle.signature(), dataset.signature(), config,
+                  {k: v for k, v in asdict(settings).items()
+                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy")})
+    ckpt = checkpoint_path(kind, key)
+    host.free_host_models()
+    device = handle.base.device
+    validating = validation is not None and bool(validation.prompt)
+    if validating:
+        check_validation(validation, handle, node)
+    try:
+        with prepared(objective, handle, settings, node=node) as run:
+            def validate(step: int) -> torch.Tensor:
+                # cancellable between sampling steps, like everything else in the loop
+                with run.on_device():
+                    return sample_patched(objective.train_handle, validation, node=node,
+                                          progress=lambda i, n: host.check_interrupt())
+
+            check_memory(objective.workload(), objective.param_groups(), settings, node=node, device=device)
+            result = train(run, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
+                           node=node, device=device, checkpoint=ckpt, validate=validate if validating else None)
+            if validating and (not result.validation or result.validation[-1][0] != settings.steps):
+                result.validation.append((settings.steps, validate(settings.steps)))
+            output = finish()
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return_freed_memory()
+    return output, result
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (Linux/glibc ``malloc_trim``). glibc keeps freed memory in its arenas,
+    so without this a run's peak (activations, optimizer state) stays in the process's resident memory after the
+    run ends, is cancelled or fails, although nothing uses it; measured in ComfyUI: 400 of 520 MB kept."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
