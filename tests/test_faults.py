@@ -546,8 +546,8 @@ def test_lora_nan_rollback_finishes_with_finite_weights(tiny_handles, dataset, m
     real = LoraObjective.loss
     injected = []
 
-    def loss(self, step, batch, generator):
-        out = real(self, step, batch, generator)
+    def loss(self, step, batch, generator, denoiser):
+        out = real(self, step, batch, generator, denoiser)
         if step + 1 == 4 and not injected:
             injected.append(step)
             return out * float("nan")
@@ -620,8 +620,8 @@ def test_out_of_memory_training_a_lora_through_the_node(tiny_handles, dataset, m
     refs = _track_optimizer(monkeypatch)
     real = LoraObjective.loss
 
-    def loss(self, step, batch, generator):
-        out = real(self, step, batch, generator)
+    def loss(self, step, batch, generator, denoiser):
+        out = real(self, step, batch, generator, denoiser)
         if step + 1 == 2:
             refs["graph"] = weakref.ref(out)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")

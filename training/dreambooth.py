@@ -500,8 +500,11 @@ class FullObjective:
         return out
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        base = self.train_handle.base
-        return [base.vae] + ([] if self.db.train_text_encoder else list(base.text_encoders))
+        # the input's text encoders only fill the frozen model's caption cache (prior targets), so they can go too
+        train, src = self.train_handle.base, self.source.base
+        tes = [te for te in (*train.text_encoders, *src.text_encoders) if not self.db.train_text_encoder
+               or te not in train.text_encoders]
+        return [src.vae, *dict.fromkeys(tes)]
 
     def denoiser(self) -> torch.nn.Module:
         return self.train_handle.base.unet
