@@ -57,7 +57,7 @@ def test_input_types_match_the_snapshot():
             for name, spec in inputs.items():
                 assert now[node_id][section][name] == spec, f"{node_id}.{name} changed"
     # value types too (JSON equality would let 1 == 1.0 and True == 1 pass)
-    assert json.dumps(now, sort_keys=False) == json.dumps(saved, sort_keys=False)
+    assert json.dumps(now, sort_keys=True) == json.dumps(saved, sort_keys=True)
 
 
 @pytest.mark.parametrize("node_id,name", sorted(FOLDER_LISTINGS))
