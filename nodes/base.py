@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any
+from dataclasses import MISSING, is_dataclass
+from typing import Any, Mapping, Sequence
 
 from ..core.errors import FinetuneError
+from ..core.fields import INPUT, input_fields, input_value, widget_type
 
 log = logging.getLogger("comfy_finetune")
 
@@ -125,3 +127,53 @@ def file_signature(path) -> str:
     except (OSError, AttributeError):
         return ""
     return f"{st.st_mtime_ns}:{st.st_size}"
+
+
+# ---------------------------------------------------------------------------------------------- widgets
+def widgets(names: Sequence[str], *sources: Any, defaults: Mapping[str, Any] | None = None) -> dict:
+    """``{input: (type, options)}`` for the inputs ``names``, in that order (widget positions of saved workflows).
+
+    Each input comes from the first of ``sources`` that has it: a hand-written ``{input: spec}`` dict, or a settings
+    dataclass whose field is that node input (``core.fields.node_input``): its widget facts, and its default unless
+    ``defaults`` (``{input: value}``, the node's own defaults) names the input.
+    """
+    defaults = defaults or {}
+    out: dict[str, tuple] = {}
+    for name in names:
+        for source in sources:
+            if is_dataclass(source):
+                f = input_fields(source).get(name)
+                if f is None:
+                    continue
+                facts = dict(f.metadata[INPUT])
+                choices, _ = facts.pop("choices", None), facts.pop("input", None)
+                default = defaults.get(name, f.default)
+                options = {"default": default, **facts} if default is not MISSING else facts
+                out[name] = (list(choices) if choices is not None else widget_type(f), options)
+                break
+            if name in source:
+                out[name] = source[name]
+                break
+        else:
+            raise KeyError(f"no widget definition for input '{name}'")
+    return out
+
+
+def from_inputs(cls: type, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
+                coerce: bool = True, **fixed: Any) -> Any:
+    """The settings dataclass ``cls`` from a node's input values, matched by input name.
+
+    An input missing from ``values`` takes the node's default (``defaults``), else the field's; ``coerce`` converts
+    each value to the field's type (``core.fields.input_value``); ``fixed`` sets fields directly.
+    """
+    defaults = defaults or {}
+    kwargs: dict[str, Any] = {}
+    for name, f in input_fields(cls).items():
+        if name in values:
+            value = values[name]
+        elif name in defaults:
+            value = defaults[name]
+        else:
+            continue
+        kwargs[f.name] = input_value(f, value) if coerce else value
+    return cls(**{**kwargs, **fixed})

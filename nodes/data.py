@@ -5,18 +5,24 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import host
 from ..core.errors import FinetuneError
-from ..training.data import (CAPTION_EXTENSION, IMAGE_EXTENSIONS, REPEAT_FOLDER, TrainingSet, from_image_batch,
-                             prepare, preview_grid, read_folder)
-from .base import CATEGORY, FTNode
+from ..training.data import (CAPTION_EXTENSION, IMAGE_EXTENSIONS, REPEAT_FOLDER, DataOptions, TrainingSet,
+                             from_image_batch, prepare, preview_grid, read_folder)
+from .base import CATEGORY, FTNode, from_inputs, widgets
 
 DATASET = "FT_DATASET"
 EXAMPLE_TAG = "[example]"
 EXAMPLE_ROOT = Path(__file__).resolve().parent.parent / "example_data"
-CROPS = ["center", "random"]
+# The options both training-data nodes offer (DataOptions fields), in widget order after each node's own inputs.
+# Saved UI workflows store widget values by position: append, never reorder.
+DATA_OPTIONS = ("resolution", "crop", "flip", "repeats", "caption_prefix", "caption_dropout", "bucketing")
+# Options Training Data (Images) gained after it was published: optional there, so that workflows saved without them
+# (UI and API format) still run, with the default.
+IMAGES_ADDED_OPTIONS = ("bucketing",)
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -86,23 +92,9 @@ def folder_signature(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _common_inputs() -> dict:
-    return {
-        "resolution": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8,
-                               "tooltip": "Training size in pixels: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL. "
-                                          "Images are scaled so their short side fits, then cropped."}),
-        "crop": (CROPS, {"default": "center", "tooltip": "center: crop every image once around its middle. random: "
-                         "a new crop each time the image is used (more variety, may cut off the subject)."}),
-        "flip": ("BOOLEAN", {"default": False, "tooltip": "Mirror images left-right half of the time. Good for "
-                             "styles; turn off for text, logos or asymmetric subjects."}),
-        "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "How many times each image is "
-                            "used per epoch. Raise it for small datasets."}),
-        "caption_prefix": ("STRING", {"default": "", "tooltip": "Put in front of every caption, e.g. a trigger "
-                                      "word like 'ohwx' or 'ohwx style,'. Joined with a space."}),
-        "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Chance of training an image with an empty caption (0.05-0.1 "
-                                                 "helps the model work without the trigger word). 0 = never."}),
-    }
+def data_options(values: dict) -> DataOptions:
+    """The options from a training-data node's inputs; values pass unchanged (prepare validates them)."""
+    return from_inputs(DataOptions, values, coerce=False)
 
 
 def _summary(node: str, ds: TrainingSet) -> None:
@@ -135,10 +127,7 @@ class TrainingData(FTNode):
                 "folder": ("STRING", {"default": f"{EXAMPLE_TAG} red-circle",
                                       "tooltip": "Folder name inside ComfyUI's input folder, e.g. 'my_dog' for "
                                                  "input/my_dog. Absolute paths and '..' are refused." + bundled}),
-                **_common_inputs(),
-                "bucketing": ("BOOLEAN", {"default": False, "tooltip": "Group images by aspect ratio and train "
-                                          "each group at its own size (area about resolution²) instead of "
-                                          "cropping all to a square. Recommended for SDXL."}),
+                **widgets(DATA_OPTIONS, DataOptions),
             },
         }
 
@@ -151,11 +140,10 @@ class TrainingData(FTNode):
 
     def run(self, folder, resolution=512, crop="center", flip=False, repeats=1, caption_prefix="",
             caption_dropout=0.0, bucketing=False):
+        options = data_options(locals())
         path = find_dataset_folder(folder, node=self.NODE_ID)
         raw = read_folder(path, max_short_side=2 * int(resolution), node=self.NODE_ID)
-        ds = prepare(raw, resolution=resolution, crop=crop, flip=flip, repeats=repeats,
-                     caption_prefix=caption_prefix, caption_dropout=caption_dropout, bucketing=bucketing,
-                     node=self.NODE_ID)
+        ds = prepare(raw, **asdict(options), node=self.NODE_ID)
         _summary(self.NODE_ID, ds)
         return (ds, preview_grid(ds))
 
@@ -178,15 +166,16 @@ class TrainingDataFromImages(FTNode):
                 "captions": ("STRING", {"multiline": True, "default": "",
                                         "tooltip": "One caption per line, in image order, or one line for all "
                                                    "images. Blank lines are ignored; leave empty for no captions."}),
-                **_common_inputs(),
+                **widgets([n for n in DATA_OPTIONS if n not in IMAGES_ADDED_OPTIONS], DataOptions),
             },
+            "optional": widgets(IMAGES_ADDED_OPTIONS, DataOptions),
         }
 
     def run(self, images, captions="", resolution=512, crop="center", flip=False, repeats=1, caption_prefix="",
-            caption_dropout=0.0):
+            caption_dropout=0.0, bucketing=False):
+        options = data_options(locals())
         lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
-        ds = from_image_batch(images, lines, resolution=resolution, crop=crop, flip=flip, repeats=repeats,
-                              caption_prefix=caption_prefix, caption_dropout=caption_dropout, node=self.NODE_ID)
+        ds = from_image_batch(images, lines, **asdict(options), node=self.NODE_ID)
         _summary(self.NODE_ID, ds)
         return (ds,)
 

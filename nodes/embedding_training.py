@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from ..core.handle import EmbeddingPatch
-from .base import EMBEDDING, PIPE, FTNode
-from .training import DATASET, TRAIN_CATEGORY, common_inputs, outputs_for, settings_from, validation_from, \
-    validation_inputs
-
-TEMPLATE_CHOICES = ("object", "style", "captions")
+from .base import EMBEDDING, PIPE, FTNode, from_inputs, widgets
+from .training import (DATASET, TRAIN_CATEGORY, outputs_for, settings_from, settings_inputs, validation_from,
+                       validation_inputs)
 
 
 class LearnEmbedding(FTNode):
@@ -24,35 +22,29 @@ class LearnEmbedding(FTNode):
                        "Training loss curve (raw and smoothed).",
                        "Validation samples (one row per validation step), if a validation prompt is set.")
 
+    # What this node shows where it differs from the TISpec / TrainSettings defaults.
+    DEFAULTS = {"token": "<my-concept>", "initializer": "object", "num_vectors": 4, "steps": 1000,
+                "learning_rate": 5e-3}
+    SPEC_INPUTS = ("token", "initializer", "num_vectors", "templates")
+
     @classmethod
     def INPUT_TYPES(cls):
+        from ..training.ti_trainer import TISpec  # noqa: PLC0415
+
         required = {
             "pipe": (PIPE, {"tooltip": "The model handle (its LoRAs and embeddings are kept, frozen)."}),
             "dataset": (DATASET, {"tooltip": "Images (and captions) of the concept from a Training Data node."}),
-            "token": ("STRING", {"default": "<my-concept>",
-                                 "tooltip": "The new prompt word, e.g. <my-dog>. Must not be an existing word; no "
-                                            "spaces. The embedding's name is the token without <> (my-dog)."}),
-            "initializer": ("STRING", {"default": "object",
-                                       "tooltip": "A word describing the concept (dog, style, ...); the vectors "
-                                                  "start from its embedding. Empty: start from '*'."}),
-            "num_vectors": ("INT", {"default": 4, "min": 1, "max": 64,
-                                    "tooltip": "Vectors (prompt tokens) the embedding uses: more learn more detail "
-                                               "but take more steps and prompt space."}),
-            "templates": (list(TEMPLATE_CHOICES), {"default": "object",
-                                                   "tooltip": "Training prompts: object ('a photo of a <token>', "
-                                                              "...), style ('a painting in the style of <token>', "
-                                                              "...) or the dataset captions (the token is "
-                                                              "prepended where a caption lacks it)."}),
-            **common_inputs(1000, 5e-3),
+            **widgets(cls.SPEC_INPUTS, TISpec, defaults=cls.DEFAULTS),
+            **settings_inputs(cls.DEFAULTS),
         }
         return {"required": required, "optional": validation_inputs()}
 
     def run(self, pipe, dataset, token, initializer, num_vectors, templates, **kwargs):
+        inputs = dict(locals())  # the parameters by name; TISpec takes those that are its inputs
         from ..training.ti_trainer import TISpec, train_embedding  # noqa: PLC0415
 
-        settings = settings_from(kwargs)
-        spec = TISpec(token=str(token).strip(), initializer=str(initializer or ""), num_vectors=int(num_vectors),
-                      templates=templates)
+        spec = from_inputs(TISpec, inputs, self.DEFAULTS, token=str(token).strip())
+        settings = settings_from(kwargs, self.DEFAULTS)
         embedding, result = train_embedding(pipe, dataset, settings, spec, node=self.NODE_ID,
                                             validation=validation_from(kwargs))
         plot, grid = outputs_for(result)

@@ -491,6 +491,60 @@ def test_images_node_caption_lines():
     assert "3 captions for 2 images" in str(err.value) and err.value.fix
 
 
+def test_images_node_bucketing_is_the_folder_nodes(input_dir):
+    """An IMAGE batch has one size: with bucketing every image goes to the bucket nearest the batch's aspect ratio
+    (instead of the square), exactly as the Folder node buckets the same pictures read from files."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 24, 48, 3, generator=gen)  # [B, H, W, 3]: 2:1 landscape
+    node = TrainingDataFromImages()
+    (square,) = node.run(images, "a wide thing", resolution=32)
+    assert not square.bucketing and list(square.buckets) == [(32, 32)]
+    (ds,) = node.run(images, "a wide thing", resolution=32, bucketing=True)
+    assert ds.bucketing and list(ds.buckets) == [(40, 24)] and ds.buckets[(40, 24)] == [0, 1, 2]
+    assert all(tuple(ex.pixels.shape) == (3, 24, 40) for ex in ds.examples)
+
+    folder = input_dir / "wide"
+    for i in range(3):
+        pixels = (images[i].numpy() * 255.0).round().astype(np.uint8)
+        save(folder, f"image_{i + 1:03}.png", Image.fromarray(pixels, "RGB"), caption="a wide thing")
+    from_files, _ = TrainingData().run("wide", resolution=32, bucketing=True)
+    assert from_files.buckets == ds.buckets
+    for a, b in zip(from_files.examples, ds.examples):
+        assert torch.equal(a.pixels, b.pixels) and a.caption == b.caption
+
+    tall = images.transpose(1, 2)  # 1:2 portrait
+    (ds,) = node.run(tall, "", resolution=32, bucketing=True, crop="random", flip=True, repeats=2)
+    assert list(ds.buckets) == [(24, 40)] and ds.random_crop and ds.flip and ds.repeats == 2
+    batch = next(ds.batches(2, seed=0))
+    assert tuple(batch.pixels.shape) == (2, 3, 40, 24)
+
+
+def test_data_nodes_share_their_options():
+    """One definition (DataOptions) for both nodes' options, in the same order after each node's own inputs; the
+    Images node's newer bucketing is its last widget (optional), so older workflows keep their widget positions."""
+    from comfy_finetune.nodes.data import DATA_OPTIONS, IMAGES_ADDED_OPTIONS
+    from comfy_finetune.training.data import DataOptions
+
+    folder = TrainingData.INPUT_TYPES()
+    images = TrainingDataFromImages.INPUT_TYPES()
+    assert list(folder["required"]) == ["folder", *DATA_OPTIONS]
+    old = [n for n in DATA_OPTIONS if n not in IMAGES_ADDED_OPTIONS]
+    assert list(images["required"]) == ["images", "captions", *old]
+    assert list(images["optional"]) == list(IMAGES_ADDED_OPTIONS) == ["bucketing"]
+    images_options = {**images["required"], **images["optional"]}
+    for name in DATA_OPTIONS:
+        assert images_options[name] == folder["required"][name], name
+        assert folder["required"][name][1]["default"] == getattr(DataOptions(), name), name
+    # the nodes' run() defaults and prepare / from_image_batch's keyword defaults are DataOptions' too
+    for fn in (TrainingData.run, TrainingDataFromImages.run, prepare, from_image_batch):
+        params = inspect.signature(fn).parameters
+        for name in DATA_OPTIONS:
+            if params[name].default is not inspect.Parameter.empty:
+                assert params[name].default == getattr(DataOptions(), name), (fn.__qualname__, name)
+            else:
+                assert name == "resolution" and fn in (prepare, from_image_batch), (fn.__qualname__, name)
+
+
 @pytest.mark.parametrize("cls", data_nodes.NODES)
 def test_node_schema(cls):
     assert cls.CATEGORY == "finetune/training" and cls.DISPLAY_NAME and len(cls.DESCRIPTION) > 20

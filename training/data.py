@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ..core.errors import FinetuneError
+from ..core.fields import node_input
 
 log = logging.getLogger("comfy_finetune")
 
@@ -41,6 +42,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 CAPTION_EXTENSION = ".txt"
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_dog" = the images in it, 10 times per epoch
 CropMode = Literal["center", "random"]
+CROPS = ("center", "random")
 Size = tuple[int, int]  # (width, height)
 
 _FOLDER_FIX = ("put .png/.jpg/.webp images (each with an optional same-name .txt caption) directly in the folder, "
@@ -450,6 +452,31 @@ def _fit(img: Image.Image, target: Size, random_crop: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- prepare
+@dataclass(frozen=True)
+class DataOptions:
+    """How images become training examples: the keywords of :func:`prepare` and :func:`from_image_batch`, whose
+    defaults are these (resolution aside: they have none). Each field is also a widget of both training-data nodes."""
+
+    resolution: int = node_input(512, min=8, max=4096, step=8,
+                                 tooltip="Training size in pixels: 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL. "
+                                         "Images are scaled so their short side fits, then cropped.")
+    crop: str = node_input("center", choices=CROPS,
+                           tooltip="center: crop every image once around its middle. random: a new crop each time "
+                                   "the image is used (more variety, may cut off the subject).")
+    flip: bool = node_input(False, tooltip="Mirror images left-right half of the time. Good for styles; turn off for "
+                                           "text, logos or asymmetric subjects.")
+    repeats: int = node_input(1, min=1, max=1000, tooltip="How many times each image is used per epoch. Raise it for "
+                                                          "small datasets.")
+    caption_prefix: str = node_input("", tooltip="Put in front of every caption, e.g. a trigger word like 'ohwx' or "
+                                                 "'ohwx style,'. Joined with a space.")
+    caption_dropout: float = node_input(0.0, min=0.0, max=1.0, step=0.01,
+                                        tooltip="Chance of training an image with an empty caption (0.05-0.1 helps "
+                                                "the model work without the trigger word). 0 = never.")
+    bucketing: bool = node_input(False, tooltip="Group images by aspect ratio and train each group at its own size "
+                                                "(area about resolution²) instead of cropping all to a square. "
+                                                "Recommended for SDXL.")
+
+
 def _validate(resolution: int, crop: str, repeats: int, caption_dropout: float, node: str) -> None:
     if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
         raise FinetuneError(f"resolution must be a multiple of 8 and at least 8, got {resolution}", node=node,

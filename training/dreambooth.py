@@ -54,6 +54,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import host
 from ..core.errors import FinetuneError
+from ..core.fields import node_input
 from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from ..core.lora import LoraWeights
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
@@ -76,21 +77,38 @@ CLASS_IMAGE_FOLDER = "class_images"
 # ---------------------------------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class DreamBoothSpec:
-    """What makes a run DreamBooth (the optimiser settings are in :class:`~.settings.TrainSettings`)."""
+    """What makes a run DreamBooth (the optimiser settings are in :class:`~.settings.TrainSettings`); each field with
+    a tooltip is also the DreamBoothTrain widget of that name."""
 
-    instance_prompt: str
-    class_prompt: str
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    prior_mode: str = "class_images"  # "class_images" | "base_prediction"
-    num_class_images: int = 50
-    method: str = "lora"  # "lora" | "full"
-    train_text_encoder: bool = False
-    text_learning_rate: float = 5e-6
-    rank: int = 16
-    alpha: float = 16.0
-    class_sample_steps: int = 20
-    class_cfg: float = 7.0
+    instance_prompt: str = node_input(tooltip="Prompt for the subject: a rare token (sks, ohwx) plus its class. Use "
+                                              "it later to generate the subject.")
+    class_prompt: str = node_input(tooltip="Prompt for the subject's class, without the rare token. Class images are "
+                                           "generated from it for prior preservation.")
+    prior_preservation: bool = node_input(True, tooltip="Also train on the class so the model keeps knowing what a "
+                                                        "'dog' looks like (prevents language drift and overfitting).")
+    prior_loss_weight: float = node_input(1.0, min=0.0, max=100.0, step=0.05,
+                                          tooltip="Weight of the prior term: loss = instance + weight x prior. 1.0 is "
+                                                  "the paper's value.")
+    prior_mode: str = node_input("class_images", choices=PRIOR_MODES,
+                                 tooltip="class_images: generate class images with the model once (cached) or use "
+                                         "class_dataset. base_prediction: no images; match the frozen model's own "
+                                         "prediction for the class prompt on the instance images.")
+    num_class_images: int = node_input(50, min=0, max=10_000,
+                                       tooltip="Class images to generate (cached on disk and reused; raising the "
+                                               "number only generates the new ones). 100-200 is typical. Ignored "
+                                               "when class_dataset is connected.")
+    method: str = node_input("lora", choices=METHODS,
+                             tooltip="lora: train a LoRA (small, fast, stackable). full: fine-tune a copy of the "
+                                     "whole UNet - needs far more memory and a learning rate around 1e-6 to 5e-6.")
+    train_text_encoder: bool = node_input(False, tooltip="Also train the text encoder(s): better subject fidelity, "
+                                                         "more memory, easier to overfit.")
+    text_learning_rate: float = node_input(5e-6, min=0.0, max=10.0, step=1e-7, round=False,
+                                           tooltip="Learning rate for the text encoder(s).")
+    rank: int = node_input(16, min=1, max=1024, tooltip="LoRA rank (method lora only).")
+    alpha: float = node_input(16.0, min=0.01, max=4096.0, step=0.5,
+                              tooltip="LoRA alpha; the update is scaled by alpha/rank (method lora only).")
+    class_sample_steps: int = node_input(20, min=1, max=1000, tooltip="Sampling steps for generated class images.")
+    class_cfg: float = node_input(7.0, min=0.0, max=100.0, step=0.1, tooltip="CFG for generated class images.")
     class_sampler: str = "euler"
     class_scheduler: str = "normal"
     targets: str = "attention+feedforward"  # LoRA target preset (see lora_trainer.UNET_TARGETS)

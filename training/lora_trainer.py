@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ..core.errors import FinetuneError
+from ..core.fields import node_input
 from ..core.handle import ModelHandle
 from ..core.lora import LoraModule, LoraWeights
 from .data import TrainingSet
@@ -32,11 +33,17 @@ ADAPTER = "ft_train"
 
 @dataclass(frozen=True)
 class LoraSpec:
-    rank: int = 16
-    alpha: float = 16.0
-    targets: str = "attention+feedforward"
-    train_text_encoder: bool = False
-    text_learning_rate: float = 5e-5
+    """What makes a run LoRA training; each field is also the TrainLoRA widget of that name."""
+
+    rank: int = node_input(16, min=1, max=1024, tooltip="LoRA rank (dimension).")
+    alpha: float = node_input(16.0, min=0.01, max=4096.0, step=0.5,
+                              tooltip="LoRA alpha; the update is scaled by alpha/rank.")
+    targets: str = node_input("attention+feedforward", choices=UNET_TARGETS,
+                              tooltip="Which UNet layers get LoRA: attention only, + feed-forward and projections "
+                                      "(kohya default), + convolutions (LoCon).")
+    train_text_encoder: bool = node_input(False, tooltip="Also train LoRA on the text encoder(s).")
+    text_learning_rate: float = node_input(5e-5, min=0.0, max=10.0, step=1e-6, round=False,
+                                           tooltip="Learning rate for the text-encoder LoRA.")
 
 
 class FrozenModel(NamedTuple):

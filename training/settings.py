@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..core.errors import FinetuneError
+from ..core.fields import node_input
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -26,32 +27,56 @@ MAX_ROLLBACKS = 3  # with nan_policy "rollback": the NaN after this many rollbac
 
 @dataclass
 class TrainSettings:
-    steps: int = 500
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
-    noise_offset: float = 0.0
-    seed: int = 0
-    save_every: int = 0  # 0 = only at the end / on cancel
-    validate_every: int = 0  # 0 = off
-    resume: bool = False
+    """Optimiser and run settings every trainer shares; each field is also the trainer nodes' widget of that name."""
+
+    steps: int = node_input(500, min=1, max=1_000_000, tooltip="Optimizer steps.")
+    learning_rate: float = node_input(1e-4, min=0.0, max=10.0, step=1e-6, round=False,
+                                      tooltip="Peak learning rate.")
+    batch_size: int = node_input(1, min=1, max=256, tooltip="Images per step.")
+    grad_accum: int = node_input(1, min=1, max=1024,
+                                 tooltip="Batches accumulated per optimizer step (effective batch = batch_size x "
+                                         "grad_accum).")
+    lr_schedule: str = node_input("constant", choices=LR_SCHEDULES, tooltip="Learning-rate schedule after warmup.")
+    warmup_steps: int = node_input(0, min=0, max=1_000_000, tooltip="Linear warmup steps.")
+    optimizer: str = node_input("adamw", choices=OPTIMIZERS,
+                                tooltip="adamw; adamw8bit needs bitsandbytes, prodigy needs prodigyopt (lr ~1.0).")
+    precision: str = node_input("auto", choices=PRECISIONS,
+                                tooltip="Mixed precision for the forward pass; trained weights stay fp32. auto: bf16 "
+                                        "on GPUs that have it (else fp16), fp32 on the CPU. fp16 uses loss scaling.")
+    gradient_checkpointing: bool = node_input(False, tooltip="Trade compute for memory.")
+    min_snr_gamma: float = node_input(0.0, min=0.0, max=100.0, step=0.5,  # 0 = off; 5 is the paper's value
+                                      tooltip="Min-SNR loss weighting; 0 = off, 5 = the paper's value.")
+    noise_offset: float = node_input(0.0, min=0.0, max=1.0, step=0.01,
+                                     tooltip="Offset noise (helps very dark/bright images); 0.05-0.1 typical.")
+    seed: int = node_input(0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                           tooltip="Seed for adapter init, noise, timesteps and data order.")
+    save_every: int = node_input(0, min=0, max=1_000_000,  # 0 = only at the end / on cancel
+                                 tooltip="Write a resumable checkpoint every N steps (always on cancel).")
+    validate_every: int = node_input(0, min=0, max=1_000_000,  # 0 = off
+                                     tooltip="Sample every N steps; 0 = only at the end.")
+    resume: bool = node_input(False, tooltip="Continue from this run's last checkpoint (same base, data and "
+                                             "settings) if there is one.")
     # What a NaN/inf loss does: "stop" raises an error naming the step; "rollback" restores the last good state
     # (kept in memory every save_every steps, or every steps/10 when save_every is 0, and at the start), halves the
     # learning rate and continues, at most MAX_ROLLBACKS times. The node input is "on_nan".
-    nan_policy: str = "stop"
+    nan_policy: str = node_input("stop", choices=NAN_POLICIES, input="on_nan",
+                                 tooltip="If the loss becomes NaN/inf: stop with an error naming the step, or roll "
+                                         "back to the last good state (kept every save_every steps, or every "
+                                         "steps/10), halve the learning rate and go on (at most 3 times).")
     # Speed and memory (README "Performance"): latents and text embeddings cached on disk under host.cache_dir()
     # (keyed by image content, model and settings) so re-runs skip encoding; torch.compile the UNet; channels-last
     # UNet; VAE and text encoders moved to the CPU while the UNet trains (after every latent/caption is cached).
-    cache_to_disk: bool = True
-    compile: bool = False
-    channels_last: str = "auto"
-    offload_frozen: bool = False
+    cache_to_disk: bool = node_input(True, tooltip="Keep encoded latents and captions on disk (in the pack's cache "
+                                                   "folder), keyed by image content, model and settings, so a "
+                                                   "re-run skips the VAE and text encoders.")
+    compile: bool = node_input(False, tooltip="torch.compile the UNet: the first steps take longer (compiling), "
+                                              "later ones are faster. Needs a C++ compiler (and Triton on GPU).")
+    channels_last: str = node_input("auto", choices=CHANNELS_LAST,
+                                    tooltip="Channels-last memory format for the UNet's convolutions; auto = on for "
+                                            "CUDA GPUs.")
+    offload_frozen: bool = node_input(False, tooltip="For small GPUs: encode every image and caption first, then "
+                                                     "move the VAE and text encoders to the CPU while the UNet "
+                                                     "trains.")
 
     def validate(self, node: str) -> None:
         def bad(input: str, what: str, fix: str) -> FinetuneError:

@@ -25,6 +25,7 @@ import torch
 from ..core.conditioning import substitute_tokens
 from ..core.embeddings import Embedding
 from ..core.errors import FinetuneError
+from ..core.fields import node_input
 from ..core.handle import EmbeddingPatch, ModelHandle
 from . import distributed
 from .data import TrainingSet
@@ -61,10 +62,20 @@ _PROMPT_SYNTAX = set('(),:\\"')
 
 @dataclass(frozen=True)
 class TISpec:
-    token: str
-    initializer: str = ""
-    num_vectors: int = 1
-    templates: str = "object"
+    """What makes a run textual inversion; each field is also the LearnEmbedding widget of that name."""
+
+    token: str = node_input(tooltip="The new prompt word, e.g. <my-dog>. Must not be an existing word; no spaces. "
+                                    "The embedding's name is the token without <> (my-dog).")
+    initializer: str = node_input("", tooltip="A word describing the concept (dog, style, ...); the vectors start "
+                                              "from its embedding. Empty: start from '*'.")
+    num_vectors: int = node_input(1, min=1, max=64,
+                                  tooltip="Vectors (prompt tokens) the embedding uses: more learn more detail but "
+                                          "take more steps and prompt space.")
+    # The node offers the three plain modes of TEMPLATE_MODES.
+    templates: str = node_input("object", choices=TEMPLATE_MODES[:3],
+                                tooltip="Training prompts: object ('a photo of a <token>', ...), style ('a painting "
+                                        "in the style of <token>', ...) or the dataset captions (the token is "
+                                        "prepended where a caption lacks it).")
 
 
 def embedding_name(token: str) -> str:
