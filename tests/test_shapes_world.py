@@ -148,10 +148,15 @@ def test_judge_is_deterministic_and_batch_independent(shipped):
     specs = W.training_specs()[::7]
     images = W.render_batch(specs, [W.example_seed(s, 0, "test") for s in specs])
     first, second = shipped(images), shipped(torch.from_numpy(images))
+    # the same batch through the same kernels in one process: bit-identical, confidences included
     assert first == second
     assert [v.confidence for v in first] == [v.confidence for v in second]
     alone = shipped(images[3])  # a single [H, W, 3] image
-    assert alone[0] == first[3] and abs(alone[0].confidence - first[3].confidence) < 1e-6
+    # A batch of one takes other conv/matmul kernels than a batch of 15, so the CNN's fp32 logits (|z| up to ~100)
+    # differ in the last bits (~2e-5 measured) and so do its softmax scores. The labels are argmaxes with wide
+    # margins and stay exact; the confidence gets a tolerance: a softmax's top probability p moves by at most
+    # 2 * (1 - p) * max|dz|, under 1e-7 for these near-certain verdicts (p > 0.999) even at max|dz| = 1e-4.
+    assert alone[0].matches(first[3]) and abs(alone[0].confidence - first[3].confidence) < 1e-6
     assert J.accuracy(first, specs)["all"] == 1.0
 
 
