@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 from comfy_finetune import host
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError, WorkflowError
-from comfy_finetune.core.executor import Executor, NodeExecutionError, PromptValidationError
+from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
 from comfy_finetune.nodes.generation import Negative
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.runner import node_classes
 
 ROW_TIMEOUT_S = 60
 MAX_TENSOR_ELEMENTS = 100_000_000  # 400 MB of fp32: far beyond anything the tiny models need
@@ -729,7 +729,7 @@ def test_every_node_has_rows():
 
 def test_errors_are_workflow_errors_in_the_runner(res, tmp_path):
     """A hand-edited API prompt with an unknown sampler fails validation before anything runs."""
-    from comfy_finetune.runner import run_workflow  # noqa: PLC0415
+    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
 
     api = _api_prompt(Row("x", "Sample"), {**DEFAULTS["Sample"], "sampler_name": "warp_drive", "steps": 0})
     api["20"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}

@@ -49,7 +49,7 @@ if not (Path(PLAYWRIGHT_CORE_DIR) / "package.json").is_file():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
 
-from comfy_finetune.core.workflow import ui_to_api  # noqa: E402
+from comfy_finetune.headless.workflow import ui_to_api  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

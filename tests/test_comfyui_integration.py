@@ -31,7 +31,7 @@ if not (Path(_COMFYUI_DIR) / "main.py").is_file():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
 
-from comfy_finetune.core.workflow import apply_overrides, ui_to_api  # noqa: E402
+from comfy_finetune.headless.workflow import apply_overrides, ui_to_api  # noqa: E402
 from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 pytestmark = pytest.mark.comfyui

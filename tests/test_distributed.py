@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 from comfy_finetune.training import distributed
 from comfy_finetune.training.data import Batch
 from comfy_finetune.training.dreambooth import PairedBatch
@@ -126,7 +126,7 @@ def test_only_rank_0_may_write(as_rank, tmp_path):
 
 
 def test_processes_refused_inside_a_launched_run(monkeypatch, capsys):
-    from comfy_finetune.runner import main
+    from comfy_finetune.headless.runner import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "x.json", "--processes", "2"]) == 2

@@ -13,8 +13,8 @@ import torch
 
 from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 from comfy_finetune.training import memory
 from comfy_finetune.training.data import prepare, read_folder
 from comfy_finetune.training.loop import train, training_mode

@@ -87,13 +87,13 @@ def _py_files(*dirs):
 def test_no_absolute_self_imports():
     """ComfyUI imports the pack by file path: absolute imports of our own name would fail there."""
     pat = re.compile(r"^\s*(from|import)\s+comfy_finetune\b", re.M)
-    for path in [*_py_files("", "core", "nodes", "training")]:
+    for path in [*_py_files("", "core", "nodes", "training", "headless")]:
         assert not pat.search(path.read_text()), f"{path} imports comfy_finetune absolutely"
 
 
 def test_core_never_imports_comfyui():
     pat = re.compile(r"^\s*(from|import)\s+(comfy|folder_paths|server|nodes|execution|comfy_execution)\b", re.M)
-    for path in [*_py_files("core", "nodes", "training")]:
+    for path in [*_py_files("core", "nodes", "training", "headless")]:
         assert not pat.search(path.read_text()), f"{path} imports ComfyUI; only host.py may"
 
 
@@ -108,6 +108,9 @@ def test_loads_like_comfyui_does(tmp_path):
         spec.loader.exec_module(module)
         assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
         assert (ROOT / module.WEB_DIRECTORY).is_dir()
+        # the headless tier (runner, workflow loader, executor, native stand-ins) is not part of what ComfyUI loads
+        loaded = [k for k in sys.modules if k.startswith(name + ".")]
+        assert f"{name}.nodes" in loaded and not [k for k in loaded if k.startswith(f"{name}.headless")], loaded
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]

@@ -31,7 +31,7 @@ from comfy_finetune import host
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.runner import node_classes
 
 N = node_classes()
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -525,7 +525,7 @@ def test_hostile_api_and_ui_workflows(folders, tmp_path, monkeypatch, outside_un
     """Whole workflows through the runner: hostile class types, ids, input names, values and widget values."""
     import json  # noqa: PLC0415
 
-    from comfy_finetune.runner import run_workflow  # noqa: PLC0415
+    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
 
     import comfy_finetune  # noqa: PLC0415
 

@@ -10,8 +10,8 @@ import pytest
 
 import comfy_finetune
 from comfy_finetune import host
-from comfy_finetune.core.workflow import load_workflow
-from comfy_finetune.runner import main, node_classes, run_workflow
+from comfy_finetune.headless.workflow import load_workflow
+from comfy_finetune.headless.runner import main, node_classes, run_workflow
 
 EXAMPLES = sorted((Path(comfy_finetune.__file__).parent / "example_workflows").glob("*.json"))
 

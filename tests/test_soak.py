@@ -99,8 +99,8 @@ def soak_output(models_dir, tmp_path):
 
 def test_sampling_soak(tiny_handles, soak_output, capsys):
     """SAMPLE_RUNS workflows (LoadBase -> [AddLoRA] -> Sample 64 px, 2 steps -> SaveImage) through one executor."""
-    from comfy_finetune.core.executor import Executor  # noqa: PLC0415
-    from comfy_finetune.runner import node_classes  # noqa: PLC0415
+    from comfy_finetune.headless.executor import Executor  # noqa: PLC0415
+    from comfy_finetune.headless.runner import node_classes  # noqa: PLC0415
 
     executor = Executor(node_classes())
     handle = tiny_handles["sd1"]  # keeps the loaded weights alive, so LoadBase reuses them

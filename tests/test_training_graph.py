@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 
 TRAIN_INPUTS = dict(rank=4, alpha=4.0, targets="attention", train_text_encoder=False, text_learning_rate=5e-5,
                     steps=4, learning_rate=1e-3, batch_size=2, grad_accum=1, lr_schedule="constant", warmup_steps=0,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from comfy_finetune.core.errors import WorkflowError
-from comfy_finetune.core.workflow import (
+from comfy_finetune.headless.workflow import (
     apply_overrides,
     is_ui_workflow,
     load_workflow,
@@ -277,7 +277,7 @@ def test_override_errors():
 
 def test_explicit_control_after_generate_false_means_no_control_widget():
     """Frontend rule: ``control_after_generate ?? name in (seed, noise_seed)``; the trainers declare False."""
-    from comfy_finetune.core.workflow import widget_slots
+    from comfy_finetune.headless.workflow import widget_slots
 
     spec = {"required": {"seed": ("INT", {"default": 0, "control_after_generate": False}),
                          "steps": ("INT", {"default": 1})}}
@@ -294,8 +294,8 @@ def test_training_examples_keep_widget_positions():
     from pathlib import Path
 
     import comfy_finetune
-    from comfy_finetune.core.workflow import load_workflow
-    from comfy_finetune.runner import node_classes
+    from comfy_finetune.headless.workflow import load_workflow
+    from comfy_finetune.headless.runner import node_classes
 
     path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())

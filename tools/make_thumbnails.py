@@ -115,8 +115,8 @@ def write_replacing(path: Path, data: bytes) -> bool:
 # ---------------------------------------------------------------------------------------------- running
 def training_step_caps(workflow: Path, max_steps: int) -> list[str]:
     """``--set`` overrides capping every training node's ``steps`` at ``max_steps`` (by node id)."""
-    from comfy_finetune.core.workflow import load_workflow  # noqa: PLC0415
-    from comfy_finetune.runner import node_classes  # noqa: PLC0415
+    from comfy_finetune.headless.workflow import load_workflow  # noqa: PLC0415
+    from comfy_finetune.headless.runner import node_classes  # noqa: PLC0415
 
     api = load_workflow(workflow, node_classes())
     caps = []
