@@ -299,6 +299,24 @@ def test_training_examples_keep_widget_positions():
 
     path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())
-    train = next(n for n in api.values() if n["class_type"] == "TrainLoRA")["inputs"]
+    train = next(n for n in api.values() if n["class_type"] == "FinetuneTrainLoRA")["inputs"]
     assert train["validation_prompt"] == "a striped purple cross on a white background"
     assert train["validate_every"] == 100
+
+
+def test_old_node_ids_become_current_ones_and_overrides_find_them():
+    """``current_node_types`` gives nodes saved under an old id the current one (nothing else changes);
+    ``apply_overrides`` with ``renamed`` finds those nodes by the old id as well as by the current one."""
+    from comfy_finetune.headless.workflow import apply_overrides, current_node_types
+
+    renamed = {"OldTrainer": "NewTrainer"}
+    api = {"1": {"class_type": "OldTrainer", "inputs": {"steps": 5}, "_meta": {"title": "Trainer"}},
+           "2": {"class_type": "Other", "inputs": {"x": ["1", 0]}}}
+    out, changed = current_node_types(api, renamed)
+    assert changed == {"1": "OldTrainer"} and api["1"]["class_type"] == "OldTrainer"  # the input is not changed
+    assert out == {"1": {"class_type": "NewTrainer", "inputs": {"steps": 5}, "_meta": {"title": "Trainer"}},
+                   "2": api["2"]}
+    assert apply_overrides(out, ["OldTrainer.steps=2"], renamed=renamed)["1"]["inputs"]["steps"] == 2
+    assert apply_overrides(out, ["NewTrainer.steps=3"], renamed=renamed)["1"]["inputs"]["steps"] == 3
+    with pytest.raises(WorkflowError, match="no node with id, title or type 'OldTrainer'"):
+        apply_overrides(out, ["OldTrainer.steps=2"])
