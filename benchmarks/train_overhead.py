@@ -1,4 +1,4 @@
-"""TrainLoRA against a minimal bare PyTorch LoRA loop, side by side in one run.
+"""FinetuneTrainLoRA against a minimal bare PyTorch LoRA loop, side by side in one run.
 
 Both train the same UNet with the same peft LoRA config (rank, alpha, targets), optimizer (AdamW),
 batch, precision and data; the bare loop gets latents and text embeddings precomputed, i.e. it is

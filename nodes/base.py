@@ -31,7 +31,7 @@ DATASET = "FT_DATASET"
 # What each link type must carry, and which nodes make it (for the error message).
 _LINK_TYPES = {
     PIPE: ("..core.handle", "ModelHandle", "LoadBase, AddLoRA or a training node"),
-    LORA: ("..core.lora", "LoraWeights", "TrainLoRA or DreamBoothTrain"),
+    LORA: ("..core.lora", "LoraWeights", "FinetuneTrainLoRA or DreamBoothTrain"),
     NEGATIVE: ("..core.conditioning", "Negative", "NegativePrompt"),
     EMBEDDING: ("..core.embeddings", "Embedding", "LearnEmbedding"),
     DATASET: ("..training.data", "TrainingSet", "Training Data (Folder) or Training Data (Images)"),

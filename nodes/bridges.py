@@ -31,7 +31,7 @@ _PROMPT_BREAKING = re.compile(r"[\s(),\\]")
 # ============================================================================================== FT_LORA -> MODEL/CLIP
 
 class ApplyLoRAToModel(FTNode):
-    NODE_ID = "ApplyLoRAToModel"
+    NODE_ID = "FinetuneApplyLoRAToModel"
     DISPLAY_NAME = "Apply Finetune LoRA to MODEL/CLIP"
     CATEGORY = BRIDGE_CATEGORY
     DESCRIPTION = ("Applies a LoRA trained in this graph (FT_LORA) to ComfyUI's own MODEL and CLIP, exactly as the "
@@ -78,7 +78,7 @@ class ApplyLoRAToModel(FTNode):
 # ============================================================================================== FT_EMBEDDING -> prompt
 
 class EmbeddingToPrompt(FTNode):
-    NODE_ID = "EmbeddingToPrompt"
+    NODE_ID = "FinetuneEmbeddingToPrompt"
     DISPLAY_NAME = "Finetune Embedding → Prompt Word"
     CATEGORY = BRIDGE_CATEGORY
     DESCRIPTION = ("Saves a textual-inversion embedding into models/embeddings (the layout ComfyUI and A1111 read) "
@@ -124,7 +124,7 @@ class EmbeddingToPrompt(FTNode):
                                 input="name", fix="use letters, digits, '-', '_', '.' and '/' only, e.g. my_concept")
         path, word = save_embedding_for(embedding, pipe, rel, overwrite=bool(overwrite), node=self.NODE_ID)
         lines = [f"saved embeddings/{relative_name(path, 'embeddings')}", f"prompt word: {word}"]
-        host.log.info("[EmbeddingToPrompt] %s", "; ".join(lines))
+        host.log.info("[FinetuneEmbeddingToPrompt] %s", "; ".join(lines))
         return {"ui": {"text": lines}, "result": (word,)}
 
 

@@ -39,7 +39,7 @@ def _refuse(name: str, why: str, node: str, input: str) -> FinetuneError:
                              f"bundled example such as '{EXAMPLE_TAG} red-circle'")
 
 
-def find_dataset_folder(name: str, *, node: str = "TrainingData", input: str = "folder") -> Path:
+def find_dataset_folder(name: str, *, node: str = "FinetuneTrainingData", input: str = "folder") -> Path:
     """Resolve a ``folder`` input: a folder inside the host's input directory, or ``[example] <name>``.
 
     Absolute paths, ``~``, ``..`` and links leading out of the input directory are refused: a shared workflow
@@ -106,7 +106,7 @@ def _summary(node: str, ds: TrainingSet) -> None:
 
 # ---------------------------------------------------------------------------------------------- nodes
 class TrainingData(FTNode):
-    NODE_ID = "TrainingData"
+    NODE_ID = "FinetuneTrainingData"
     DISPLAY_NAME = "Training Data (Folder)"
     CATEGORY = f"{CATEGORY}/training"
     DESCRIPTION = ("Reads a folder of training images from ComfyUI's input folder, each with an optional caption "
@@ -149,7 +149,7 @@ class TrainingData(FTNode):
 
 
 class TrainingDataFromImages(FTNode):
-    NODE_ID = "TrainingDataFromImages"
+    NODE_ID = "FinetuneTrainingDataFromImages"
     DISPLAY_NAME = "Training Data (Images)"
     CATEGORY = f"{CATEGORY}/training"
     DESCRIPTION = ("Makes a training dataset from an IMAGE batch (e.g. Load Image or a batch node) and captions "

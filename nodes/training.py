@@ -82,7 +82,7 @@ def outputs_for(result) -> tuple:
 
 
 class TrainLoRA(FTNode):
-    NODE_ID = "TrainLoRA"
+    NODE_ID = "FinetuneTrainLoRA"
     DISPLAY_NAME = "Train LoRA (Finetune)"
     CATEGORY = TRAIN_CATEGORY
     DESCRIPTION = ("Trains a LoRA on the model handle from a training set. The result chains straight into AddLoRA "

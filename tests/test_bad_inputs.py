@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 from comfy_finetune import host
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError, WorkflowError
-from comfy_finetune.core.executor import Executor, NodeExecutionError, PromptValidationError
+from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
 from comfy_finetune.nodes.generation import Negative
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.runner import node_classes
 
 ROW_TIMEOUT_S = 60
 MAX_TENSOR_ELEMENTS = 100_000_000  # 400 MB of fp32: far beyond anything the tiny models need
@@ -75,10 +75,10 @@ DEFAULTS: dict[str, dict] = {
     "NegativePrompt": dict(text="blurry"),
     "Sample": dict(pipe=PIPE, prompt="a red circle", seed=0, steps=2, cfg=5.0, sampler_name="euler",
                    scheduler="normal", width=64, height=64, batch_size=1),
-    "TrainingData": dict(folder="[example] red-circle", **DATA_COMMON, bucketing=False),
-    "TrainingDataFromImages": dict(images=Ref("images"), captions="", **DATA_COMMON),
-    "TrainLoRA": dict(pipe=PIPE, dataset=DATASET, rank=2, alpha=2.0, targets="attention", train_text_encoder=False,
-                      text_learning_rate=5e-5, **COMMON_TRAIN),
+    "FinetuneTrainingData": dict(folder="[example] red-circle", **DATA_COMMON, bucketing=False),
+    "FinetuneTrainingDataFromImages": dict(images=Ref("images"), captions="", **DATA_COMMON),
+    "FinetuneTrainLoRA": dict(pipe=PIPE, dataset=DATASET, rank=2, alpha=2.0, targets="attention",
+                              train_text_encoder=False, text_learning_rate=5e-5, **COMMON_TRAIN),
     "LearnEmbedding": dict(pipe=PIPE, dataset=DATASET, token="<bad-inputs>", initializer="circle", num_vectors=1,
                            templates="object", **COMMON_TRAIN),
     "DreamBoothTrain": dict(pipe=PIPE, dataset=DATASET, instance_prompt="a photo of sks circle",
@@ -92,9 +92,10 @@ DEFAULTS: dict[str, dict] = {
     "FinetuneSaveCheckpoint": dict(pipe=PIPE, name="bad_inputs/checkpoint", format="single_file", dtype="fp16",
                                    overwrite=True),
     "LoadImage": dict(image="数据集/圆圈/红.png"),
-    "ApplyLoRAToModel": dict(model="MODEL", clip="CLIP", lora=Ref("lora:sd1"), pipe=PIPE, strength_model=1.0,
-                             strength_clip=1.0),
-    "EmbeddingToPrompt": dict(embedding=Ref("embedding:sd1"), pipe=PIPE, name="bad_inputs/word", overwrite=True),
+    "FinetuneApplyLoRAToModel": dict(model="MODEL", clip="CLIP", lora=Ref("lora:sd1"), pipe=PIPE, strength_model=1.0,
+                                     strength_clip=1.0),
+    "FinetuneEmbeddingToPrompt": dict(embedding=Ref("embedding:sd1"), pipe=PIPE, name="bad_inputs/word",
+                                      overwrite=True),
     "NativeLoRAToFinetune": dict(lora={}, pipe=PIPE),
     "FinetuneImageGrid": dict(images_1=Ref("images"), label_1="before"),
 }
@@ -227,55 +228,55 @@ ROWS: list[Row] = [
     Row("Sample-prompt-embedding-corrupt", "Sample", dict(prompt="embedding:bad_inputs_corrupt"),
         match="corrupt|not a readable", input="prompt"),
     # ------------------------------------------------------------------------------------------ TrainingData
-    Row("TrainingData-folder-empty-string", "TrainingData", dict(folder=""), match="empty", input="folder"),
-    Row("TrainingData-folder-missing", "TrainingData", dict(folder="no_such_folder"), match="not found",
+    Row("TrainingData-folder-empty-string", "FinetuneTrainingData", dict(folder=""), match="empty", input="folder"),
+    Row("TrainingData-folder-missing", "FinetuneTrainingData", dict(folder="no_such_folder"), match="not found",
         input="folder"),
-    Row("TrainingData-folder-zero-images", "TrainingData", dict(folder="bad_inputs/empty"), match="no images",
+    Row("TrainingData-folder-zero-images", "FinetuneTrainingData", dict(folder="bad_inputs/empty"), match="no images",
         input="folder"),
-    Row("TrainingData-folder-only-captions", "TrainingData", dict(folder="bad_inputs/captions_only"),
+    Row("TrainingData-folder-only-captions", "FinetuneTrainingData", dict(folder="bad_inputs/captions_only"),
         match="no images", input="folder"),
-    Row("TrainingData-corrupt-image", "TrainingData", dict(folder="bad_inputs/corrupt"), match="broken.png",
+    Row("TrainingData-corrupt-image", "FinetuneTrainingData", dict(folder="bad_inputs/corrupt"), match="broken.png",
         input="folder"),
-    Row("TrainingData-truncated-image", "TrainingData", dict(folder="bad_inputs/truncated"), match="cut.png",
+    Row("TrainingData-truncated-image", "FinetuneTrainingData", dict(folder="bad_inputs/truncated"), match="cut.png",
         input="folder"),
-    Row("TrainingData-image-is-a-text-file", "TrainingData", dict(folder="bad_inputs/not_an_image"),
+    Row("TrainingData-image-is-a-text-file", "FinetuneTrainingData", dict(folder="bad_inputs/not_an_image"),
         match="fake.jpg", input="folder"),
-    Row("TrainingData-captions-utf16-latin1-ok", "TrainingData", dict(folder="bad_inputs/encodings"), error=None,
-        check=_captions("café crème brûlée", "一只猫 café", "plain ascii")),
-    Row("TrainingData-chinese-folder-and-captions-ok", "TrainingData", dict(folder="数据集/圆圈"), error=None,
+    Row("TrainingData-captions-utf16-latin1-ok", "FinetuneTrainingData", dict(folder="bad_inputs/encodings"),
+        error=None, check=_captions("café crème brûlée", "一只猫 café", "plain ascii")),
+    Row("TrainingData-chinese-folder-and-captions-ok", "FinetuneTrainingData", dict(folder="数据集/圆圈"), error=None,
         check=_captions("红色的圆", "蓝色的圆")),
-    Row("TrainingData-resolution-100", "TrainingData", dict(resolution=100), match="multiple of 8",
+    Row("TrainingData-resolution-100", "FinetuneTrainingData", dict(resolution=100), match="multiple of 8",
         input="resolution"),
-    Row("TrainingData-resolution-0-executor", "TrainingData", dict(resolution=0), via="executor",
+    Row("TrainingData-resolution-0-executor", "FinetuneTrainingData", dict(resolution=0), via="executor",
         error=PromptValidationError, match="minimum", input="resolution"),
-    Row("TrainingData-resolution-100000-executor", "TrainingData", dict(resolution=100000), via="executor",
+    Row("TrainingData-resolution-100000-executor", "FinetuneTrainingData", dict(resolution=100000), via="executor",
         error=PromptValidationError, match="maximum", input="resolution"),
-    Row("TrainingData-resolution-100000", "TrainingData", dict(resolution=100000), match="resolution",
+    Row("TrainingData-resolution-100000", "FinetuneTrainingData", dict(resolution=100000), match="resolution",
         input="resolution"),
-    Row("TrainingData-crop-unknown", "TrainingData", dict(crop="diagonal"), match="diagonal", input="crop"),
-    Row("TrainingData-crop-unknown-executor", "TrainingData", dict(crop="diagonal"), via="executor",
+    Row("TrainingData-crop-unknown", "FinetuneTrainingData", dict(crop="diagonal"), match="diagonal", input="crop"),
+    Row("TrainingData-crop-unknown-executor", "FinetuneTrainingData", dict(crop="diagonal"), via="executor",
         error=PromptValidationError, match="not one of the choices", input="crop"),
-    Row("TrainingData-repeats-0", "TrainingData", dict(repeats=0), match="at least 1", input="repeats"),
-    Row("TrainingData-caption_dropout-2", "TrainingData", dict(caption_dropout=2.0), match="between 0 and 1",
+    Row("TrainingData-repeats-0", "FinetuneTrainingData", dict(repeats=0), match="at least 1", input="repeats"),
+    Row("TrainingData-caption_dropout-2", "FinetuneTrainingData", dict(caption_dropout=2.0), match="between 0 and 1",
         input="caption_dropout"),
-    Row("TrainingData-caption_dropout-2-executor", "TrainingData", dict(caption_dropout=2.0), via="executor",
+    Row("TrainingData-caption_dropout-2-executor", "FinetuneTrainingData", dict(caption_dropout=2.0), via="executor",
         error=PromptValidationError, match="maximum", input="caption_dropout"),
-    Row("TrainingData-caption_prefix-chinese-ok", "TrainingData", dict(caption_prefix="中文触发词,"), error=None,
+    Row("TrainingData-caption_prefix-chinese-ok", "FinetuneTrainingData", dict(caption_prefix="中文触发词,"), error=None,
         check=lambda out, res: out[0].caption_prefix == "中文触发词,"),
     # ------------------------------------------------------------------------------------------ TrainingDataFromImages
-    Row("TrainingDataFromImages-images-STRING", "TrainingDataFromImages", dict(images="a picture"),
+    Row("TrainingDataFromImages-images-STRING", "FinetuneTrainingDataFromImages", dict(images="a picture"),
         match="IMAGE", input="images"),
-    Row("TrainingDataFromImages-images-STRING-executor", "TrainingDataFromImages", dict(images="a picture"),
+    Row("TrainingDataFromImages-images-STRING-executor", "FinetuneTrainingDataFromImages", dict(images="a picture"),
         via="executor", error=FinetuneError, match="IMAGE", input="images"),
-    Row("TrainingDataFromImages-zero-images", "TrainingDataFromImages", dict(images=Ref("images:empty")),
+    Row("TrainingDataFromImages-zero-images", "FinetuneTrainingDataFromImages", dict(images=Ref("images:empty")),
         match="no images", input="images"),
-    Row("TrainingDataFromImages-wrong-shape", "TrainingDataFromImages", dict(images=Ref("images:chw")),
+    Row("TrainingDataFromImages-wrong-shape", "FinetuneTrainingDataFromImages", dict(images=Ref("images:chw")),
         match="IMAGE", input="images"),
-    Row("TrainingDataFromImages-caption-count", "TrainingDataFromImages", dict(captions="one\ntwo"),
+    Row("TrainingDataFromImages-caption-count", "FinetuneTrainingDataFromImages", dict(captions="one\ntwo"),
         match="captions for", input="captions"),
-    Row("TrainingDataFromImages-chinese-captions-ok", "TrainingDataFromImages", dict(captions="红色\n绿色\n蓝色"),
+    Row("TrainingDataFromImages-chinese-captions-ok", "FinetuneTrainingDataFromImages", dict(captions="红色\n绿色\n蓝色"),
         error=None, check=_captions("红色", "绿色", "蓝色")),
-    Row("TrainingDataFromImages-resolution-100000", "TrainingDataFromImages", dict(resolution=100000),
+    Row("TrainingDataFromImages-resolution-100000", "FinetuneTrainingDataFromImages", dict(resolution=100000),
         match="resolution", input="resolution"),
     Row("TrainingDataFromImages-bucketing-executor-ok", "TrainingDataFromImages",
         dict(images=Ref("link:images"), bucketing=True), via="executor", error=None,
@@ -284,47 +285,49 @@ ROWS: list[Row] = [
     Row("TrainingDataFromImages-saved-without-bucketing-executor-ok", "TrainingDataFromImages",
         dict(images=Ref("link:images")), via="executor", error=None, check=lambda out, res: not out[0].bucketing),
     # ------------------------------------------------------------------------------------------ TrainLoRA
-    Row("TrainLoRA-pipe-STRING", "TrainLoRA", dict(pipe="a pipe"), match="pipe", input="pipe"),
-    Row("TrainLoRA-pipe-STRING-executor", "TrainLoRA", dict(pipe="a pipe"), via="executor", error=FinetuneError,
-        input="pipe"),
-    Row("TrainLoRA-dataset-STRING", "TrainLoRA", dict(dataset="my_dog"), match="dataset", input="dataset"),
-    Row("TrainLoRA-steps-0", "TrainLoRA", dict(steps=0), match="at least 1", input="steps"),
-    Row("TrainLoRA-steps-0-executor", "TrainLoRA", dict(steps=0), via="executor", error=PromptValidationError,
+    Row("TrainLoRA-pipe-STRING", "FinetuneTrainLoRA", dict(pipe="a pipe"), match="pipe", input="pipe"),
+    Row("TrainLoRA-pipe-STRING-executor", "FinetuneTrainLoRA", dict(pipe="a pipe"), via="executor",
+        error=FinetuneError, input="pipe"),
+    Row("TrainLoRA-dataset-STRING", "FinetuneTrainLoRA", dict(dataset="my_dog"), match="dataset", input="dataset"),
+    Row("TrainLoRA-steps-0", "FinetuneTrainLoRA", dict(steps=0), match="at least 1", input="steps"),
+    Row("TrainLoRA-steps-0-executor", "FinetuneTrainLoRA", dict(steps=0), via="executor", error=PromptValidationError,
         match="minimum", input="steps"),
-    Row("TrainLoRA-learning_rate-0", "TrainLoRA", dict(learning_rate=0.0), match="positive", input="learning_rate"),
-    Row("TrainLoRA-learning_rate-0-executor", "TrainLoRA", dict(learning_rate=0.0), via="executor",
-        error=NodeExecutionError, match="positive", input="learning_rate"),
-    Row("TrainLoRA-learning_rate-negative-executor", "TrainLoRA", dict(learning_rate=-1.0), via="executor",
-        error=PromptValidationError, match="minimum", input="learning_rate"),
-    Row("TrainLoRA-learning_rate-nan", "TrainLoRA", dict(learning_rate=float("nan")), match="positive",
+    Row("TrainLoRA-learning_rate-0", "FinetuneTrainLoRA", dict(learning_rate=0.0), match="positive",
         input="learning_rate"),
-    Row("TrainLoRA-batch_size-larger-than-dataset", "TrainLoRA", dict(batch_size=50), match="larger than",
+    Row("TrainLoRA-learning_rate-0-executor", "FinetuneTrainLoRA", dict(learning_rate=0.0), via="executor",
+        error=NodeExecutionError, match="positive", input="learning_rate"),
+    Row("TrainLoRA-learning_rate-negative-executor", "FinetuneTrainLoRA", dict(learning_rate=-1.0), via="executor",
+        error=PromptValidationError, match="minimum", input="learning_rate"),
+    Row("TrainLoRA-learning_rate-nan", "FinetuneTrainLoRA", dict(learning_rate=float("nan")), match="positive",
+        input="learning_rate"),
+    Row("TrainLoRA-batch_size-larger-than-dataset", "FinetuneTrainLoRA", dict(batch_size=50), match="larger than",
         input="batch_size"),
-    Row("TrainLoRA-rank-larger-than-layer", "TrainLoRA", dict(rank=512), match="larger than the layer",
+    Row("TrainLoRA-rank-larger-than-layer", "FinetuneTrainLoRA", dict(rank=512), match="larger than the layer",
         input="rank"),
-    Row("TrainLoRA-rank-0", "TrainLoRA", dict(rank=0), match="at least 1", input="rank"),
-    Row("TrainLoRA-targets-unknown", "TrainLoRA", dict(targets="everything"), match="everything", input="targets"),
-    Row("TrainLoRA-optimizer-unknown-executor", "TrainLoRA", dict(optimizer="sgd"), via="executor",
+    Row("TrainLoRA-rank-0", "FinetuneTrainLoRA", dict(rank=0), match="at least 1", input="rank"),
+    Row("TrainLoRA-targets-unknown", "FinetuneTrainLoRA", dict(targets="everything"), match="everything",
+        input="targets"),
+    Row("TrainLoRA-optimizer-unknown-executor", "FinetuneTrainLoRA", dict(optimizer="sgd"), via="executor",
         error=PromptValidationError, match="not one of the choices", input="optimizer"),
-    Row("TrainLoRA-warmup-not-below-steps", "TrainLoRA", dict(steps=2, warmup_steps=2), match="warmup",
+    Row("TrainLoRA-warmup-not-below-steps", "FinetuneTrainLoRA", dict(steps=2, warmup_steps=2), match="warmup",
         input="warmup_steps"),
-    Row("TrainLoRA-validation_size-100", "TrainLoRA", dict(validation_prompt="a red circle", validation_size=100,
-                                                         validation_steps=1),
+    Row("TrainLoRA-validation_size-100", "FinetuneTrainLoRA", dict(validation_prompt="a red circle",
+                                                                 validation_size=100, validation_steps=1),
         match="multiple of 8", input="validation_size", before_training=True),
-    Row("TrainLoRA-validation_size-100000", "TrainLoRA", dict(validation_prompt="a red circle",
-                                                            validation_size=100000, validation_steps=1),
+    Row("TrainLoRA-validation_size-100000", "FinetuneTrainLoRA", dict(validation_prompt="a red circle",
+                                                                    validation_size=100000, validation_steps=1),
         match="validation_size", input="validation_size", before_training=True),
-    Row("TrainLoRA-validation_sampler-unknown", "TrainLoRA", dict(validation_prompt="a red circle",
-                                                                validation_sampler="warp_drive",
-                                                                validation_steps=1, validation_size=64),
+    Row("TrainLoRA-validation_sampler-unknown", "FinetuneTrainLoRA", dict(validation_prompt="a red circle",
+                                                                        validation_sampler="warp_drive",
+                                                                        validation_steps=1, validation_size=64),
         match="warp_drive", input="validation_sampler", before_training=True),
-    Row("TrainLoRA-negative-STRING", "TrainLoRA", dict(validation_prompt="a red circle", negative="ugly",
-                                                     validation_steps=1, validation_size=64),
+    Row("TrainLoRA-negative-STRING", "FinetuneTrainLoRA", dict(validation_prompt="a red circle", negative="ugly",
+                                                             validation_steps=1, validation_size=64),
         match="negative", input="negative"),
-    Row("TrainLoRA-chinese-validation-prompt-ok", "TrainLoRA", dict(validation_prompt=CHINESE, validation_steps=1,
-                                                                  validation_size=64),
+    Row("TrainLoRA-chinese-validation-prompt-ok", "FinetuneTrainLoRA", dict(validation_prompt=CHINESE,
+                                                                          validation_steps=1, validation_size=64),
         error=None, check=_trained),
-    Row("TrainLoRA-dataset-chinese-captions-ok", "TrainLoRA", dict(dataset=Ref("dataset:chinese")), error=None,
+    Row("TrainLoRA-dataset-chinese-captions-ok", "FinetuneTrainLoRA", dict(dataset=Ref("dataset:chinese")), error=None,
         check=_trained),
     # ------------------------------------------------------------------------------------------ LearnEmbedding
     Row("LearnEmbedding-token-empty", "LearnEmbedding", dict(token=""), match="empty", input="token"),
@@ -384,22 +387,25 @@ ROWS: list[Row] = [
     Row("LoadImage-chinese-name-ok", "LoadImage", dict(image="数据集/圆圈/红.png"), error=None,
         check=lambda out, res: tuple(out[0].shape) == (1, 48, 48, 3)),
     # ------------------------------------------------------------------------------------------ bridges
-    Row("ApplyLoRAToModel-lora-STRING", "ApplyLoRAToModel", dict(lora="my_lora"), match="FT_LORA", input="lora"),
-    Row("ApplyLoRAToModel-pipe-STRING", "ApplyLoRAToModel", dict(pipe="a pipe"), match="FT_PIPE", input="pipe"),
-    Row("ApplyLoRAToModel-lora-other-family", "ApplyLoRAToModel", dict(lora=Ref("lora:sdxl")), match="SDXL",
+    Row("ApplyLoRAToModel-lora-STRING", "FinetuneApplyLoRAToModel", dict(lora="my_lora"), match="FT_LORA",
         input="lora"),
-    Row("ApplyLoRAToModel-strength-too-big-executor", "ApplyLoRAToModel", dict(strength_model=1000.0),
+    Row("ApplyLoRAToModel-pipe-STRING", "FinetuneApplyLoRAToModel", dict(pipe="a pipe"), match="FT_PIPE",
+        input="pipe"),
+    Row("ApplyLoRAToModel-lora-other-family", "FinetuneApplyLoRAToModel", dict(lora=Ref("lora:sdxl")), match="SDXL",
+        input="lora"),
+    Row("ApplyLoRAToModel-strength-too-big-executor", "FinetuneApplyLoRAToModel", dict(strength_model=1000.0),
         via="executor", error=PromptValidationError, match="maximum", input="strength_model"),
-    Row("EmbeddingToPrompt-embedding-STRING", "EmbeddingToPrompt", dict(embedding="my_embedding"),
+    Row("EmbeddingToPrompt-embedding-STRING", "FinetuneEmbeddingToPrompt", dict(embedding="my_embedding"),
         match="FT_EMBEDDING", input="embedding"),
-    Row("EmbeddingToPrompt-embedding-missing-executor", "EmbeddingToPrompt", dict(), via="executor",
+    Row("EmbeddingToPrompt-embedding-missing-executor", "FinetuneEmbeddingToPrompt", dict(), via="executor",
         error=PromptValidationError, match="missing", input="embedding"),
-    Row("EmbeddingToPrompt-wrong-vector-size", "EmbeddingToPrompt", dict(embedding=Ref("embedding:wide")),
+    Row("EmbeddingToPrompt-wrong-vector-size", "FinetuneEmbeddingToPrompt", dict(embedding=Ref("embedding:wide")),
         match="size 7|wide", input="embedding"),
-    Row("EmbeddingToPrompt-name-with-space", "EmbeddingToPrompt", dict(name="my concept"), match="space",
+    Row("EmbeddingToPrompt-name-with-space", "FinetuneEmbeddingToPrompt", dict(name="my concept"), match="space",
         input="name"),
-    Row("EmbeddingToPrompt-name-dotdot", "EmbeddingToPrompt", dict(name="../escape"), match="'..'", input="name"),
-    Row("EmbeddingToPrompt-name-chinese-ok", "EmbeddingToPrompt", dict(name="提示/猫词"), error=None,
+    Row("EmbeddingToPrompt-name-dotdot", "FinetuneEmbeddingToPrompt", dict(name="../escape"), match="'..'",
+        input="name"),
+    Row("EmbeddingToPrompt-name-chinese-ok", "FinetuneEmbeddingToPrompt", dict(name="提示/猫词"), error=None,
         check=lambda out, res: out["result"][0] == "embedding:提示/猫词"
         and (res.models / "embeddings" / "提示" / "猫词.safetensors").exists()),
     Row("NativeLoRAToFinetune-lora-empty", "NativeLoRAToFinetune", dict(lora={}), match="empty", input="lora"),
@@ -649,8 +655,8 @@ def res(tmp_path_factory, models_dir, tiny_handles):
 HELPERS = {
     # link placeholder -> (helper node id, class_type, inputs, output slot)
     "pipe:sd1": ("1", "LoadBase", DEFAULTS["LoadBase"], 0),
-    "dataset": ("2", "TrainingData", DEFAULTS["TrainingData"], 0),
-    "link:images": ("2", "TrainingData", DEFAULTS["TrainingData"], 1),
+    "dataset": ("2", "FinetuneTrainingData", DEFAULTS["FinetuneTrainingData"], 0),
+    "link:images": ("2", "FinetuneTrainingData", DEFAULTS["FinetuneTrainingData"], 1),
 }
 
 
@@ -722,20 +728,21 @@ def test_bad_input(row: Row, res: Resources, guard):
 
 
 def test_every_node_has_rows():
-    """The catalogue covers every node of the pack, directly and through the executor."""
-    from comfy_finetune.nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
+    """The catalogue covers every node of the pack (by its current id), directly and through the executor."""
+    from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, RENAMED_NODE_IDS  # noqa: PLC0415
 
+    current = set(NODE_CLASS_MAPPINGS) - set(RENAMED_NODE_IDS)
     nodes = {r.node for r in ROWS}
-    assert set(NODE_CLASS_MAPPINGS) <= nodes, set(NODE_CLASS_MAPPINGS) - nodes
-    assert set(DEFAULTS) >= set(NODE_CLASS_MAPPINGS)
+    assert current <= nodes, current - nodes
+    assert set(DEFAULTS) >= current
     via = {r.node for r in ROWS if r.via == "executor"}
-    assert set(NODE_CLASS_MAPPINGS) - {"FinetuneSaveEmbedding"} <= via, set(NODE_CLASS_MAPPINGS) - via
+    assert current - {"FinetuneSaveEmbedding"} <= via, current - via
     assert all(r.error is None or r.input for r in ROWS), "every error row names the input it expects"
 
 
 def test_errors_are_workflow_errors_in_the_runner(res, tmp_path):
     """A hand-edited API prompt with an unknown sampler fails validation before anything runs."""
-    from comfy_finetune.runner import run_workflow  # noqa: PLC0415
+    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
 
     api = _api_prompt(Row("x", "Sample"), {**DEFAULTS["Sample"], "sampler_name": "warp_drive", "steps": 0})
     api["20"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}

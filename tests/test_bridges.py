@@ -121,14 +121,14 @@ def test_embedding_default_name_and_bad_names(tiny_handles, models_dir):
     for bad in ("my concept", "a(b)", "x,y"):
         with pytest.raises(FinetuneError) as err:
             EmbeddingToPrompt().run(embedding=_embedding(handle), pipe=handle, name=bad, overwrite=False)
-        assert err.value.node == "EmbeddingToPrompt" and err.value.input == "name", err.value
+        assert err.value.node == "FinetuneEmbeddingToPrompt" and err.value.input == "name", err.value
     with pytest.raises(FinetuneError) as err:
         EmbeddingToPrompt().run(embedding=_embedding(handle), pipe=handle, name="../escape", overwrite=False)
-    assert err.value.node == "EmbeddingToPrompt" and err.value.input == "name"
+    assert err.value.node == "FinetuneEmbeddingToPrompt" and err.value.input == "name"
     with pytest.raises(FinetuneError) as err:  # an SDXL embedding for an SD 1.x model
         EmbeddingToPrompt().run(embedding=_embedding(tiny_handles["sdxl"]), pipe=handle, name="wrong_family",
                                 overwrite=False)
-    assert err.value.node == "EmbeddingToPrompt"
+    assert err.value.node == "FinetuneEmbeddingToPrompt"
 
 
 # ---------------------------------------------------------------------------------------------- native LoRA
@@ -241,7 +241,7 @@ def test_apply_lora_to_native_model_headless_is_a_clear_error(tiny_handles):
         ApplyLoRAToModel().run(model=object(), clip=object(), lora=_random_lora(handle), pipe=handle,
                                strength_model=1.0, strength_clip=1.0)
     e = err.value
-    assert e.node == "ApplyLoRAToModel"
+    assert e.node == "FinetuneApplyLoRAToModel"
     assert "MODEL" in e.detail and "CLIP" in e.detail and "headless" in e.detail, e
     assert "AddLoRA" in e.fix and "ComfyUI" in e.fix
 
@@ -250,7 +250,7 @@ def test_apply_lora_refuses_a_lora_of_another_model(tiny_handles):
     with pytest.raises(FinetuneError) as err:
         ApplyLoRAToModel().run(model=object(), clip=object(), lora=_random_lora(tiny_handles["sdxl"]),
                                pipe=tiny_handles["sd1"], strength_model=1.0, strength_clip=1.0)
-    assert err.value.node == "ApplyLoRAToModel" and err.value.input == "lora"
+    assert err.value.node == "FinetuneApplyLoRAToModel" and err.value.input == "lora"
 
 
 class _FakeWeight:

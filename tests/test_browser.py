@@ -49,7 +49,7 @@ if not (Path(PLAYWRIGHT_CORE_DIR) / "package.json").is_file():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
 
-from comfy_finetune.core.workflow import ui_to_api  # noqa: E402
+from comfy_finetune.headless.workflow import ui_to_api  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -66,9 +66,9 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 def _training_example() -> tuple[Path, dict]:
     for path in sorted((REPO_ROOT / "example_workflows").glob("*.json")):
         workflow = json.loads(path.read_text(encoding="utf-8"))
-        if any(n.get("type") == "TrainLoRA" for n in workflow.get("nodes", [])):
+        if any(n.get("type") == "FinetuneTrainLoRA" for n in workflow.get("nodes", [])):
             return path, workflow
-    pytest.fail("no example workflow with a TrainLoRA node")
+    pytest.fail("no example workflow with a FinetuneTrainLoRA node")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def _count_colour(png: Path, rgb: tuple[int, int, int], tol: int = 24) -> int:
 
 def test_training_view_draws_the_loss_and_previews_and_is_saved(server, node_defs, artifacts):
     path, workflow = _training_example()
-    result = _drive(server, artifacts, {"task": "training", "workflow": workflow, "node_type": "TrainLoRA",
+    result = _drive(server, artifacts, {"task": "training", "workflow": workflow, "node_type": "FinetuneTrainLoRA",
                                         "widgets": {"steps": STEPS, "validate_every": VALIDATE_EVERY},
                                         "timeout_s": 240})
     assert result["done"] == "success", f"{path.name} did not run: {result.get('execution_error')}"
@@ -138,7 +138,7 @@ def test_training_view_draws_the_loss_and_previews_and_is_saved(server, node_def
     # every optimizer step reached the page as an event naming this node, and became a point on its chart
     events = result["events"]
     assert [e["step"] for e in events] == list(range(1, STEPS + 1))
-    assert {(e["node_id"], e["display_node"], e["node"]) for e in events} == {(node_id, node_id, "TrainLoRA")}
+    assert {(e["node_id"], e["display_node"], e["node"]) for e in events} == {(node_id, node_id, "FinetuneTrainLoRA")}
     assert result["live_points"] == STEPS
     assert result["live_info"]["step"] == STEPS and result["live_info"]["steps"] == STEPS
     assert result["serialized_points"] == [[e["step"], e["loss"]] for e in events]  # saved in the workflow as drawn
@@ -162,7 +162,7 @@ def test_training_view_draws_the_loss_and_previews_and_is_saved(server, node_def
     assert reloaded["info"]["step"] == STEPS
 
     # the view adds no widget value that shifts the others: the saved workflow converts to the inputs set
-    saved_node = {"id": result["node_id"], "type": "TrainLoRA", "inputs": [], "outputs": [],
+    saved_node = {"id": result["node_id"], "type": "FinetuneTrainLoRA", "inputs": [], "outputs": [],
                   "widgets_values": result["serialized_widgets_values"]}
     api = ui_to_api({"nodes": [saved_node], "links": []}, node_defs)
     inputs = api[node_id]["inputs"]
@@ -172,7 +172,7 @@ def test_training_view_draws_the_loss_and_previews_and_is_saved(server, node_def
 def test_training_view_routes_decimates_and_rolls_back(server, artifacts):
     _, workflow = _training_example()
     n = 1000
-    result = _drive(server, artifacts, {"task": "synthetic", "workflow": workflow, "node_type": "TrainLoRA",
+    result = _drive(server, artifacts, {"task": "synthetic", "workflow": workflow, "node_type": "FinetuneTrainLoRA",
                                         "events": n})
     assert result["first_points"] == 0 and result["second_live_points"] == n  # events go to the node they name
     assert result["after_rollback"] == n - 50  # a NaN rollback drops the steps undone

@@ -31,8 +31,8 @@ if not (Path(_COMFYUI_DIR) / "main.py").is_file():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfyui_harness as harness  # noqa: E402
 
-from comfy_finetune.core.workflow import apply_overrides, ui_to_api  # noqa: E402
-from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from comfy_finetune.headless.workflow import apply_overrides, ui_to_api  # noqa: E402
+from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RENAMED_NODE_IDS  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -111,6 +111,8 @@ def test_object_info_matches_node_classes(object_info, node_id):
     assert info["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_id]
     assert str(info["category"]).startswith("finetune"), f"{node_id}: category {info['category']!r}"
     assert info.get("python_module") == f"custom_nodes.{PACK}"
+    # an old id (kept so saved workflows load) is served as deprecated: hidden from search, same schema
+    assert bool(info.get("deprecated")) == (node_id in RENAMED_NODE_IDS), f"{node_id}: deprecated flag"
 
     for section in ("required", "optional"):
         for name, spec in (info["input"].get(section) or {}).items():
@@ -211,7 +213,7 @@ def test_bad_input_is_reported_and_server_recovers(server, node_defs):
 
 
 # ---------------------------------------------------------------------------------------------- 6. bridges
-_BRIDGES = ("ApplyLoRAToModel", "EmbeddingToPrompt", "NativeLoRAToFinetune")
+_BRIDGES = ("FinetuneApplyLoRAToModel", "FinetuneEmbeddingToPrompt", "NativeLoRAToFinetune")
 
 
 def _require_bridges() -> None:
@@ -222,7 +224,7 @@ def _require_bridges() -> None:
 
 def test_bridge_nodes_are_served_with_native_types(object_info):
     _require_bridges()
-    apply = object_info["ApplyLoRAToModel"]
+    apply = object_info["FinetuneApplyLoRAToModel"]
     required = apply["input"]["required"]
     assert (required["model"][0], required["clip"][0], required["lora"][0], required["pipe"][0]) == \
         ("MODEL", "CLIP", "FT_LORA", "FT_PIPE")
@@ -230,7 +232,7 @@ def test_bridge_nodes_are_served_with_native_types(object_info):
     native = object_info["NativeLoRAToFinetune"]
     assert native["input"]["required"]["lora"][0] == "LORA_MODEL"
     assert native["output"] == ["FT_LORA"]
-    emb = object_info["EmbeddingToPrompt"]
+    emb = object_info["FinetuneEmbeddingToPrompt"]
     assert emb["input"]["required"]["embedding"][0] == "FT_EMBEDDING" and emb["output"] == ["STRING"]
     for node_id in _BRIDGES:
         assert object_info[node_id]["category"] == "finetune/bridges"
@@ -249,14 +251,14 @@ def test_embedding_prompt_word_through_a_native_string_node(server, node_defs):
     _require_bridges()
     example = _example_api(REPO_ROOT / "example_workflows" / "Learn a word (Textual Inversion).json", node_defs)
     example = apply_overrides(example, ["LearnEmbedding.steps=4"], node_defs)
-    keep = {"LoadBase", "TrainingData", "LearnEmbedding"}
+    keep = {"LoadBase", "FinetuneTrainingData", "LearnEmbedding"}
     prompt = {nid: n for nid, n in example.items() if n["class_type"] in keep}
     load = next(nid for nid, n in prompt.items() if n["class_type"] == "LoadBase")
     learn = next(nid for nid, n in prompt.items() if n["class_type"] == "LearnEmbedding")
     sample = next(n for n in example.values() if n["class_type"] == "Sample")
     name = f"bridge_test/word_{os.getpid()}"
     prompt.update({
-        "900": {"class_type": "EmbeddingToPrompt",
+        "900": {"class_type": "FinetuneEmbeddingToPrompt",
                 "inputs": {"embedding": [learn, 0], "pipe": [load, 0], "name": name, "overwrite": False}},
         "901": {"class_type": "StringConcatenate",
                 "inputs": {"string_a": "a photo of", "string_b": ["900", 0], "delimiter": " "}},
@@ -416,7 +418,8 @@ def test_bridges_inside_comfyui(tmp_path):
     assert r["unet_max_diff"] < 1e-5 and r["te_max_diff"] < 1e-5, r
     assert r["inputs_unchanged"], r
     err = r["unknown_key_error"]
-    assert err and "[ApplyLoRAToModel]" not in err and "lora key not loaded: lora_unet_no_such_block" in err, err
+    assert err and "[FinetuneApplyLoRAToModel]" not in err, err
+    assert "lora key not loaded: lora_unet_no_such_block" in err, err
 
     # ComfyUI's own TrainLoraNode → NativeLoRAToFinetune: every LoRA layer converts, the rest is reported
     assert r["converted_layers"] == r["native_lora_layers"] > 0, r
@@ -458,7 +461,7 @@ def test_cancel_through_interrupt_keeps_a_resumable_checkpoint_and_the_queue_goe
     from comfy_finetune.training.loop import load_checkpoint
 
     train_wf = _example_api(REPO_ROOT / "example_workflows" / "Train a LoRA.json", node_defs)
-    train_id = _node_id(train_wf, "TrainLoRA")
+    train_id = _node_id(train_wf, "FinetuneTrainLoRA")
     long_run = apply_overrides(train_wf, [f"{train_id}.steps=100000", f"{train_id}.seed=11",
                                           f"{train_id}.validate_every=0"], node_defs)
     save_id = _node_id(long_run, "FinetuneSaveLoRA")
@@ -479,7 +482,7 @@ def test_cancel_through_interrupt_keeps_a_resumable_checkpoint_and_the_queue_goe
 
     assert cancelled.status == "interrupted", (cancelled.status, _error_text(cancelled))
     stopped = next(d for t, d in cancelled.events if t == "execution_interrupted")
-    assert stopped.get("node_type") == "TrainLoRA", stopped
+    assert stopped.get("node_type") == "FinetuneTrainLoRA", stopped
     steps_seen = [d["step"] for d in _train_events(cancelled.events)]
     assert steps_seen and steps_seen[-1] < 100000, steps_seen
 
@@ -508,7 +511,7 @@ def test_rerun_with_only_a_sampling_widget_changed_does_not_retrain(server, node
     """Re-queue a training graph with only Sample's seed changed: ComfyUI reports the trainer cached
     (``execution_cached``), no loss event arrives and the trainer never executes; only sampling runs again."""
     wf = _example_api(REPO_ROOT / "example_workflows" / "Train a LoRA.json", node_defs)
-    train_id = _node_id(wf, "TrainLoRA")
+    train_id = _node_id(wf, "FinetuneTrainLoRA")
     sample_id = _node_id(wf, "Sample")
     first = apply_overrides(wf, [f"{train_id}.steps=3", f"{train_id}.validate_every=0", f"{train_id}.seed=21",
                                  "SaveImage.filename_prefix=cache_test/first"], node_defs)
@@ -552,7 +555,7 @@ def test_cancelled_and_failed_training_give_their_memory_back(server, node_defs)
     if not Path(f"/proc/{server.proc.pid}/status").exists():
         pytest.skip("process memory is read from /proc (Linux)")
     example = _example_api(REPO_ROOT / "example_workflows" / "Teach a subject (DreamBooth).json", node_defs)
-    keep = {"LoadBase", "TrainingData", "DreamBoothTrain"}
+    keep = {"LoadBase", "FinetuneTrainingData", "DreamBoothTrain"}
     base = {nid: n for nid, n in example.items() if n["class_type"] in keep}
     train_id = _node_id(base, "DreamBoothTrain")
     base["990"] = {"class_type": "PreviewImage", "inputs": {"images": [train_id, 2]}}  # the loss plot

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 from comfy_finetune.training import distributed
 from comfy_finetune.training.data import Batch
 from comfy_finetune.training.dreambooth import PairedBatch
@@ -35,12 +35,12 @@ def graph(batch_size: int, lora_name: str, *, save_every: int = 0) -> dict:
     return {
         "1": {"class_type": "LoadBase", "inputs": {"ckpt_name": "diffusers/tiny-sd1", "dtype": "fp32",
                                                    "device": "cpu"}},
-        "2": {"class_type": "TrainingData", "inputs": {"folder": "[example] striped-style", "resolution": 64,
-                                                       "crop": "random", "flip": True, "repeats": 1,
-                                                       "caption_prefix": "", "caption_dropout": 0.3,
-                                                       "bucketing": False}},
-        "3": {"class_type": "TrainLoRA", "inputs": {"pipe": ["1", 0], "dataset": ["2", 0], **TRAIN,
-                                                    "batch_size": batch_size, "save_every": save_every}},
+        "2": {"class_type": "FinetuneTrainingData", "inputs": {"folder": "[example] striped-style", "resolution": 64,
+                                                               "crop": "random", "flip": True, "repeats": 1,
+                                                               "caption_prefix": "", "caption_dropout": 0.3,
+                                                               "bucketing": False}},
+        "3": {"class_type": "FinetuneTrainLoRA", "inputs": {"pipe": ["1", 0], "dataset": ["2", 0], **TRAIN,
+                                                            "batch_size": batch_size, "save_every": save_every}},
         "4": {"class_type": "FinetuneSaveLoRA", "inputs": {"lora": ["3", 0], "pipe": ["1", 0], "name": lora_name,
                                                            "layout": "kohya", "overwrite": False}},
         "5": {"class_type": "AddLoRA", "inputs": {"pipe": ["1", 0], "lora_name": "None", "strength_unet": 1.0,
@@ -126,7 +126,7 @@ def test_only_rank_0_may_write(as_rank, tmp_path):
 
 
 def test_processes_refused_inside_a_launched_run(monkeypatch, capsys):
-    from comfy_finetune.runner import main
+    from comfy_finetune.headless.runner import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "x.json", "--processes", "2"]) == 2

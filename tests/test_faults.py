@@ -630,7 +630,7 @@ def test_out_of_memory_training_a_lora_through_the_node(tiny_handles, dataset, m
     monkeypatch.setattr(LoraObjective, "loss", loss)
     with pytest.raises(FinetuneError) as info:
         TrainLoRA().run(pipe=h, dataset=dataset, **kwargs)
-    _assert_oom_message(str(info.value), "TrainLoRA", 2)
+    _assert_oom_message(str(info.value), "FinetuneTrainLoRA", 2)
     gc.collect()
     assert refs["optimizer"]() is None and refs["graph"]() is None and refs["param"]() is None, \
         "optimizer, graph and the adapter weights must be released"

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 import comfy_finetune
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.core.workflow import apply_overrides, load_workflow, read_workflow_json
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.workflow import apply_overrides, load_workflow, read_workflow_json
+from comfy_finetune.headless.runner import node_classes
 
 CLASSES = node_classes()
 EXAMPLES = {p.stem: json.loads(p.read_text())
@@ -355,7 +355,7 @@ def _api_chain(n: int) -> dict:
     return api
 
 
-W, E = "core/workflow.py", "core/executor.py"
+W, E = "headless/workflow.py", "headless/executor.py"
 REGRESSIONS = [
     # (id, workflow data, --set overrides, what it crashed with when the fuzzing found it, or None).
     # One minimal case per crash site; all must now end in a WorkflowError (or load and validate).

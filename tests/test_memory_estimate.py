@@ -13,8 +13,8 @@ import torch
 
 from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 from comfy_finetune.training import memory
 from comfy_finetune.training.data import prepare, read_folder
 from comfy_finetune.training.frame import prepared
@@ -158,11 +158,11 @@ def _graph(name: str) -> dict:
     return {
         "1": {"class_type": "LoadBase", "inputs": {"ckpt_name": "diffusers/tiny-sd1", "dtype": "fp32",
                                                    "device": "cpu"}},
-        "2": {"class_type": "TrainingData", "inputs": {"folder": "[example] red-circle", "resolution": 64,
-                                                       "crop": "center", "flip": False, "repeats": 1,
-                                                       "caption_prefix": "", "caption_dropout": 0.0,
-                                                       "bucketing": False}},
-        "3": {"class_type": "TrainLoRA", "inputs": {
+        "2": {"class_type": "FinetuneTrainingData", "inputs": {"folder": "[example] red-circle", "resolution": 64,
+                                                               "crop": "center", "flip": False, "repeats": 1,
+                                                               "caption_prefix": "", "caption_dropout": 0.0,
+                                                               "bucketing": False}},
+        "3": {"class_type": "FinetuneTrainLoRA", "inputs": {
             "pipe": ["1", 0], "dataset": ["2", 0], "rank": 4, "alpha": 4.0, "targets": "attention",
             "train_text_encoder": False, "text_learning_rate": 5e-5, "steps": 3, "learning_rate": 1e-3,
             "batch_size": 2, "grad_accum": 1, "lr_schedule": "constant", "warmup_steps": 0, "optimizer": "adamw",
@@ -182,7 +182,7 @@ def test_a_run_that_cannot_fit_fails_before_the_first_step(models_dir, tiny_hand
     with pytest.raises(FinetuneError) as err:
         Executor(node_classes()).execute(_graph("memtest/never"))
     exc = err.value
-    assert "TrainLoRA" in exc.node and "not enough memory (RAM)" in exc.detail and "1 MB free" in exc.detail
+    assert "FinetuneTrainLoRA" in exc.node and "not enough memory (RAM)" in exc.detail and "1 MB free" in exc.detail
     # the fix names settings that fit by the estimate (here: loading the frozen model in 16 bit frees more than
     # the run needs), or says that nothing does
     assert "MB of 1 MB free" in exc.fix or "leanest" in exc.fix, exc.fix

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import comfy_finetune
-from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RENAMED_NODE_IDS
 
 ROOT = Path(comfy_finetune.__file__).parent
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -27,6 +27,26 @@ def test_expected_nodes_registered():
     assert {"LoadBase", "AddLoRA", "NegativePrompt", "Sample"} <= set(NODE_CLASS_MAPPINGS)
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     assert not (set(NODE_CLASS_MAPPINGS) & CORE_IDS)
+
+
+def test_old_ids_are_hidden_aliases_with_the_same_schema():
+    """Each id from before a rename is registered as a subclass of the current class that only sets
+    ``DEPRECATED = True`` (ComfyUI then loads it in saved workflows but leaves it out of search and the node menu):
+    same inputs, outputs, function, category and display name. Current ids are not deprecated."""
+    current = set(NODE_CLASS_MAPPINGS) - set(RENAMED_NODE_IDS)
+    assert RENAMED_NODE_IDS and not set(RENAMED_NODE_IDS) & current
+    for old_id, new_id in RENAMED_NODE_IDS.items():
+        old, new = NODE_CLASS_MAPPINGS[old_id], NODE_CLASS_MAPPINGS[new_id]
+        assert new.NODE_ID == new_id and new_id.startswith("Finetune") and old is not new
+        assert old.__bases__ == (new,) and old.DEPRECATED is True
+        assert set(vars(old)) <= {"DEPRECATED", "__module__", "__doc__", "__qualname__", "__dict__", "__weakref__"}
+        assert repr(old.INPUT_TYPES()) == repr(new.INPUT_TYPES())
+        for attr in ("RETURN_TYPES", "RETURN_NAMES", "OUTPUT_TOOLTIPS", "FUNCTION", "CATEGORY", "DESCRIPTION",
+                     "OUTPUT_NODE", "NODE_ID"):
+            assert getattr(old, attr, None) == getattr(new, attr, None), (old_id, attr)
+        assert getattr(old, new.FUNCTION) is getattr(new, new.FUNCTION)
+        assert NODE_DISPLAY_NAME_MAPPINGS[old_id] == NODE_DISPLAY_NAME_MAPPINGS[new_id]
+    assert not any(getattr(NODE_CLASS_MAPPINGS[i], "DEPRECATED", False) for i in current)
 
 
 def _specs(cls):
@@ -87,13 +107,13 @@ def _py_files(*dirs):
 def test_no_absolute_self_imports():
     """ComfyUI imports the pack by file path: absolute imports of our own name would fail there."""
     pat = re.compile(r"^\s*(from|import)\s+comfy_finetune\b", re.M)
-    for path in [*_py_files("", "core", "nodes", "training")]:
+    for path in [*_py_files("", "core", "nodes", "training", "headless")]:
         assert not pat.search(path.read_text()), f"{path} imports comfy_finetune absolutely"
 
 
 def test_core_never_imports_comfyui():
     pat = re.compile(r"^\s*(from|import)\s+(comfy|folder_paths|server|nodes|execution|comfy_execution)\b", re.M)
-    for path in [*_py_files("core", "nodes", "training")]:
+    for path in [*_py_files("core", "nodes", "training", "headless")]:
         assert not pat.search(path.read_text()), f"{path} imports ComfyUI; only host.py may"
 
 
@@ -108,6 +128,9 @@ def test_loads_like_comfyui_does(tmp_path):
         spec.loader.exec_module(module)
         assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
         assert (ROOT / module.WEB_DIRECTORY).is_dir()
+        # the headless tier (runner, workflow loader, executor, native stand-ins) is not part of what ComfyUI loads
+        loaded = [k for k in sys.modules if k.startswith(name + ".")]
+        assert f"{name}.nodes" in loaded and not [k for k in loaded if k.startswith(f"{name}.headless")], loaded
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]

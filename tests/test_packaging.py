@@ -192,6 +192,30 @@ def test_every_example_has_a_thumbnail():
     assert not orphans, orphans
 
 
+def test_examples_use_current_node_ids():
+    """The templates name each of this pack's nodes by its current id, never by an old one kept only so older saved
+    workflows load (hidden from search), and every training node in them is one the thumbnail tool shortens."""
+    import json  # noqa: PLC0415
+
+    from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, RENAMED_NODE_IDS  # noqa: PLC0415
+
+    tool = _thumbnail_tool()
+    host_nodes = {"LoadImage", "SaveImage", "PreviewImage", "Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+    trainers = 0
+    for w in EXAMPLES:
+        nodes = json.loads(w.read_text(encoding="utf-8"))["nodes"]
+        kinds = [node["type"] for node in nodes]
+        for node in nodes:
+            kind = node["type"]
+            assert kind in host_nodes or kind in NODE_CLASS_MAPPINGS, f"{w.name}: unknown node type {kind}"
+            assert kind not in RENAMED_NODE_IDS, f"{w.name}: old id {kind}, now {RENAMED_NODE_IDS.get(kind)}"
+            assert node.get("properties", {}).get("Node name for S&R", kind) == kind, (w.name, kind)
+        in_example = sum(kind in tool.TRAINING_NODES for kind in kinds)
+        assert len(tool.training_step_caps(w, 1)) == in_example, w.name
+        trainers += in_example
+    assert trainers >= 3, "the LoRA, Textual Inversion and DreamBooth examples each have a training node"
+
+
 def test_example_titles_are_readable():
     """The file stem is the template's title in the browser (and its description with - and _ as spaces)."""
     for w in EXAMPLES:

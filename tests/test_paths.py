@@ -31,7 +31,7 @@ from comfy_finetune import host
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.runner import node_classes
 
 N = node_classes()
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -273,7 +273,7 @@ READ_NAMES = [
 
 READ_SITES = {
     # site -> (node named in the error, input named, extension, folder the name is relative to)
-    "TrainingData.folder": ("TrainingData", "folder", "", "input"),
+    "TrainingData.folder": ("FinetuneTrainingData", "folder", "", "input"),
     "LoadBase.ckpt_name": ("LoadBase", "ckpt_name", ".safetensors", "checkpoints"),
     "LoadBase.ckpt_name-diffusers": ("LoadBase", "ckpt_name", "", "diffusers"),
     "AddLoRA.lora_name": ("AddLoRA", "lora_name", ".safetensors", "loras"),
@@ -284,7 +284,7 @@ READ_SITES = {
 
 def _read_call(site: str, name: str, folders: Folders):
     if site == "TrainingData.folder":
-        return lambda: N["TrainingData"]().run(folder=name, resolution=32)
+        return lambda: N["FinetuneTrainingData"]().run(folder=name, resolution=32)
     if site == "LoadBase.ckpt_name":
         return lambda: N["LoadBase"]().run(ckpt_name=name, dtype="fp32", device="cpu")
     if site == "LoadBase.ckpt_name-diffusers":
@@ -342,7 +342,7 @@ def test_bait_is_readable_through_a_legal_name(folders):
     shutil.copy(folders.outside / "escape.safetensors", folders.models / "loras" / "legal.safetensors")
     shutil.copy(folders.outside / "emb.safetensors", folders.models / "embeddings" / "legal_emb.safetensors")
     shutil.copy(folders.outside / "escape.png", folders.input / "legal.png")
-    assert len(N["TrainingData"]().run(folder="legal", resolution=32)[0]) == 1
+    assert len(N["FinetuneTrainingData"]().run(folder="legal", resolution=32)[0]) == 1
     out = N["AddLoRA"]().run(pipe=folders.pipe, lora_name="legal.safetensors", strength_unet=1.0, strength_text=1.0)
     assert len((out["result"] if isinstance(out, dict) else out)[0].patches) == 1
     N["Sample"]().run(pipe=folders.pipe, prompt="embedding:legal_emb", seed=0, steps=1, cfg=1.0,
@@ -452,14 +452,14 @@ PATHS = ["/etc/passwd", "../../../../../../../../etc/passwd", "{outside}/escape"
 
 def _hostile_calls(folders: Folders, text: str, path: str, training: bool) -> list[tuple[str, dict]]:
     """Each node with every STRING input set to ``text`` and every file-name input set to ``path``."""
-    ds = N["TrainingData"]().run(folder="[example] red-circle", resolution=32)[0]
+    ds = N["FinetuneTrainingData"]().run(folder="[example] red-circle", resolution=32)[0]
     train = dict(steps=1, learning_rate=1e-4, batch_size=1, grad_accum=1, lr_schedule="constant", warmup_steps=0,
                  optimizer="adamw", precision="fp32", gradient_checkpointing=False, min_snr_gamma=0.0,
                  noise_offset=0.0, seed=0, validation_prompt=text, validation_size=32, validation_steps=1)
     p = folders.pipe
     trainers = [
-        ("TrainLoRA", dict(pipe=p, dataset=ds, rank=2, alpha=2.0, targets="attention", train_text_encoder=False,
-                           text_learning_rate=0.0, **train)),
+        ("FinetuneTrainLoRA", dict(pipe=p, dataset=ds, rank=2, alpha=2.0, targets="attention",
+                                   train_text_encoder=False, text_learning_rate=0.0, **train)),
         ("LearnEmbedding", dict(pipe=p, dataset=ds, token=text, initializer=text, num_vectors=1,
                                 templates="object", **train)),
         ("DreamBoothTrain", dict(pipe=p, dataset=ds, instance_prompt=text, class_prompt=text, method="lora",
@@ -477,10 +477,10 @@ def _hostile_calls(folders: Folders, text: str, path: str, training: bool) -> li
                         scheduler="normal", width=32, height=32, batch_size=1)),
         ("Sample", dict(pipe=p, prompt=text, seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal",
                         width=32, height=32, batch_size=1)),
-        ("TrainingData", dict(folder=path, resolution=32, caption_prefix=text)),
-        ("TrainingData", dict(folder=text, resolution=32, caption_prefix=text)),
-        ("TrainingDataFromImages", dict(images=torch.rand(1, 32, 32, 3), captions=text, resolution=32,
-                                        caption_prefix=text)),
+        ("FinetuneTrainingData", dict(folder=path, resolution=32, caption_prefix=text)),
+        ("FinetuneTrainingData", dict(folder=text, resolution=32, caption_prefix=text)),
+        ("FinetuneTrainingDataFromImages", dict(images=torch.rand(1, 32, 32, 3), captions=text, resolution=32,
+                                                caption_prefix=text)),
         ("FinetuneSaveLoRA", dict(lora=folders.lora, pipe=p, name=path, layout="kohya")),
         ("FinetuneSaveLoRA", dict(lora=folders.lora, pipe=p, name=text, layout="kohya")),
         ("FinetuneSaveEmbedding", dict(embedding=folders.embedding, pipe=p, name=path)),
@@ -525,7 +525,7 @@ def test_hostile_api_and_ui_workflows(folders, tmp_path, monkeypatch, outside_un
     """Whole workflows through the runner: hostile class types, ids, input names, values and widget values."""
     import json  # noqa: PLC0415
 
-    from comfy_finetune.runner import run_workflow  # noqa: PLC0415
+    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
 
     import comfy_finetune  # noqa: PLC0415
 

@@ -10,8 +10,8 @@ import pytest
 
 import comfy_finetune
 from comfy_finetune import host
-from comfy_finetune.core.workflow import load_workflow
-from comfy_finetune.runner import main, node_classes, run_workflow
+from comfy_finetune.headless.workflow import load_workflow
+from comfy_finetune.headless.runner import load_prompt, main, node_classes, run_workflow
 
 EXAMPLES = sorted((Path(comfy_finetune.__file__).parent / "example_workflows").glob("*.json"))
 
@@ -122,7 +122,61 @@ def test_missing_file_and_bad_json(tmp_path, capsys):
 
 
 def test_nodes_command_lists_nodes(capsys):
+    from comfy_finetune.nodes import RENAMED_NODE_IDS  # noqa: PLC0415
+
     assert main(["nodes"]) == 0
     out = capsys.readouterr().out
-    for node_id in ("LoadBase", "AddLoRA", "NegativePrompt", "Sample"):
-        assert node_id in out
+    current, _, old = out.partition("Old ids")
+    for node_id in ("LoadBase", "AddLoRA", "NegativePrompt", "Sample", "FinetuneTrainLoRA"):
+        assert node_id in current.split()
+    for old_id, new_id in RENAMED_NODE_IDS.items():
+        assert old_id not in current.split() and f"{old_id} " in old and new_id in old
+
+
+def _with_old_ids(ui: dict) -> dict:
+    """``ui`` as saved before the rename: every node of a renamed id has its old id again."""
+    from comfy_finetune.nodes import RENAMED_NODE_IDS  # noqa: PLC0415
+
+    old_of = {new: old for old, new in RENAMED_NODE_IDS.items()}
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        if node["type"] in old_of:
+            node["type"] = old_of[node["type"]]
+            node.setdefault("properties", {})["Node name for S&R"] = node["type"]
+    return ui
+
+
+def test_workflow_with_old_node_ids_runs_the_current_classes(dirs, caplog):
+    """A workflow saved with the ids from before the Finetune prefix (TrainingData, TrainLoRA) still runs headless:
+    each old id runs the current class (not its deprecated alias), ``--set`` finds the nodes by the old id too, and
+    the workflow embedded in the saved PNG is the file as it was saved."""
+    from PIL import Image  # noqa: PLC0415
+
+    from comfy_finetune.headless.executor import Executor  # noqa: PLC0415
+    from comfy_finetune.nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
+
+    ui = _with_old_ids(json.loads((EXAMPLES[0].parent / "Train a LoRA.json").read_text()))
+    types = {str(n["id"]): n["type"] for n in ui["nodes"]}
+    assert types["2"] == "TrainingData" and types["3"] == "TrainLoRA", types
+    overrides = ["TrainLoRA.steps=2", "TrainLoRA.batch_size=1", "TrainLoRA.validate_every=0", "Sample.steps=2",
+                 "Sample.batch_size=1", "SaveImage.filename_prefix=old-ids/img",
+                 "FinetuneSaveLoRA.name=old-ids/lora", "FinetuneSaveLoRA.overwrite=true"]
+
+    api, raw = load_prompt(ui, overrides)
+    assert raw == ui
+    assert (api["2"]["class_type"], api["3"]["class_type"]) == ("FinetuneTrainingData", "FinetuneTrainLoRA")
+    assert api["3"]["inputs"]["steps"] == 2 and api["3"]["inputs"]["validate_every"] == 0
+    assert api["3"]["inputs"]["validation_prompt"] == "a striped purple cross on a white background"  # widgets
+
+    executor = Executor(node_classes())
+    with caplog.at_level("INFO", logger="comfy_finetune"):
+        result = run_workflow(ui, overrides, executor=executor)
+    assert "node 3 has the old id TrainLoRA; it runs as FinetuneTrainLoRA" in caplog.text
+    ran = {nid: type(obj) for (nid, _), obj in executor._objects.items()}
+    assert ran["2"] is NODE_CLASS_MAPPINGS["FinetuneTrainingData"]
+    assert ran["3"] is NODE_CLASS_MAPPINGS["FinetuneTrainLoRA"]
+    assert {"2", "3", "6"} <= set(result.executed)
+    (png,) = (dirs / "old-ids").glob("img_*.png")
+    with Image.open(png) as img:
+        saved = json.loads(img.text["workflow"])
+    assert {str(n["id"]): n["type"] for n in saved["nodes"]} == types

@@ -99,8 +99,8 @@ def soak_output(models_dir, tmp_path):
 
 def test_sampling_soak(tiny_handles, soak_output, capsys):
     """SAMPLE_RUNS workflows (LoadBase -> [AddLoRA] -> Sample 64 px, 2 steps -> SaveImage) through one executor."""
-    from comfy_finetune.core.executor import Executor  # noqa: PLC0415
-    from comfy_finetune.runner import node_classes  # noqa: PLC0415
+    from comfy_finetune.headless.executor import Executor  # noqa: PLC0415
+    from comfy_finetune.headless.runner import node_classes  # noqa: PLC0415
 
     executor = Executor(node_classes())
     handle = tiny_handles["sd1"]  # keeps the loaded weights alive, so LoadBase reuses them
@@ -140,8 +140,8 @@ def test_training_soak(tiny_handles, soak_output, capsys):
     from comfy_finetune.nodes import NODE_CLASS_MAPPINGS as N  # noqa: PLC0415
 
     pipe = tiny_handles["sd1"]
-    dataset = N["TrainingData"]().run("[example] red-circle", resolution=64)[0]
-    trainer, sampler = N["TrainLoRA"](), N["Sample"]()
+    dataset = N["FinetuneTrainingData"]().run("[example] red-circle", resolution=64)[0]
+    trainer, sampler = N["FinetuneTrainLoRA"](), N["Sample"]()
     common = dict(steps=2, learning_rate=1e-4, batch_size=2, grad_accum=1, lr_schedule="constant", warmup_steps=0,
                   optimizer="adamw", precision="fp32", gradient_checkpointing=False, min_snr_gamma=0.0,
                   noise_offset=0.0)

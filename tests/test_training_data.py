@@ -402,7 +402,7 @@ def test_confinement(input_dir, tmp_path):
     for name in (str(outside), "/etc", "~/photos", "C:\\photos", "../outside", "sub/../../outside", "..\\outside"):
         with pytest.raises(FinetuneError) as err:
             find_dataset_folder(name)
-        assert err.value.node == "TrainingData" and err.value.input == "folder" and err.value.fix, name
+        assert err.value.node == "FinetuneTrainingData" and err.value.input == "folder" and err.value.fix, name
     with pytest.raises(FinetuneError, match="absolute"):
         TrainingData().run(str(outside), resolution=16)
     try:
@@ -473,7 +473,7 @@ def test_training_data_node_and_is_changed(input_dir):
 
     with pytest.raises(FinetuneError) as err:
         node.run("set", resolution=12)
-    assert err.value.node == "TrainingData" and err.value.input == "resolution"
+    assert err.value.node == "FinetuneTrainingData" and err.value.input == "resolution"
 
 
 def test_images_node_caption_lines():
@@ -487,7 +487,7 @@ def test_images_node_caption_lines():
     assert ds.missing_captions == 2
     with pytest.raises(FinetuneError) as err:
         node.run(images, "one\ntwo\nthree", resolution=16)
-    assert err.value.node == "TrainingDataFromImages" and err.value.input == "captions"
+    assert err.value.node == "FinetuneTrainingDataFromImages" and err.value.input == "captions"
     assert "3 captions for 2 images" in str(err.value) and err.value.fix
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from comfy_finetune.core.executor import Executor
-from comfy_finetune.runner import node_classes
+from comfy_finetune.headless.executor import Executor
+from comfy_finetune.headless.runner import node_classes
 
 TRAIN_INPUTS = dict(rank=4, alpha=4.0, targets="attention", train_text_encoder=False, text_learning_rate=5e-5,
                     steps=4, learning_rate=1e-3, batch_size=2, grad_accum=1, lr_schedule="constant", warmup_steps=0,
@@ -19,11 +19,11 @@ def graph(seed: int = 1) -> dict:
     return {
         "1": {"class_type": "LoadBase", "inputs": {"ckpt_name": "diffusers/tiny-sd1", "dtype": "fp32",
                                                    "device": "cpu"}},
-        "2": {"class_type": "TrainingData", "inputs": {"folder": "[example] red-circle", "resolution": 64,
-                                                       "crop": "center", "flip": False, "repeats": 1,
-                                                       "caption_prefix": "", "caption_dropout": 0.0,
-                                                       "bucketing": False}},
-        "3": {"class_type": "TrainLoRA", "inputs": {"pipe": ["1", 0], "dataset": ["2", 0], **TRAIN_INPUTS}},
+        "2": {"class_type": "FinetuneTrainingData", "inputs": {"folder": "[example] red-circle", "resolution": 64,
+                                                               "crop": "center", "flip": False, "repeats": 1,
+                                                               "caption_prefix": "", "caption_dropout": 0.0,
+                                                               "bucketing": False}},
+        "3": {"class_type": "FinetuneTrainLoRA", "inputs": {"pipe": ["1", 0], "dataset": ["2", 0], **TRAIN_INPUTS}},
         "4": {"class_type": "AddLoRA", "inputs": {"pipe": ["1", 0], "lora_name": "None", "strength_unet": 1.0,
                                                   "strength_text": 1.0, "lora": ["3", 0]}},
         "5": {"class_type": "Sample", "inputs": {"pipe": ["4", 0], **SAMPLE_INPUTS, "seed": seed}},

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from comfy_finetune.core.errors import WorkflowError
-from comfy_finetune.core.workflow import (
+from comfy_finetune.headless.workflow import (
     apply_overrides,
     is_ui_workflow,
     load_workflow,
@@ -277,7 +277,7 @@ def test_override_errors():
 
 def test_explicit_control_after_generate_false_means_no_control_widget():
     """Frontend rule: ``control_after_generate ?? name in (seed, noise_seed)``; the trainers declare False."""
-    from comfy_finetune.core.workflow import widget_slots
+    from comfy_finetune.headless.workflow import widget_slots
 
     spec = {"required": {"seed": ("INT", {"default": 0, "control_after_generate": False}),
                          "steps": ("INT", {"default": 1})}}
@@ -294,11 +294,29 @@ def test_training_examples_keep_widget_positions():
     from pathlib import Path
 
     import comfy_finetune
-    from comfy_finetune.core.workflow import load_workflow
-    from comfy_finetune.runner import node_classes
+    from comfy_finetune.headless.workflow import load_workflow
+    from comfy_finetune.headless.runner import node_classes
 
     path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())
-    train = next(n for n in api.values() if n["class_type"] == "TrainLoRA")["inputs"]
+    train = next(n for n in api.values() if n["class_type"] == "FinetuneTrainLoRA")["inputs"]
     assert train["validation_prompt"] == "a striped purple cross on a white background"
     assert train["validate_every"] == 100
+
+
+def test_old_node_ids_become_current_ones_and_overrides_find_them():
+    """``current_node_types`` gives nodes saved under an old id the current one (nothing else changes);
+    ``apply_overrides`` with ``renamed`` finds those nodes by the old id as well as by the current one."""
+    from comfy_finetune.headless.workflow import apply_overrides, current_node_types
+
+    renamed = {"OldTrainer": "NewTrainer"}
+    api = {"1": {"class_type": "OldTrainer", "inputs": {"steps": 5}, "_meta": {"title": "Trainer"}},
+           "2": {"class_type": "Other", "inputs": {"x": ["1", 0]}}}
+    out, changed = current_node_types(api, renamed)
+    assert changed == {"1": "OldTrainer"} and api["1"]["class_type"] == "OldTrainer"  # the input is not changed
+    assert out == {"1": {"class_type": "NewTrainer", "inputs": {"steps": 5}, "_meta": {"title": "Trainer"}},
+                   "2": api["2"]}
+    assert apply_overrides(out, ["OldTrainer.steps=2"], renamed=renamed)["1"]["inputs"]["steps"] == 2
+    assert apply_overrides(out, ["NewTrainer.steps=3"], renamed=renamed)["1"]["inputs"]["steps"] == 3
+    with pytest.raises(WorkflowError, match="no node with id, title or type 'OldTrainer'"):
+        apply_overrides(out, ["OldTrainer.steps=2"])

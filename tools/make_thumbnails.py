@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
-TRAINING_NODES = ("TrainLoRA", "LearnEmbedding", "DreamBoothTrain")
+TRAINING_NODES = ("FinetuneTrainLoRA", "LearnEmbedding", "DreamBoothTrain")
 DEFAULT_SIZE = 256
 DEFAULT_MAX_BYTES = 40_000
 BACKGROUND = (24, 24, 27)
@@ -115,10 +115,9 @@ def write_replacing(path: Path, data: bytes) -> bool:
 # ---------------------------------------------------------------------------------------------- running
 def training_step_caps(workflow: Path, max_steps: int) -> list[str]:
     """``--set`` overrides capping every training node's ``steps`` at ``max_steps`` (by node id)."""
-    from comfy_finetune.core.workflow import load_workflow  # noqa: PLC0415
-    from comfy_finetune.runner import node_classes  # noqa: PLC0415
+    from comfy_finetune.headless.runner import load_prompt  # noqa: PLC0415
 
-    api = load_workflow(workflow, node_classes())
+    api, _ = load_prompt(workflow)  # old node ids come back as the current ones
     caps = []
     for nid, node in api.items():
         steps = node.get("inputs", {}).get("steps")

@@ -1,4 +1,4 @@
-// comfyui-finetune: live training view on the training nodes (TrainLoRA, LearnEmbedding, DreamBoothTrain).
+// comfyui-finetune: live training view on the training nodes (FinetuneTrainLoRA, LearnEmbedding, DreamBoothTrain).
 //
 // Fed by the events the Python side sends through host.send_event while a node trains:
 //   comfy_finetune.train          {node, node_id, display_node, step, steps, loss, lr, images_per_second, eta_seconds}
@@ -16,7 +16,10 @@
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
 
-const TRAINING_NODES = new Set(["TrainLoRA", "LearnEmbedding", "DreamBoothTrain"]);
+// Old node ids of training nodes (kept loadable for saved workflows, hidden from search) -> the current id, which
+// the events name.
+const RENAMED = new Map([["TrainLoRA", "FinetuneTrainLoRA"]]);
+const TRAINING_NODES = new Set(["FinetuneTrainLoRA", "LearnEmbedding", "DreamBoothTrain", ...RENAMED.keys()]);
 const PROPERTY = "ft_training";
 const WIDGET = "ft_training_view";
 const MAX_STORED_POINTS = 300;
@@ -119,7 +122,10 @@ function nodeFor(detail) {
     if (isTrainingNode(node)) return node;
   }
   const graph = app.rootGraph ?? app.graph;
-  const same = (graph?.nodes ?? graph?._nodes ?? []).filter((n) => (n.comfyClass ?? n.type) === detail?.node);
+  const same = (graph?.nodes ?? graph?._nodes ?? []).filter((n) => {
+    const type = n.comfyClass ?? n.type;
+    return (RENAMED.get(type) ?? type) === detail?.node;
+  });
   return same.length === 1 ? same[0] : null;
 }
 

@@ -5,7 +5,7 @@
 //
 // JOB.json: {"url": "http://127.0.0.1:PORT", "task": "training" | "synthetic" | "graphs", "out_dir": "...",
 //            "width"/"height": viewport (default 1400x900),
-//            training:  "workflow": {UI workflow}, "node_type": "TrainLoRA", "widgets": {"steps": 12, ...},
+//            training:  "workflow": {UI workflow}, "node_type": "FinetuneTrainLoRA", "widgets": {"steps": 12, ...},
 //                       "timeout_s": 240, "live_at_step": take the mid-run screenshot from this step on
 //            synthetic: "workflow", "node_type", "events": how many fake progress events to dispatch
 //            graphs:    "graphs": [{"name", "nodes", "links"}] as in tests/browser/bridge_graphs.json}
@@ -41,7 +41,7 @@ try {
   await page.waitForFunction(
     () => {
       const app = window.comfyAPI?.app?.app;
-      return !!(app?.graph && app.canvas && window.LiteGraph?.registered_node_types?.TrainLoRA);
+      return !!(app?.graph && app.canvas && window.LiteGraph?.registered_node_types?.FinetuneTrainLoRA);
     },
     null,
     { timeout: 120000 },

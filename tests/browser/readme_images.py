@@ -66,10 +66,10 @@ def main() -> None:
             server.post_json("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
             workflow = next(w for w in (json.loads(p.read_text(encoding="utf-8"))
                                         for p in sorted((REPO_ROOT / "example_workflows").glob("*.json")))
-                            if any(n.get("type") == "TrainLoRA" for n in w.get("nodes", [])))
+                            if any(n.get("type") == "FinetuneTrainLoRA" for n in w.get("nodes", [])))
             shots = tmp / "training"
             shots.mkdir()
-            drive(server.url, shots, {"task": "training", "workflow": workflow, "node_type": "TrainLoRA",
+            drive(server.url, shots, {"task": "training", "workflow": workflow, "node_type": "FinetuneTrainLoRA",
                                       "widgets": {"steps": 120, "validate_every": 30}, "live_at_step": 80,
                                       "timeout_s": 400})
             shrink(shots / "training-live.png", OUT / "training-view.png")

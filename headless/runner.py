@@ -5,7 +5,7 @@
 
 Data-parallel training: ``--processes N`` starts N ranks through torchrun (torch.distributed.run, the launcher
 accelerate uses too); ``accelerate launch --multi_gpu --num_processes N -m comfy_finetune run WF.json`` and
-``torchrun --nproc-per-node N -m comfy_finetune run WF.json`` work as well (see :mod:`.training.distributed`).
+``torchrun --nproc-per-node N -m comfy_finetune run WF.json`` work as well (see :mod:`..training.distributed`).
 
 The same node classes as inside ComfyUI run here, plus headless stand-ins for the core nodes
 our example workflows use (LoadImage, SaveImage, PreviewImage).
@@ -20,31 +20,47 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import host
-from .core.errors import FinetuneError, Interrupted
+from .. import host
+from ..core.errors import FinetuneError, Interrupted
 
 log = logging.getLogger("comfy_finetune")
 
 
 def node_classes() -> dict[str, type]:
-    """Every class the headless runner can execute: ours plus the native stand-ins."""
-    from .nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
-    from .nodes.native import NATIVE_NODE_CLASSES  # noqa: PLC0415
+    """Every class the headless runner can execute: ours (old ids included) plus the native stand-ins."""
+    from ..nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
+    from .native_nodes import NATIVE_NODE_CLASSES  # noqa: PLC0415
 
     return {**NATIVE_NODE_CLASSES, **NODE_CLASS_MAPPINGS}
 
 
-def run_workflow(path_or_dict, overrides: list[str] | None = None, *, executor=None):
-    """Load, override and execute a workflow; returns the executor's result."""
-    from .core.executor import Executor  # noqa: PLC0415
-    from .core.workflow import apply_overrides, is_ui_workflow, load_workflow, read_workflow_json  # noqa: PLC0415
+def load_prompt(path_or_dict, overrides: list[str] | None = None) -> tuple[dict, dict]:
+    """The API-format prompt a workflow runs as, and the workflow's JSON as read.
+
+    UI-format files are converted; nodes saved under an old id of this pack (``nodes.RENAMED_NODE_IDS``) get the
+    current id, so the current class runs them; then the ``--set`` overrides apply (an old id names the nodes of
+    its current id there too).
+    """
+    from ..nodes import RENAMED_NODE_IDS  # noqa: PLC0415
+    from .workflow import apply_overrides, current_node_types, load_workflow, read_workflow_json  # noqa: PLC0415
 
     classes = node_classes()
     raw = read_workflow_json(path_or_dict)
-    api = load_workflow(raw, classes)
+    api, changed = current_node_types(load_workflow(raw, classes), RENAMED_NODE_IDS)
+    for nid, old in changed.items():
+        log.info("node %s has the old id %s; it runs as %s", nid, old, RENAMED_NODE_IDS[old])
     if overrides:
-        api = apply_overrides(api, overrides, classes)
-    executor = executor or Executor(classes)
+        api = apply_overrides(api, overrides, classes, renamed=RENAMED_NODE_IDS)
+    return api, raw
+
+
+def run_workflow(path_or_dict, overrides: list[str] | None = None, *, executor=None):
+    """Load, override and execute a workflow; returns the executor's result."""
+    from .executor import Executor  # noqa: PLC0415
+    from .workflow import is_ui_workflow  # noqa: PLC0415
+
+    api, raw = load_prompt(path_or_dict, overrides)
+    executor = executor or Executor(node_classes())
     return executor.execute(api, workflow=raw if is_ui_workflow(raw) else None)
 
 
@@ -91,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "nodes":
-        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: PLC0415
+        from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RENAMED_NODE_IDS  # noqa: PLC0415
 
+        width = max(map(len, NODE_CLASS_MAPPINGS))
+        names = max(map(len, NODE_DISPLAY_NAME_MAPPINGS.values()))
         for node_id, cls in NODE_CLASS_MAPPINGS.items():
-            print(f"{node_id:18} {NODE_DISPLAY_NAME_MAPPINGS[node_id]:34} {cls.CATEGORY}")
+            if node_id not in RENAMED_NODE_IDS:
+                print(f"{node_id:{width}} {NODE_DISPLAY_NAME_MAPPINGS[node_id]:{names}} {cls.CATEGORY}")
+        print("\nOld ids, still loaded from saved workflows:")
+        for old, new in RENAMED_NODE_IDS.items():
+            print(f"{old:{width}} -> {new}")
         return 0
 
-    from .training import distributed  # noqa: PLC0415
+    from ..training import distributed  # noqa: PLC0415
 
     if args.processes != 1:
         return _launch_processes(args.processes, sys.argv[1:] if argv is None else list(argv))
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch_processes(n: int, argv: list[str]) -> int:
     """``run ... --processes N``: start N ranks of the same command through torchrun and wait for them."""
-    from .training import distributed  # noqa: PLC0415
+    from ..training import distributed  # noqa: PLC0415
 
     if n < 1:
         print(f"error: --processes must be at least 1 (got {n})", file=sys.stderr)
@@ -148,6 +170,7 @@ def _launch_processes(n: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--processes="):
             rest.append(arg)
+    pack = __package__.rpartition(".")[0]  # this module lives in <pack>.headless; `-m <pack>` is __main__.py
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", __package__, *rest]
+           "-m", pack, *rest]
     return subprocess.call(cmd)

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkflowError
+from ..core.errors import WorkflowError
 
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize", "increment-wrap"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -474,15 +474,35 @@ def ui_to_api(ui: Mapping, node_defs: Mapping[str, Any]) -> dict:
     return api
 
 
+# ---------------------------------------------------------------------------------------------- renamed node ids
+def current_node_types(api: Mapping[str, Mapping], renamed: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+    """A copy of ``api`` whose nodes of an old class_type (a key of ``renamed``) have the current one instead.
+
+    Returns ``(prompt, {node id: old class_type})`` for the nodes it changed. Inputs, titles and everything else
+    stay as they are: an old id and its current id name node classes with the same inputs.
+    """
+    check_api_prompt(api)
+    out: dict = {}
+    changed: dict[str, str] = {}
+    for nid, node in api.items():
+        class_type = node["class_type"]
+        if class_type in renamed:
+            node = {**node, "class_type": renamed[class_type]}
+            changed[str(nid)] = class_type
+        out[nid] = node
+    return out, changed
+
+
 # ---------------------------------------------------------------------------------------------- overrides
-def _find_node(api: Mapping[str, Mapping], ref: str, override: str) -> str:
+def _find_node(api: Mapping[str, Mapping], ref: str, override: str, renamed: Mapping[str, str]) -> str:
     if ref in api:
         return ref
     for key in ("title", "class_type"):
         if key == "title":
             hits = [nid for nid, n in api.items() if (n.get("_meta") or {}).get("title") == ref]
         else:
-            hits = [nid for nid, n in api.items() if n.get("class_type") == ref]
+            types = {ref, renamed.get(ref, ref)}  # an old node id also finds the nodes of its current id
+            hits = [nid for nid, n in api.items() if n.get("class_type") in types]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -504,10 +524,12 @@ def parse_override_value(text: str) -> Any:
 
 
 def apply_overrides(api: Mapping[str, Mapping], overrides: list[str],
-                    node_defs: Mapping[str, Any] | None = None) -> dict:
+                    node_defs: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> dict:
     """Apply ``NODE.INPUT=VALUE`` overrides (the CLI's ``--set``) to a copy of ``api``.
 
-    NODE is a node id, a unique ``_meta.title`` or a unique class_type. INPUT must already be in the node's inputs,
+    NODE is a node id, a unique ``_meta.title`` or a unique class_type; with ``renamed`` (old class_type -> current
+    class_type, see :func:`current_node_types`) an old class_type finds the nodes of its current one. INPUT must
+    already be in the node's inputs,
     or (when ``node_defs`` is given) be declared by the node's ``INPUT_TYPES``. VALUE is parsed as JSON when it
     parses, otherwise kept as a string; a JSON list ``["<node id>", slot]`` naming an existing node is a link, other
     lists are wrapped as ``{"__value__": [...]}`` like the frontend does.
@@ -523,7 +545,7 @@ def apply_overrides(api: Mapping[str, Mapping], overrides: list[str],
         if not sep or not dot or not ref or not input_name:
             raise WorkflowError(f"--set {override!r} is not of the form NODE.INPUT=VALUE",
                                 fix="write e.g. --set 3.seed=42 or --set \"My Sampler.steps=20\"")
-        nid = _find_node(out, ref, override)
+        nid = _find_node(out, ref, override, renamed or {})
         node = out[nid] = dict(out[nid])
         inputs = node["inputs"] = dict(node.get("inputs") or {})
         declared: set[str] = set()

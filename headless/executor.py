@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import host
-from .errors import FinetuneError, WorkflowError
+from ..core.errors import FinetuneError, WorkflowError
 from .workflow import check_api_prompt
 
 log = logging.getLogger("comfy_finetune")
