@@ -79,7 +79,7 @@ class AddLoRA(FTNode):
                                             "tooltip": "How strongly the LoRA changes the text encoder(s)."}),
             },
             "optional": {
-                "lora": (LORA, {"tooltip": "A LoRA trained in this graph (FinetuneTrainLoRA / DreamBoothTrain). Used "
+                "lora": (LORA, {"tooltip": "A LoRA trained in this graph (Train LoRA / DreamBooth Train). Used "
                                            "together with lora_name if both are set."}),
             },
         }
