@@ -1,4 +1,4 @@
-"""Headless execution of API-format prompts with ComfyUI's semantics (host doc 2 and 3).
+"""Headless execution of API-format prompts with ComfyUI's semantics.
 
 Mirrors ``execution.py`` / ``comfy_execution``:
 
@@ -118,7 +118,7 @@ class _Cached:
 
 
 def is_link(value: Any) -> bool:
-    """An API-format link: ``[source_id, output_index]`` (host doc 3.1)."""
+    """An API-format link: ``[source_id, output_index]``."""
     return (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (str, int))
             and isinstance(value[1], int) and not isinstance(value[1], bool))
 

@@ -1,7 +1,7 @@
 """Headless stand-ins for ComfyUI's ``LoadImage``, ``SaveImage`` and ``PreviewImage`` (``nodes.py``).
 
 Same node ids, input names, return types and file conventions as core, so example workflows run headless:
-IMAGE is ``[B, H, W, 3]`` float32 0..1 on the CPU, MASK ``[B, H, W]`` = 1 - alpha (host doc 10); saved files are
+IMAGE is ``[B, H, W, 3]`` float32 0..1 on the CPU, MASK ``[B, H, W]`` = 1 - alpha; saved files are
 ``<prefix>_<counter:05>_.png`` with the counter from ``folder_paths.get_save_image_path``. Only used by the headless
 runner: they are never registered in ComfyUI, which has its own.
 """

@@ -1,16 +1,16 @@
 """Workflow files: read them, turn UI-format JSON into API format, apply ``--set`` overrides.
 
-The server never converts UI JSON; only the frontend does (``FE:src/utils/executionUtil.ts::graphToPrompt``,
-host doc 4.6). This module follows the frontend's rules so that a headless run of an example workflow builds the same
+The server never converts UI JSON; only the frontend does (``FE:src/utils/executionUtil.ts::graphToPrompt``).
+This module follows the frontend's rules so that a headless run of an example workflow builds the same
 prompt the browser would queue:
 
 * widgets are read positionally from ``widgets_values`` in ``input_order`` (required, then optional), skipping inputs
-  without a widget type and ``forceInput`` ones (host doc 4.4);
+  without a widget type and ``forceInput`` ones;
 * a control widget value (``fixed``/``increment``/...) follows INT inputs named ``seed``/``noise_seed`` and inputs with
   ``control_after_generate``; it is saved but never sent (``FE:src/scripts/widgets.ts::addValueControlWidgets``);
 * an ``image_upload`` input gets an extra upload widget value (``"image"``) after the required inputs;
 * linked widget inputs take the link; ``Reroute`` is followed, ``Note``/``MarkdownNote`` are dropped,
-  ``PrimitiveNode`` copies its value into its targets (``applyToGraph``, host doc 4.5);
+  ``PrimitiveNode`` copies its value into its targets (``applyToGraph``);
 * muted (mode 2) nodes are dropped; a consumer of a bypassed (mode 4) node is rewired to the bypassed node's input
   chosen like ``FE:.../ExecutableNodeDTO.ts::#getBypassSlotIndex``;
 * array constants are wrapped as ``{"__value__": [...]}`` (``graphToPrompt``).
@@ -45,7 +45,7 @@ _UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image
 
 # ---------------------------------------------------------------------------------------------- reading
 def is_ui_workflow(data: Any) -> bool:
-    """True for a UI-format workflow (``{"nodes": [...], "links": [...], ...}``, host doc 4.1)."""
+    """True for a UI-format workflow (``{"nodes": [...], "links": [...], ...}``)."""
     return isinstance(data, Mapping) and isinstance(data.get("nodes"), list) and "class_type" not in data
 
 
@@ -287,7 +287,7 @@ def _widget_values(class_type: str, input_types: Mapping[str, Any], values: Any)
         widgets_left = sum(1 for kd, _ in slots[k + 1:] if kd == "widget")
         surplus = len(values) - i > widgets_left
         if kind == "control":
-            # Old files stored true/false for the control (host doc 4.4): only skip a bool when it is surplus.
+            # Old files stored true/false for the control widget: only skip a bool when it is surplus.
             if (isinstance(value, str) and value in CONTROL_VALUES) or (isinstance(value, bool) and surplus):
                 i += 1
         elif value in ("image", "upload", None) or surplus:

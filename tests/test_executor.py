@@ -1,4 +1,4 @@
-"""Headless executor (host doc 2-3) and the native image nodes (host doc 10)."""
+"""Headless executor (ComfyUI's validation and execution order) and the native image node stand-ins."""
 
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def test_kohya_and_diffusers_round_trip(base, tmp_path, family):
     _assert_same_modules(lora, diff)
     assert kohya.family is family and kohya.name == "k"
 
-    # Key spellings of formats.md 2.1 / 2.7.
+    # kohya/A1111 key spellings: lora_te_ (SD 1.x/2.x) or lora_te1_/lora_te2_ (SDXL), then the module path with
+    # dots as underscores, then .lora_down/.lora_up.weight and .alpha
     te1 = "lora_te1_" if family is Family.SDXL else "lora_te_"
     assert f"{te1}text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in k_sd
     assert f"{te1}text_model_encoder_layers_1_mlp_fc2.alpha" in k_sd

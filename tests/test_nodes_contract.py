@@ -1,4 +1,5 @@
-"""Every node class honours ComfyUI's V1 node contract (../shared/docs/comfyui-host.md, section 2)."""
+"""Every node class honours ComfyUI's V1 node contract (INPUT_TYPES, RETURN_TYPES, FUNCTION, CATEGORY and
+the optional attributes ComfyUI's server reads in ``server.py::node_info``)."""
 
 from __future__ import annotations
 

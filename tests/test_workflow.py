@@ -1,4 +1,4 @@
-"""UI-format -> API-format conversion and --set overrides (host doc 4)."""
+"""UI-format -> API-format conversion and --set overrides, following the frontend's graphToPrompt."""
 
 from __future__ import annotations
 

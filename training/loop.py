@@ -238,7 +238,8 @@ def _clone_to_cpu(obj: Any) -> Any:
 
 @contextlib.contextmanager
 def training_mode() -> Iterator[None]:
-    """Leave ComfyUI's inference mode and enable autograd for the duration (host doc 3.5)."""
+    """Leave ComfyUI's inference mode and enable autograd for the duration: ComfyUI runs
+    every node under ``torch.inference_mode()``, where no tensor can take part in autograd."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
 
