@@ -12,6 +12,7 @@ import logging
 from dataclasses import MISSING, is_dataclass
 from typing import Any, Mapping, Sequence
 
+from .. import host
 from ..core.errors import FinetuneError
 from ..core.fields import INPUT, input_fields, input_value, widget_type
 
@@ -76,8 +77,6 @@ def check_link_values(cls, node_id: str, kwargs: dict) -> None:
 def _wrap(node_id: str, fn):
     @functools.wraps(fn)
     def run(self, *args: Any, **kwargs: Any):
-        from .. import host  # noqa: PLC0415
-
         try:
             values = kwargs
             if args:  # ComfyUI passes keywords; direct callers may pass positions

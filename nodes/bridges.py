@@ -17,6 +17,9 @@ import re
 
 from .. import host
 from ..core.errors import FinetuneError
+from ..core.lora import LoraModule, parse_lora, to_kohya_state_dict
+from ..core.lora_handle import _targets, check_fits
+from ..training.saving import relative_name, safe_name, save_embedding_for
 from .base import CATEGORY, EMBEDDING, LORA, PIPE, FTNode
 
 BRIDGE_CATEGORY = f"{CATEGORY}/bridges"
@@ -64,9 +67,6 @@ class ApplyLoRAToModel(FTNode):
         }
 
     def run(self, model, clip, lora, pipe, strength_model=1.0, strength_clip=1.0):
-        from ..core.lora import to_kohya_state_dict  # noqa: PLC0415
-        from ..core.lora_handle import check_fits  # noqa: PLC0415
-
         check_fits(lora, pipe, node=self.NODE_ID, input="lora")
         state_dict, _ = to_kohya_state_dict(lora, family=pipe.family, unet_config=dict(pipe.base.unet.config))
         state_dict = {k: v.detach() for k, v in state_dict.items()}
@@ -111,8 +111,6 @@ class EmbeddingToPrompt(FTNode):
         }
 
     def run(self, embedding, pipe, name="", overwrite=False):
-        from ..training.saving import relative_name, safe_name, save_embedding_for  # noqa: PLC0415
-
         wanted = str(name or "").strip() or str(getattr(embedding, "name", "") or "")
         if not wanted:
             raise FinetuneError("the embedding has no name", input="name", fix="type a file name, e.g. my_concept")
@@ -140,9 +138,6 @@ def native_lora_to_weights(lora_sd, pipe, *, node: str = "NativeLoRAToFinetune",
     and keys that match no module.
     """
     import torch  # noqa: PLC0415
-
-    from ..core.lora import LoraModule, parse_lora  # noqa: PLC0415
-    from ..core.lora_handle import _targets  # noqa: PLC0415
 
     if not isinstance(lora_sd, dict) or not lora_sd:
         raise FinetuneError("the LoRA is empty or not ComfyUI's LORA_MODEL (a dict of tensors)", node=node,

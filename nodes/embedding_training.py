@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.handle import EmbeddingPatch
+from ..training.ti_trainer import TISpec, train_embedding
 from .base import EMBEDDING, PIPE, FTNode, from_inputs, widgets
 from .training import (DATASET, TRAIN_CATEGORY, outputs_for, settings_from, settings_inputs, validation_from,
                        validation_inputs)
@@ -29,8 +30,6 @@ class LearnEmbedding(FTNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..training.ti_trainer import TISpec  # noqa: PLC0415
-
         required = {
             "pipe": (PIPE, {"tooltip": "The model handle (its LoRAs and embeddings are kept, frozen)."}),
             "dataset": (DATASET, {"tooltip": "Images (and captions) of the concept from a Training Data node."}),
@@ -41,7 +40,6 @@ class LearnEmbedding(FTNode):
 
     def run(self, pipe, dataset, token, initializer, num_vectors, templates, **kwargs):
         inputs = dict(locals())  # the parameters by name; TISpec takes those that are its inputs
-        from ..training.ti_trainer import TISpec, train_embedding  # noqa: PLC0415
 
         spec = from_inputs(TISpec, inputs, self.DEFAULTS, token=str(token).strip())
         settings = settings_from(kwargs, self.DEFAULTS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from .. import host
 from ..core.conditioning import Negative
 from ..core.errors import FinetuneError
+from ..core.handle import LoraPatch
+from ..core.lora_handle import check_fits, lora_for_handle
 from ..core.loading import DEFAULT_MODEL, DTYPES, DEVICES, available_models, load_base
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, file_signature
@@ -93,8 +95,6 @@ class AddLoRA(FTNode):
         self._loaded: tuple | None = None  # (key, LoraWeights, unmatched) of the last file, like LoraLoader
 
     def run(self, pipe, lora_name=NO_LORA, strength_unet=1.0, strength_text=1.0, lora=None):
-        from ..core.handle import LoraPatch  # noqa: PLC0415
-
         if lora_name in (None, "", NO_LORA) and lora is None:
             raise FinetuneError("no LoRA given", input="lora_name",
                                 fix="pick a file in lora_name or connect a trained LoRA to the 'lora' input")
@@ -107,8 +107,6 @@ class AddLoRA(FTNode):
                 host.log.warning("[AddLoRA] %s", notes[-1])
             out = out.with_patch(LoraPatch(weights, float(strength_unet), float(strength_text)))
         if lora is not None:
-            from ..core.lora_handle import check_fits  # noqa: PLC0415
-
             check_fits(lora, pipe, node=self.NODE_ID, input="lora")
             out = out.with_patch(LoraPatch(lora, float(strength_unet), float(strength_text)))
         if notes:
@@ -116,8 +114,6 @@ class AddLoRA(FTNode):
         return (out,)
 
     def _load_file(self, pipe, lora_name):
-        from ..core.lora_handle import lora_for_handle  # noqa: PLC0415
-
         path = host.resolve_model("loras", lora_name)
         if path is None:
             raise FinetuneError(f"LoRA '{lora_name}' was not found in models/loras", input="lora_name",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.errors import FinetuneError
+from ..training.plots import image_grid
 from .base import CATEGORY, FTNode
 
 ROWS = 4
@@ -29,8 +30,6 @@ class ImageGrid(FTNode):
                 "optional": optional}
 
     def run(self, images_1, label_1="", **rows):
-        from ..training.plots import image_grid  # noqa: PLC0415
-
         batches, labels = [images_1], [str(label_1 or "")]
         for i in range(2, ROWS + 1):
             if rows.get(f"images_{i}") is not None:
