@@ -13,12 +13,20 @@ We never import ComfyUI ourselves: we only use it when the host has already load
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import math
 import os
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import numpy as np
+from PIL import Image
+
+from .core.errors import FinetuneError, Interrupted
 
 log = logging.getLogger("comfy_finetune")
 
@@ -255,8 +263,6 @@ PREVIEW_MAX_IMAGES = 4
 
 def preview_image(images: Any):
     """A PIL image of an IMAGE batch ([B, H, W, C] floats in 0..1): the first few side by side; ``None`` if empty."""
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
 
     if images is None or getattr(images, "ndim", 0) != 4 or images.shape[0] == 0:
         return None
@@ -268,8 +274,6 @@ def preview_image(images: Any):
 
 
 def _jpeg_base64(image) -> str:
-    import base64  # noqa: PLC0415
-    import io  # noqa: PLC0415
 
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
@@ -297,7 +301,6 @@ def _send_progress_text(text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- interrupt
 def interrupt_exception_types() -> tuple[type[BaseException], ...]:
-    from .core.errors import Interrupted  # noqa: PLC0415
 
     types: list[type[BaseException]] = [Interrupted, KeyboardInterrupt]
     if in_comfyui():
@@ -321,7 +324,6 @@ def check_interrupt() -> None:
         return
     if _settings.interrupted.is_set():
         _settings.interrupted.clear()
-        from .core.errors import Interrupted  # noqa: PLC0415
 
         raise Interrupted("cancelled by the user")
 
@@ -436,7 +438,6 @@ def _native_shape_problems(model, clip, state_dict: dict) -> list[str]:
     ComfyUI only notices those when it patches (``WARNING SHAPE MISMATCH ... WEIGHT NOT MERGED`` at sampling time),
     so they are checked up front with the same key map ``load_lora_for_models`` builds.
     """
-    import math  # noqa: PLC0415
 
     import comfy.lora  # noqa: PLC0415
     import comfy.utils  # noqa: PLC0415
@@ -481,7 +482,6 @@ def apply_lora_to_native(model: Any, clip: Any, state_dict: dict, strength_model
 
     Headless there are no native models: raises :class:`FinetuneError`.
     """
-    from .core.errors import FinetuneError  # noqa: PLC0415
 
     if not in_comfyui():
         raise FinetuneError("this node works on ComfyUI's own MODEL and CLIP (from Load Checkpoint and other native "

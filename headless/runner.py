@@ -22,14 +22,17 @@ from pathlib import Path
 
 from .. import host
 from ..core.errors import FinetuneError, Interrupted
+from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RENAMED_NODE_IDS
+from ..training import distributed
+from .executor import Executor
+from .native_nodes import NATIVE_NODE_CLASSES
+from .workflow import apply_overrides, current_node_types, is_ui_workflow, load_workflow, read_workflow_json
 
 log = logging.getLogger("comfy_finetune")
 
 
 def node_classes() -> dict[str, type]:
     """Every class the headless runner can execute: ours (old ids included) plus the native stand-ins."""
-    from ..nodes import NODE_CLASS_MAPPINGS  # noqa: PLC0415
-    from .native_nodes import NATIVE_NODE_CLASSES  # noqa: PLC0415
 
     return {**NATIVE_NODE_CLASSES, **NODE_CLASS_MAPPINGS}
 
@@ -41,8 +44,6 @@ def load_prompt(path_or_dict, overrides: list[str] | None = None) -> tuple[dict,
     current id, so the current class runs them; then the ``--set`` overrides apply (an old id names the nodes of
     its current id there too).
     """
-    from ..nodes import RENAMED_NODE_IDS  # noqa: PLC0415
-    from .workflow import apply_overrides, current_node_types, load_workflow, read_workflow_json  # noqa: PLC0415
 
     classes = node_classes()
     raw = read_workflow_json(path_or_dict)
@@ -56,8 +57,6 @@ def load_prompt(path_or_dict, overrides: list[str] | None = None) -> tuple[dict,
 
 def run_workflow(path_or_dict, overrides: list[str] | None = None, *, executor=None):
     """Load, override and execute a workflow; returns the executor's result."""
-    from .executor import Executor  # noqa: PLC0415
-    from .workflow import is_ui_workflow  # noqa: PLC0415
 
     api, raw = load_prompt(path_or_dict, overrides)
     executor = executor or Executor(node_classes())
@@ -107,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "nodes":
-        from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RENAMED_NODE_IDS  # noqa: PLC0415
-
         width = max(map(len, NODE_CLASS_MAPPINGS))
         names = max(map(len, NODE_DISPLAY_NAME_MAPPINGS.values()))
         for node_id, cls in NODE_CLASS_MAPPINGS.items():
@@ -118,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         for old, new in RENAMED_NODE_IDS.items():
             print(f"{old:{width}} -> {new}")
         return 0
-
-    from ..training import distributed  # noqa: PLC0415
 
     if args.processes != 1:
         return _launch_processes(args.processes, sys.argv[1:] if argv is None else list(argv))
@@ -153,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch_processes(n: int, argv: list[str]) -> int:
     """``run ... --processes N``: start N ranks of the same command through torchrun and wait for them."""
-    from ..training import distributed  # noqa: PLC0415
 
     if n < 1:
         print(f"error: --processes must be at least 1 (got {n})", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..core.lora import LoraWeights
+from ..training.dreambooth import DreamBoothSpec, train_dreambooth
 from .base import LORA, PIPE, FTNode, from_inputs, widgets
 from .training import (DATASET, TRAIN_CATEGORY, outputs_for, settings_from, settings_inputs, validation_from,
                        validation_inputs)
@@ -36,8 +38,6 @@ class DreamBoothTrain(FTNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..training.dreambooth import DreamBoothSpec  # noqa: PLC0415
-
         required = {
             "pipe": (PIPE, {"tooltip": "The base model handle. LoRAs on it are kept (lora) or baked into the trained "
                                        "copy (full); it is never changed."}),
@@ -59,8 +59,6 @@ class DreamBoothTrain(FTNode):
             prior_mode, num_class_images, train_text_encoder, text_learning_rate, rank, alpha, class_dataset=None,
             class_sample_steps=20, class_cfg=7.0, **kwargs):
         inputs = dict(locals())  # the parameters by name; DreamBoothSpec takes those that are its inputs
-        from ..core.lora import LoraWeights  # noqa: PLC0415
-        from ..training.dreambooth import DreamBoothSpec, train_dreambooth  # noqa: PLC0415
 
         spec = from_inputs(DreamBoothSpec, inputs, self.DEFAULTS)
         settings = settings_from(kwargs, self.DEFAULTS)

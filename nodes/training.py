@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from ..core.handle import LoraPatch
+
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings
+from ..training.frame import Validation
+from ..training.lora_trainer import LoraSpec, train_lora
+from ..training.plots import image_grid, loss_plot
 from ..training.settings import TrainSettings
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, from_inputs, widgets
 
@@ -52,8 +56,6 @@ def settings_from(kwargs: dict, defaults: dict | None = None) -> TrainSettings:
 
 
 def validation_from(kwargs: dict):
-    from ..training.frame import Validation  # noqa: PLC0415
-
     prompt = str(kwargs.get("validation_prompt") or "")
     if not prompt.strip():
         return None
@@ -70,8 +72,6 @@ def validation_from(kwargs: dict):
 def outputs_for(result) -> tuple:
     """(loss plot, validation grid) IMAGEs from a TrainResult."""
     import torch  # noqa: PLC0415
-
-    from ..training.plots import image_grid, loss_plot  # noqa: PLC0415
 
     plot = loss_plot(result.losses, lrs=result.lrs)
     if result.validation:
@@ -100,8 +100,6 @@ class TrainLoRA(FTNode):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..training.lora_trainer import LoraSpec  # noqa: PLC0415
-
         required = {
             "pipe": (PIPE, {"tooltip": "The base model handle (LoRAs already on it are kept, the new one trains on "
                                        "top)."}),
@@ -113,7 +111,6 @@ class TrainLoRA(FTNode):
 
     def run(self, pipe, dataset, rank, alpha, targets, train_text_encoder, text_learning_rate, **kwargs):
         inputs = dict(locals())  # the parameters by name; LoraSpec takes those that are its inputs
-        from ..training.lora_trainer import LoraSpec, train_lora  # noqa: PLC0415
 
         spec = from_inputs(LoraSpec, inputs, self.DEFAULTS)
         settings = settings_from(kwargs, self.DEFAULTS)

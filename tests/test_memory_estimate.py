@@ -175,7 +175,9 @@ def _graph(name: str) -> dict:
 
 def test_a_run_that_cannot_fit_fails_before_the_first_step(models_dir, tiny_handles, monkeypatch, one_thread):
     events = []
-    host.add_event_sink(lambda event, data: events.append(event))
+    # a listener for this test only (monkeypatch puts the host's list back after it)
+    monkeypatch.setattr(host._settings, "event_sinks", [*host._settings.event_sinks,
+                                                        lambda event, data: events.append(event)])
     checkpoints = host.output_dir() / "finetune_checkpoints"
     before = set(checkpoints.glob("*")) if checkpoints.exists() else set()
     monkeypatch.setenv(memory.FREE_MEMORY_ENV, "1MB")

@@ -65,6 +65,7 @@ from typing import Any, Iterator
 import torch
 
 from ..core.errors import FinetuneError
+from ..core.realsize import load_configs
 from . import distributed
 from .settings import UNET_TARGETS, TrainSettings
 
@@ -523,8 +524,6 @@ def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, i
     """(meta UNet in ``dtype``, UNet parameter count, VAE + text encoder parameter count) of a real architecture."""
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
     from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
-
-    from ..core.realsize import load_configs  # noqa: PLC0415
 
     cfgs = load_configs(name)
     with _default_dtype(dtype), torch.device("meta"):
