@@ -17,6 +17,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import FinetuneError
 from .families import Family, info
 from .handle import BaseModel, ModelHandle
@@ -279,14 +280,11 @@ def demo_folder() -> Path:
 
     folder = host.cache_dir() / "demo-tiny-sd1"
     if not (folder / "model_index.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_pipeline_folder(tmp, Family.SD1, seed=0)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race: use theirs
-            import shutil  # noqa: PLC0415
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:  # every data-parallel process loads it, so every process may build it
+            atomic_write(folder, lambda tmp: build_tiny_pipeline_folder(tmp, Family.SD1, seed=0), folder=True,
+                         overwrite=False, every_process=True)
+        except FileExistsError:  # another process won the race: use theirs (the same seed, the same weights)
+            pass
     return folder
 
 

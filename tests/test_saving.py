@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from comfy_finetune import host
+from comfy_finetune.core.atomic import atomic_write
 from comfy_finetune.core.embeddings import Embedding, load_embedding_file
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.core.families import Family
@@ -23,7 +24,6 @@ from comfy_finetune.core.lora import LoraModule, LoraWeights, lora_from_file
 from comfy_finetune.core.lora_handle import lora_for_handle, module_shapes
 from comfy_finetune.nodes.saving import NODES, SaveCheckpoint, SaveEmbedding, SaveLoRA
 from comfy_finetune.training.saving import (
-    atomic_write,
     safe_name,
     save_checkpoint,
     save_embedding,
@@ -218,6 +218,86 @@ def test_atomic_folder_is_replaced_whole_never_merged(tmp_path):
     assert sorted(x.name for x in target.iterdir()) == ["shared.txt"]
     assert (target / "shared.txt").read_text() == "new"
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_without_overwrite_never_replaces(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"first")
+    with pytest.raises(FileExistsError):
+        atomic_write(target, lambda p: p.write_bytes(b"second"), overwrite=False)
+    assert target.read_bytes() == b"first" and _leftovers(tmp_path) == []
+    # with next_name the write moves on to the next free name, decided at the rename itself
+    (tmp_path / "f_2.bin").write_bytes(b"taken too")
+    names = iter(["f_2.bin", "f_3.bin"])
+    got = atomic_write(target, lambda p: p.write_bytes(b"second"), overwrite=False,
+                       next_name=lambda taken: taken.with_name(next(names)))
+    assert got == tmp_path / "f_3.bin" and got.read_bytes() == b"second"
+    assert target.read_bytes() == b"first" and (tmp_path / "f_2.bin").read_bytes() == b"taken too"
+    assert _leftovers(tmp_path) == []
+    # a folder is not replaced either
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        atomic_write(folder, lambda p: (p / "a.txt").write_text("new"), folder=True, overwrite=False)
+    assert (folder / "a.txt").read_text() == "old" and _leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    """Not the owner-only 0600 of mkstemp: 0o666 & ~umask, whatever the writer did."""
+    def owner_only(p: Path) -> None:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        for umask, want in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            os.umask(umask)
+            target = tmp_path / f"m{umask:o}.bin"
+            atomic_write(target, owner_only)
+            assert _mode(target) == want, (oct(umask), oct(_mode(target)))
+    finally:
+        os.umask(old)
+
+
+def test_saved_files_get_normal_permissions(models, tiny_handles, tmp_path, monkeypatch, umask_022):
+    """A user on a shared machine expects 0644 under umask 022 for everything the pack saves."""
+    from comfy_finetune.nodes.native import SaveImage
+    from comfy_finetune.training.diffusion import DiskCache
+    from comfy_finetune.training.loop import atomic_torch_save
+
+    handle = tiny_handles["sd1"]
+    lora_path = target_path("loras", "perm/lora", ".safetensors", overwrite=False, node="N", input="name")
+    save_lora(_random_lora(handle), lora_path, family="sd1", unet_config=handle.base.unet.config)
+    widths = [te.config.hidden_size for te in handle.base.text_encoders]
+    emb_path = target_path("embeddings", "perm/emb", ".safetensors", overwrite=False, node="N", input="name")
+    save_embedding(Embedding("emb", {"te1": torch.zeros(2, widths[0])}), emb_path, family="sd1", widths=widths)
+    ckpt_path = target_path("checkpoints", "perm/ckpt", ".safetensors", overwrite=False, node="N", input="name")
+    save_checkpoint(handle, ckpt_path, format="single_file", dtype="fp16")
+    train_ckpt = tmp_path / "runs" / "run.pt"
+    atomic_torch_save({"step": 1, "w": torch.ones(2)}, train_ckpt)
+    monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path / "cache"))
+    cache = DiskCache("latents", "model-key")
+    cache.put("item", {"latent": torch.ones(1, 4, 2, 2)})
+    monkeypatch.setattr(host._settings, "output_dir", tmp_path / "output")
+    SaveImage().save_images(torch.zeros(1, 8, 8, 3), "perm/img")
+    image = next((tmp_path / "output" / "perm").glob("img_*.png"))
+    for path in (lora_path, emb_path, ckpt_path, train_ckpt, cache.path("item"), image):
+        assert path.is_file() and _mode(path) == 0o644, (path.name, oct(_mode(path)))
 
 
 def test_failed_safetensors_save_leaves_previous_file(models, tiny_handles, monkeypatch):

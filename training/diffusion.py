@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from ..core.atomic import atomic_write
 from ..core.conditioning import PromptEncoder
+from ..core.errors import FinetuneError
 from ..core.families import Family
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,9 +134,6 @@ class DiskCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file  # noqa: PLC0415
-
-        from ..core.errors import FinetuneError  # noqa: PLC0415
-        from .saving import atomic_write  # noqa: PLC0415
 
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         try:

@@ -8,7 +8,8 @@ Three rules hold for every file:
 * **No silent overwrite.** An existing file is kept and the new one gets ``<name>_2``, ``_3`` ... unless the
   caller asked to overwrite; the caller reports the final name.
 * **Atomic.** Files (and diffusers folders) are written under a hidden temporary name in the same folder and
-  renamed into place, so a crash, an error or a cancel never leaves a half-written model (:func:`atomic_write`).
+  renamed into place, so a crash, an error or a cancel never leaves a half-written model
+  (:func:`~..core.atomic.atomic_write`).
 
 File layouts follow formats.md: kohya LoRAs (2.7), embeddings that ComfyUI and A1111 both read (3), single-file
 checkpoints ComfyUI loads (1.7) and diffusers folders (4).
@@ -17,20 +18,18 @@ checkpoints ComfyUI loads (1.7) and diffusers folders (4).
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import host
+from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
 from ..core.families import Family, info
 
@@ -42,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.lora import LoraWeights
 
 __all__ = [
-    "safe_name", "target_path", "relative_name", "atomic_write", "save_lora", "save_embedding", "save_checkpoint",
+    "safe_name", "target_path", "relative_name", "save_lora", "save_embedding", "save_checkpoint",
     "LORA_LAYOUTS", "CHECKPOINT_FORMATS", "SAVE_DTYPES",
 ]
 
@@ -197,131 +196,6 @@ def relative_name(path: str | os.PathLike, folder_key: str) -> str:
         except ValueError:
             continue
     return path.name
-
-
-# ============================================================================================== atomic writes
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # directories on Windows, some network file systems
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            path.unlink()
-    except OSError:  # pragma: no cover - best effort cleanup
-        pass
-
-
-def _decorated(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, folder: bool = False) -> Path:
-    """Run ``write_fn(temp_path)`` and move the result to ``path`` in one rename.
-
-    The temporary ``.<name>.tmp-<pid>-<random>`` sits in the same folder (same file system, so the rename is
-    atomic) and is fsynced first. With ``folder=True`` the temporary is a directory that ``write_fn`` fills; an
-    existing folder at ``path`` is replaced whole, never merged into (it is moved aside, the new one renamed in,
-    then the old one deleted; it is put back if the rename fails).
-    On any exception - including cancel - the temporary is removed and ``path`` is untouched; the exception
-    propagates, except that a full disk (or exhausted quota) becomes a :class:`FinetuneError` naming the folder
-    and the fix, whichever writer hit it (``OSError`` ENOSPC/EDQUOT, also when wrapped by torch.save's
-    ``RuntimeError``, or safetensors' "os error 28"). Returns ``path``. In data-parallel training only rank 0
-    writes; on the other ranks this returns ``path`` at once (:mod:`.distributed`).
-    """
-    path = Path(path)
-    from . import distributed  # noqa: PLC0415
-
-    if not distributed.writes_allowed():  # data-parallel training: only rank 0 writes files
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _decorated(path, "tmp")
-    try:
-        if folder:
-            tmp.mkdir()
-        write_fn(tmp)
-        if folder:
-            if not tmp.is_dir():
-                raise RuntimeError(f"the writer left no folder at {tmp}")
-            for sub in sorted(tmp.rglob("*")):
-                if sub.is_file():
-                    _fsync_path(sub)
-            _replace_folder(tmp, path)
-        else:
-            if not tmp.is_file():
-                raise RuntimeError(f"the writer left no file at {tmp}")
-            _fsync_path(tmp)
-            os.replace(tmp, path)
-        _fsync_path(path.parent)
-    except BaseException as exc:
-        _remove(tmp)
-        if isinstance(exc, Exception) and _is_disk_full(exc):
-            raise disk_full_error(path) from exc
-        raise
-    return path
-
-
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-# safetensors (Rust) and other native writers report the OS error only in their message
-_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|storagefull|os error (28|112|122)\b"
-                             r"|there is not enough space on the disk", re.IGNORECASE)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` or an exception it wraps (``__cause__`` / ``__context__``) says the disk is full.
-
-    An ``OSError`` is judged by its errno alone; other exceptions (native writers) by their message."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError):
-            if exc.errno in _DISK_FULL_ERRNOS:
-                return True
-        elif _DISK_FULL_TEXT.search(str(exc)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def disk_full_error(path: str | os.PathLike, *, node: str | None = None, fix: str | None = None) -> FinetuneError:
-    """The error for a write to ``path`` that failed because its disk is full (the old file is kept)."""
-    path = Path(path)
-    folder = path.parent
-    free = ""
-    try:
-        free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free now)"
-    except OSError:
-        pass
-    return FinetuneError(f"the disk is full: '{path.name}' could not be written in {folder}{free}; any previous "
-                         f"file of that name is unchanged and no partial file was left", node=node,
-                         fix=fix or f"free space on the disk that holds {folder}, or save to a folder on another "
-                                    "disk (another models/output folder, e.g. in extra_model_paths.yaml)")
-
-
-def _replace_folder(tmp: Path, path: Path) -> None:
-    if not os.path.lexists(path):
-        os.rename(tmp, path)
-        return
-    old = _decorated(path, "old")
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    _remove(old)
 
 
 # ============================================================================================== tensors
