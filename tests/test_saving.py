@@ -569,6 +569,42 @@ def test_nodes_save_and_report(models, tiny_handles):
     assert (models / "diffusers" / "finetune" / "model" / "model_index.json").is_file()
 
 
+@pytest.mark.parametrize("family,prediction,arch,resolution,kohya", [
+    ("sd1", "epsilon", "stable-diffusion-v1", "512x512", "sd_v1"),
+    ("sd2", "epsilon", "stable-diffusion-v2-512", "512x512", "sd_v2"),
+    ("sd2", "v_prediction", "stable-diffusion-v2-768-v", "768x768", "sd_v2_v"),
+    ("sdxl", "epsilon", "stable-diffusion-xl-v1-base", "1024x1024", "sdxl_base_v1-0"),
+])
+def test_lora_embedding_and_checkpoint_of_one_model_agree_on_modelspec(models, tiny_handles, family, prediction,
+                                                                        arch, resolution, kohya):
+    """An SD 2.x 512 (epsilon) model's files all say 512x512, a 768-v model's 768x768 (one table, every writer)."""
+    base = tiny_handles[family].base
+    handle = ModelHandle(dataclasses.replace(base, prediction_type=prediction,
+                                             scheduler_config={**base.scheduler_config, "prediction_type": prediction}))
+    widths = [te.config.hidden_size for te in base.text_encoders]
+    emb = Embedding("tok", {f"te{i + 1}": torch.randn(2, w) for i, w in enumerate(widths)})
+    SaveLoRA().run(_random_lora(handle), handle, "spec/lora", "kohya", False)
+    SaveEmbedding().run(emb, handle, "spec/emb", False)
+    SaveCheckpoint().run(handle, "spec/ckpt", "single_file", "fp16", False)
+    _, lora_meta = _read(models / "loras" / "spec" / "lora.safetensors")
+    _, emb_meta = _read(models / "embeddings" / "spec" / "emb.safetensors")
+    _, ckpt_meta = _read(models / "checkpoints" / "spec" / "ckpt.safetensors")
+    for meta in (lora_meta, emb_meta, ckpt_meta):
+        assert meta["modelspec.resolution"] == resolution
+        assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert lora_meta["modelspec.architecture"] == f"{arch}/lora"
+    assert emb_meta["modelspec.architecture"] == f"{arch}/textual-inversion"
+    assert ckpt_meta["modelspec.architecture"] == arch
+    assert lora_meta["ss_base_model_version"] == kohya and lora_meta["ss_v2"] == str(family == "sd2")
+    assert lora_meta["modelspec.implementation"] == ("diffusers" if family != "sdxl"
+                                                     else "https://github.com/Stability-AI/generative-models")
+    assert emb_meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert ckpt_meta["modelspec.implementation"] == "sgm"
+    v = prediction == "v_prediction"
+    assert lora_meta.get("modelspec.prediction_type") == ("v" if v else None)
+    assert ckpt_meta["modelspec.prediction_type"] == ("v" if v else "epsilon")
+
+
 def test_nodes_refuse_escaping_names_and_other_families(models, tiny_handles):
     handle = tiny_handles["sd1"]
     for bad in ("../evil", "/tmp/evil", "..\\evil"):

@@ -11,8 +11,9 @@ Three rules hold for every file:
   renamed into place, so a crash, an error or a cancel never leaves a half-written model
   (:func:`~..core.atomic.atomic_write`).
 
-File layouts follow formats.md: kohya LoRAs (2.7), embeddings that ComfyUI and A1111 both read (3), single-file
-checkpoints ComfyUI loads (1.7) and diffusers folders (4).
+File layouts: kohya LoRAs, embeddings that ComfyUI and A1111 both read, single-file checkpoints ComfyUI loads and
+diffusers folders (each writer below says which keys it writes). Their ModelSpec metadata comes from
+:func:`~..core.families.modelspec_keys`, so a LoRA, an embedding and a checkpoint of one model agree.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
-from ..core.families import Family, info
+from ..core.families import Family, check_family, modelspec_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,8 +59,6 @@ _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u20
 _MAX_NAME_BYTES = 1024  # the whole relative name; paths stay far below the OS limit (4096)
 _MAX_PART_BYTES = 200  # leaves room for "_NN", the extension and the temp-file decoration under 255
 _STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-_RESOLUTION = {Family.SD1: "512x512", Family.SD2: "768x768", Family.SDXL: "1024x1024"}
-_SGM = "https://github.com/Stability-AI/generative-models"
 
 
 # ============================================================================================== names and paths
@@ -276,18 +275,6 @@ def _merge_metadata(computed: Mapping[str, str], extra: Mapping[str, Any] | None
     return merged
 
 
-def _architecture(family: Family, v_prediction: bool) -> str:
-    if family is Family.SD2:
-        return "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-    return info(family).modelspec_arch
-
-
-def _resolution(family: Family, v_prediction: bool) -> str:
-    if family is Family.SD2 and not v_prediction:
-        return "512x512"
-    return _RESOLUTION[family]
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -315,7 +302,8 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
             ``lora_adapter_metadata``).
         metadata: extra header entries (trainer's ``ss_*`` keys, settings); values are stringified. Keys that
             describe the file itself (``ss_network_dim``, ``modelspec.architecture`` ...) keep computed values.
-        v_prediction: SD2 only: picks ``stable-diffusion-v2-768-v`` vs ``-512``; None follows the family default.
+        v_prediction: picks the model's ModelSpec names and resolution (SD2: ``stable-diffusion-v2-768-v`` at 768x768
+            vs ``-512`` at 512x512); None follows the family's usual prediction.
     Returns:
         ``path``. Metadata always has the kohya minimum ``ss_*`` keys, the ModelSpec MUST keys, ``ss_output_name``,
         ``modelspec.date`` and, for kohya, ``sshs_model_hash`` / ``modelspec.hash_sha256``.
@@ -330,9 +318,7 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
     if not lora.modules:
         raise FinetuneError("the LoRA has no modules (nothing was trained or loaded)", input="lora",
                             fix="connect a trained LoRA")
-    if lora.family is not None and Family(lora.family) is not family:
-        raise FinetuneError(f"this LoRA is for {Family(lora.family).label} but the model is {family.label}",
-                            input="lora", fix=f"connect the {Family(lora.family).label} model the LoRA was trained on")
+    check_family("LoRA", lora.family, family, input="lora")
     try:
         sd, meta = to_kohya_state_dict(lora, family=family, unet_config=unet_config, v_prediction=v_prediction)
         if layout == "diffusers":
@@ -376,7 +362,7 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
     Args:
         embedding: vectors ``{"te1": [N, w]}`` (+ ``"te2"`` for SDXL); ``metadata`` is carried into the file.
         family: the model family; decides the layout.
-        v_prediction: SD2 only, for ``modelspec.architecture``.
+        v_prediction: as for :func:`save_lora` (``modelspec.architecture`` and ``modelspec.resolution``).
         widths: the model's text-encoder widths; when given, vectors of another width are refused.
         metadata: extra header entries.
     """
@@ -409,14 +395,10 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
     else:
         sd = {"emb_params": mats["te1"]}
     tensors = _cpu_tensors(sd, clone=True)
-    v = bool(v_prediction) if v_prediction is not None else info(family).modelspec_arch.endswith("-v")
     stem = path.stem
     computed = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{_architecture(family, v)}/textual-inversion",
-        "modelspec.implementation": _SGM,
+        **modelspec_keys(family, "textual-inversion", v_prediction),
         "modelspec.title": stem,
-        "modelspec.resolution": _resolution(family, v),
         "modelspec.date": _now(),
         "modelspec.trigger_phrase": stem,
         "modelspec.usage_hint": f"ComfyUI: embedding:{stem} in the prompt; A1111: {stem}",
@@ -453,11 +435,8 @@ def _checkpoint_metadata(handle: "ModelHandle", title: str, dtype: str) -> dict[
     base = handle.base
     v = base.prediction_type == "v_prediction"
     meta = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _architecture(base.family, v),
-        "modelspec.implementation": "sgm",
+        **modelspec_keys(base.family, "checkpoint", v),
         "modelspec.title": title,
-        "modelspec.resolution": _resolution(base.family, v),
         "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.date": _now(),
         "modelspec.description": f"saved by comfyui-finetune from {handle.describe()} ({dtype})",
@@ -548,8 +527,7 @@ def _write_diffusers_folder(handle: "ModelHandle", folder: Path, unet: dict, vae
         setattr(cfg, "dtype" if "dtype" in cfg.to_dict() or not hasattr(cfg, "torch_dtype") else "torch_dtype",
                 torch_dtype)
         cfg.save_pretrained(out)
-        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them
-        # (formats.md 1.7).
+        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them.
         keys = {k: t for k, t in sd.items() if not k.endswith("position_ids")}
         keys = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): t
                 for k, t in keys.items()}
