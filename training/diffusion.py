@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..core.atomic import atomic_write
-from ..core.conditioning import PromptEncoder
+from ..core.conditioning import PromptEncoder, sdxl_added, stack_conds
 from ..core.errors import FinetuneError
 from ..core.families import Family
 
@@ -58,23 +57,6 @@ class NoiseSchedule:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
-
-
-def stack_conds(conds: list[torch.Tensor]) -> torch.Tensor:
-    """Stack [1, L_i, D] conditionings of different chunk counts by repetition (ComfyUI does the same)."""
-    lengths = {c.shape[1] for c in conds}
-    if len(lengths) > 1:
-        lcm = 1
-        for n in lengths:
-            lcm = lcm * n // math.gcd(lcm, n)
-        conds = [c.repeat(1, lcm // c.shape[1], 1) for c in conds]
-    return torch.cat(conds)
-
-
-def sdxl_added(pooled: torch.Tensor, height: int, width: int, dtype, device) -> dict:
-    """SDXL's extra conditioning: pooled text embedding and (orig size, crop, target size) ids."""
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(pooled.shape[0], 1)
-    return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}
 
 
 # ---------------------------------------------------------------------------------------------- caches
