@@ -62,7 +62,7 @@ def bare(handle, data, steps: int, batch: int, precision: str) -> float:
     from peft import LoraConfig, inject_adapter_in_model
 
     from comfy_finetune.core.conditioning import encode_prompt
-    from comfy_finetune.training.diffusion import sdxl_added
+    from comfy_finetune.core.conditioning import sdxl_added
     from comfy_finetune.training.lora_trainer import UNET_TARGETS
 
     base = handle.base

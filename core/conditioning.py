@@ -7,12 +7,17 @@ layer with final layer norm; SDXL: penultimate layer without it), weights are ap
 ``z_empty + w * (z - z_empty)`` (ComfyUI's ``ClipTokenWeightEncoder``), and the windows are
 concatenated on the token axis. SDXL concatenates CLIP-L and bigG on the channel axis and
 takes the pooled output of bigG's first window.
+
+The sampler and the trainers batch conditionings with the same helpers: :func:`same_length` /
+:func:`stack_conds` (prompts of different lengths) and :func:`sdxl_added` (SDXL's size conditioning).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,7 +76,7 @@ def substitute_tokens(text: str, embeddings: dict[str, Embedding]) -> str:
 class PromptEncoder:
     """Encodes prompts for one (patched) handle; caches embedding files it loaded."""
 
-    def __init__(self, handle: "ModelHandle", *, node: str = "Sample", input: str = "prompt") -> None:
+    def __init__(self, handle: "ModelHandle", *, node: str | None = None, input: str = "prompt") -> None:
         self.handle = handle
         self.base = handle.base
         self.node = node
@@ -187,3 +192,31 @@ class PromptEncoder:
 def encode_prompt(handle: "ModelHandle", text: str, **kwargs) -> Conditioning:
     """Encode ``text`` with the handle's (already patched) text encoders."""
     return PromptEncoder(handle, **kwargs).encode(text)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def same_length(conds: "Sequence[torch.Tensor]") -> "list[torch.Tensor]":
+    """``[B, L_i, D]`` conditionings of different token lengths (prompts of different chunk counts) repeated along
+    the tokens to the least common multiple of the lengths, as ComfyUI's ``CONDCrossAttn.concat`` does."""
+    lengths = {int(c.shape[1]) for c in conds}
+    if len(lengths) <= 1:
+        return list(conds)
+    lcm = math.lcm(*lengths)
+    return [c.repeat(1, lcm // c.shape[1], 1) for c in conds]
+
+
+def stack_conds(conds: "Sequence[torch.Tensor]") -> "torch.Tensor":
+    """Stack ``[1, L_i, D]`` conditionings of different token lengths into one batch (:func:`same_length`)."""
+    import torch  # noqa: PLC0415
+
+    return torch.cat(same_length(conds))
+
+
+def sdxl_added(pooled: "torch.Tensor", height: int, width: int, dtype, device) -> dict:
+    """SDXL's extra conditioning (the UNet's ``added_cond_kwargs``) for a batch: the pooled bigG text embedding
+    ``[B, 1280]`` and per row the time ids ``(original height, width, crop top, left, target height, width)``,
+    here the image size, no crop and the image size again."""
+    import torch  # noqa: PLC0415
+
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(pooled.shape[0], 1)
+    return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}

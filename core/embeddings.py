@@ -77,7 +77,7 @@ def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
 
     path = Path(path)
     if not path.is_file():
-        raise FinetuneError(f"embedding file not found: {path}", node="Sample", input="prompt",
+        raise FinetuneError(f"embedding file not found: {path}", input="prompt",
                             fix="put the file in models/embeddings")
 
     def expected(header):  # the same choice of tensors as embedding_from_state_dict, from names alone
@@ -93,7 +93,7 @@ def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
                 for i, key in picked.items()}
 
     is_safe = path.suffix.lower() in SAFETENSORS_SUFFIXES
-    sd, metadata = load_weights(path, node="Sample", input="prompt", expected=expected if is_safe else None)
+    sd, metadata = load_weights(path, input="prompt", expected=expected if is_safe else None)
     if not sd and not is_safe:
         raise FinetuneError(f"'{path.name}' holds no tensors", input="prompt")
     return embedding_from_state_dict(path.stem, sd, widths, metadata)

@@ -96,8 +96,7 @@ def text_model_prefix(with_projection: bool) -> str:
 # ------------------------------------------------------------------------------------------------- detection
 
 def _refuse(found: str) -> FinetuneError:
-    return FinetuneError(f"this checkpoint is {found}; supported are {_SUPPORTED}", node="LoadBase",
-                         input="ckpt_name", fix=_FIX)
+    return FinetuneError(f"this checkpoint is {found}; supported are {_SUPPORTED}", input="ckpt_name", fix=_FIX)
 
 
 def _describe(keys: list[str]) -> str:
@@ -114,7 +113,7 @@ def _has_prefix(keys: list[str], prefix: str) -> bool:
 
 
 def detect_family(state_dict: Mapping[str, Tensor]) -> Family:
-    """The family of a single-file state dict, or FinetuneError(node="LoadBase") naming what was found.
+    """The family of a single-file state dict, or FinetuneError(input="ckpt_name") naming what was found.
 
     Text-encoder prefixes decide (SD1 ``cond_stage_model.transformer.``, SD2 ``cond_stage_model.model.``, SDXL
     ``conditioner.embedders.0.transformer.`` + ``.1.model.``); the UNet must take 4 input channels and carry no
@@ -125,7 +124,7 @@ def detect_family(state_dict: Mapping[str, Tensor]) -> Family:
     if conv_in is None:
         if any(".lora_" in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
             raise FinetuneError("this file is a LoRA, not a checkpoint (it has lora_* keys and no UNet)",
-                                node="LoadBase", input="ckpt_name",
+                                input="ckpt_name",
                                 fix="load it with the AddLoRA node and pick a base checkpoint here")
         raise _refuse(f"not an SD single-file checkpoint: no '{UNET_PREFIX}input_blocks.0.0.weight'; "
                       f"found {_describe(keys)}")
@@ -365,7 +364,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, Tensor]) -> LdmConversion:
     Returns:
         :class:`LdmConversion`; tensors are shared with ``state_dict`` where no reshaping is needed.
     Raises:
-        FinetuneError(node="LoadBase", input="ckpt_name") for refiner, inpainting, unCLIP or unknown layouts.
+        FinetuneError(input="ckpt_name") for refiner, inpainting, unCLIP or unknown layouts.
     """
     family = detect_family(state_dict)
     used: set[str] = set()

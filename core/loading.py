@@ -17,6 +17,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import FinetuneError
 from .families import Family, info
 from .handle import BaseModel, ModelHandle
@@ -42,13 +43,13 @@ def resolve_device(device: str):
     if device == "auto":
         device = host.torch_device_name()
     if device == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError("CUDA was requested but torch sees no CUDA device", node="LoadBase", input="device",
+        raise FinetuneError("CUDA was requested but torch sees no CUDA device", input="device",
                             fix="choose 'auto' or 'cpu'")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise FinetuneError("MPS was requested but is not available", node="LoadBase", input="device",
+        raise FinetuneError("MPS was requested but is not available", input="device",
                             fix="choose 'auto' or 'cpu'")
     if device not in DEVICES:
-        raise FinetuneError(f"unknown device '{device}'", node="LoadBase", input="device",
+        raise FinetuneError(f"unknown device '{device}'", input="device",
                             fix=f"use one of {', '.join(DEVICES)}")
     return torch.device(device)
 
@@ -62,7 +63,7 @@ def resolve_dtype(dtype: str, device) -> "Any":
         return torch.float16 if device.type == "mps" else torch.float32
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in table:
-        raise FinetuneError(f"unknown dtype '{dtype}'", node="LoadBase", input="dtype",
+        raise FinetuneError(f"unknown dtype '{dtype}'", input="dtype",
                             fix=f"use one of {', '.join(DTYPES)}")
     return table[dtype]
 
@@ -84,7 +85,7 @@ def default_scheduler_config(family: Family, prediction_type: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- state dicts
-def read_state_dict(path: str | os.PathLike, *, node: str = "LoadBase", input: str = "ckpt_name"
+def read_state_dict(path: str | os.PathLike, *, node: str | None = None, input: str = "ckpt_name"
                     ) -> tuple[dict, dict[str, str]]:
     """Tensors and metadata of a weights file, through :mod:`.safeio` (validated safetensors, or a legacy pickle
     through ``weights_only``); non-tensor entries of a pickle are dropped."""
@@ -138,13 +139,13 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
     folder = Path(folder)
     index_path = folder / "model_index.json"
     if not index_path.exists():
-        raise FinetuneError(f"'{folder}' is not a diffusers model folder (no model_index.json)", node="LoadBase",
-                            input="ckpt_name", fix="pick a folder saved with save_pretrained, or a .safetensors file")
+        raise FinetuneError(f"'{folder}' is not a diffusers model folder (no model_index.json)", input="ckpt_name",
+                            fix="pick a folder saved with save_pretrained, or a .safetensors file")
     index = json.loads(index_path.read_text())
     sdxl = (folder / "text_encoder_2").is_dir()
     if "text_encoder" not in index or not (folder / "unet").is_dir():
         raise FinetuneError(f"'{folder.name}' is not a supported Stable Diffusion pipeline ({index.get('_class_name')})",
-                            node="LoadBase", input="ckpt_name", fix="use an SD 1.x, SD 2.x or SDXL base model")
+                            input="ckpt_name", fix="use an SD 1.x, SD 2.x or SDXL base model")
     def part(name: str, fn):
         try:
             return fn()
@@ -153,7 +154,7 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
         except Exception as exc:  # noqa: BLE001 - diffusers/transformers raise many types for broken folders
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise FinetuneError(f"the '{name}' part of '{folder.name}' could not be loaded ({first})",
-                                node="LoadBase", input="ckpt_name",
+                                input="ckpt_name",
                                 fix=f"check that {folder.name}/{name} is complete (config and weights), or "
                                     "re-download the model") from exc
 
@@ -191,7 +192,7 @@ def _materialize(cls, config, state_dict: dict, *, what: str, name: str):
         raise FinetuneError(
             f"the {what} weights in '{name}' do not fit the inferred architecture "
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})",
-            node="LoadBase", input="ckpt_name", fix="the file may be damaged or of an unsupported kind")
+            input="ckpt_name", fix="the file may be damaged or of an unsupported kind")
     for mod_name, buf in list(model.named_buffers()):
         if buf.is_meta:
             owner = model.get_submodule(mod_name.rsplit(".", 1)[0]) if "." in mod_name else model
@@ -199,7 +200,7 @@ def _materialize(cls, config, state_dict: dict, *, what: str, name: str):
             if leaf == "position_ids":
                 owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
             else:  # pragma: no cover - no such buffer in SD components today
-                raise FinetuneError(f"cannot initialise buffer {mod_name} of the {what}", node="LoadBase")
+                raise FinetuneError(f"cannot initialise buffer {mod_name} of the {what}")
     return model
 
 
@@ -267,7 +268,7 @@ def load_hub(repo_id: str, dtype, device) -> BaseModel:
                                    ignore_patterns=["*.fp16.safetensors", "*ema*", "*non_ema*"])
     except Exception as exc:  # noqa: BLE001
         raise FinetuneError(f"could not fetch '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: {exc})",
-                            node="LoadBase", input="hub_id",
+                            input="hub_id",
                             fix="check the id and your connection, or download the model into models/diffusers") from exc
     return load_diffusers_folder(folder, dtype, device, label=repo_id)
 
@@ -279,14 +280,11 @@ def demo_folder() -> Path:
 
     folder = host.cache_dir() / "demo-tiny-sd1"
     if not (folder / "model_index.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_pipeline_folder(tmp, Family.SD1, seed=0)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race: use theirs
-            import shutil  # noqa: PLC0415
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:  # every data-parallel process loads it, so every process may build it
+            atomic_write(folder, lambda tmp: build_tiny_pipeline_folder(tmp, Family.SD1, seed=0), folder=True,
+                         overwrite=False, every_process=True)
+        except FileExistsError:  # another process won the race: use theirs (the same seed, the same weights)
+            pass
     return folder
 
 
@@ -312,8 +310,8 @@ def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str 
     elif name == SHAPES_NAME:
         folder = SHAPES_FOLDER
         if not (folder / "model_index.json").exists():
-            raise FinetuneError("the built-in shapes-tiny model is missing from the installed pack", node="LoadBase",
-                                input="ckpt_name", fix="reinstall the pack, or rebuild it with "
+            raise FinetuneError("the built-in shapes-tiny model is missing from the installed pack", input="ckpt_name",
+                                fix="reinstall the pack, or rebuild it with "
                                 "python -m comfy_finetune.shapes.train_base --force")
         key = ("shapes", str(folder), str(dt), str(dev))
         loader = lambda: load_diffusers_folder(folder, dt, dev, label="shapes-tiny")  # noqa: E731
@@ -327,8 +325,8 @@ def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str 
         else:
             path = host.resolve_model("checkpoints", name)
         if path is None:
-            raise FinetuneError(f"model '{name}' was not found in the models folders", node="LoadBase",
-                                input="ckpt_name", fix="put the file in models/checkpoints (or a diffusers folder in "
+            raise FinetuneError(f"model '{name}' was not found in the models folders", input="ckpt_name",
+                                fix="put the file in models/checkpoints (or a diffusers folder in "
                                 "models/diffusers) and refresh, or pick another entry")
         stat = path.stat()
         key = ("file", str(path), stat.st_mtime_ns, stat.st_size, str(dt), str(dev))

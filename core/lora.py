@@ -3,7 +3,7 @@
 :class:`LoraWeights` keys every adapted module by ``(component, path)``: component ``"unet"``, ``"te1"`` (SD1/SD2
 text encoder, SDXL CLIP-L) or ``"te2"`` (SDXL bigG); path as the loaded model's ``named_modules()`` gives it.
 :func:`parse_lora` reads any supported layout and reports the keys it could not place; :func:`to_kohya_state_dict`
-writes what ComfyUI, A1111, diffusers and kohya all load (formats.md 2.7); :func:`to_diffusers_state_dict` writes
+writes what ComfyUI, A1111, diffusers and kohya all load; :func:`to_diffusers_state_dict` writes
 the PEFT layout of diffusers' training scripts with its ``lora_adapter_metadata``.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import FinetuneError
-from .families import Family, info
+from .families import Family, check_family, info, modelspec, modelspec_keys
 from .lora_keys import (
     ModuleResolver,
     canonical_te_path,
@@ -31,15 +31,15 @@ from .lora_keys import (
     te_target_name,
 )
 from .ldm_names import unet_name_map
+from .safeio import load_weights  # the one place untrusted weight files are opened
 
 __all__ = [
     "LoraModule", "LoraWeights", "parse_lora", "lora_from_file", "to_kohya_state_dict", "to_diffusers_state_dict",
     "detect_lora_family", "ADAPTER_METADATA_KEY",
 ]
 
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers >= 0.34 (formats.md 2.3)
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the PEFT config diffusers >= 0.34 writes into LoRA files
 _DIFFUSERS_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-_RESOLUTION = {Family.SD1: "512x512", Family.SD2: "768x768", Family.SDXL: "1024x1024"}
 _SAFE_SUFFIXES = (".safetensors", ".sft")
 _PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", ADAPTER_METADATA_KEY, "format")
@@ -137,16 +137,10 @@ def _metadata_alpha(cfg: Mapping[str, Any], path: str, rank: int) -> float | Non
     return alpha * rank**0.5 if cfg.get("use_rslora") else alpha  # rsLoRA scale alpha/sqrt(r) as alpha'/r
 
 
-def _mismatch(lora_family: Family, target: Family, why: str) -> FinetuneError:
-    return FinetuneError(
-        f"this LoRA is for {lora_family.label} but the model is {target.label} ({why})", node="AddLoRA",
-        input="lora_name", fix=f"pick a LoRA trained for {target.label}, or load a {lora_family.label} checkpoint")
-
-
 def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None, *, family: Family | None,
                unet_config: Mapping[str, Any] | None, unet_modules: Collection[str] | Mapping[str, Any] | None,
                te_modules: list[Collection[str] | Mapping[str, Any]] | None, name: str = "lora",
-               ) -> tuple[LoraWeights, list[str]]:
+               input: str | None = "lora_name") -> tuple[LoraWeights, list[str]]:
     """Read a LoRA state dict of any supported layout into :class:`LoraWeights`.
 
     Args:
@@ -158,17 +152,18 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             delta shape is checked: the structural family check for models of unusual widths).
         te_modules: the same per text encoder ([te1] or [te1, te2]).
         name: display name.
+        input: the input the LoRA came from, named in errors.
     Returns:
         ``(weights, unmatched keys)``: keys that are not LoRA parts, lack a down/up partner, name no module of
         these models, or repeat a module already read. Nothing is dropped silently.
     Raises:
-        FinetuneError(node="AddLoRA", input="lora_name") on a family mismatch or when fewer than half of the
-            LoRA's modules fit the model.
+        FinetuneError(input=input) on a family mismatch or when fewer than half of the LoRA's modules fit the
+            model (no node: the calling node is named where the error leaves it).
     """
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     lora_family, why = detect_lora_family({k: v for k, v in state_dict.items() if isinstance(v, Tensor)}, metadata)
-    if family is not None and lora_family is not None and lora_family is not Family(family):
-        raise _mismatch(lora_family, Family(family), why)
+    if family is not None:
+        check_family("LoRA", lora_family, family, why=why, input=input)
 
     groups: dict[str, dict[str, Tensor]] = {}
     group_keys: dict[str, list[str]] = {}
@@ -221,7 +216,7 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
         example = misfits[0] if misfits else next(k for k in pairs if k not in placed)
         raise FinetuneError(
             f"this LoRA does not fit the {target_label} model: only {len(modules)} of its {len(pairs)} modules "
-            f"match (e.g. {example})", node="AddLoRA", input="lora_name",
+            f"match (e.g. {example})", input=input,
             fix="pick a LoRA trained for the loaded model's family (kohya, diffusers/PEFT or ComfyUI layout)")
     weights = LoraWeights(lora_family or (Family(family) if family is not None else None), modules, metadata, name)
     return weights, unmatched
@@ -236,7 +231,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapping[str, Any] | None,
                    unet_modules: Collection[str] | Mapping[str, Any] | None,
-                   te_modules: list[Collection[str] | Mapping[str, Any]] | None) -> tuple[LoraWeights, list[str]]:
+                   te_modules: list[Collection[str] | Mapping[str, Any]] | None, input: str | None = "lora_name",
+                   ) -> tuple[LoraWeights, list[str]]:
     """Load a LoRA file and :func:`parse_lora` it. ``.safetensors`` with metadata; pickles weights-only.
 
     ``.pt/.ckpt/.bin/.pth`` files go through ``torch.load(weights_only=True)``: a file that needs anything beyond
@@ -245,16 +241,14 @@ def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapp
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise FinetuneError(f"LoRA file not found: {path}", node="AddLoRA", input="lora_name",
+        raise FinetuneError(f"LoRA file not found: {path}", input=input,
                             fix="put the file in models/loras and pick it from the list")
     if suffix not in _SAFE_SUFFIXES and suffix not in _PICKLE_SUFFIXES:
-        raise FinetuneError(f"unsupported LoRA file type '{suffix}'", node="AddLoRA", input="lora_name",
+        raise FinetuneError(f"unsupported LoRA file type '{suffix}'", input=input,
                             fix="use .safetensors (or .pt/.ckpt/.bin holding only tensors)")
-    from .safeio import load_weights  # noqa: PLC0415 - the one place untrusted weight files are opened
-
-    state, metadata = load_weights(path, node="AddLoRA", input="lora_name")  # validated header / weights-only
+    state, metadata = load_weights(path, input=input)  # validated header / weights-only
     return parse_lora(state, metadata, family=family, unet_config=unet_config, unet_modules=unet_modules,
-                      te_modules=te_modules, name=path.stem)
+                      te_modules=te_modules, name=path.stem, input=input)
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -279,11 +273,13 @@ def _kohya_module_name(comp: str, path: str, family: Family, ldm_map: Mapping[st
 
 def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mapping[str, Any],
                         v_prediction: bool | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Write kohya/A1111 keys (formats.md 2.1, 2.7) and the minimum ``ss_*`` + ModelSpec metadata.
+    """Write kohya/A1111 keys and the minimum ``ss_*`` + ModelSpec metadata (what ComfyUI, A1111, kohya and
+    diffusers all read).
 
     SD1/SD2 UNet modules use diffusers names, SDXL ones SGM names; text encoders ``lora_te_`` (SD1/SD2) or
     ``lora_te1_``/``lora_te2_`` (SDXL), always with ``text_model_``. Every module gets its real ``alpha``.
-    ``v_prediction`` (SD2 only) picks ``sd_v2_v`` / ``stable-diffusion-v2-768-v``; None follows the family default.
+    ``v_prediction`` picks the model's names and resolution in :data:`~.families.MODELSPECS` (SD2:
+    ``stable-diffusion-v2-768-v`` at 768 vs ``-v2-512`` at 512); None follows the family's usual prediction.
     """
     family = Family(family)
     ldm_map = unet_name_map(unet_config) if family is Family.SDXL else {}
@@ -302,27 +298,16 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     convs = [m for m in lora.modules.values() if m.down.ndim == 4 and m.down.shape[-1] > 1]
     rank = _most_common([m.rank for m in linear], _most_common([m.rank for m in convs], 0))
     alpha = _most_common([_alpha(m) for m in linear], _most_common([_alpha(m) for m in convs], 0.0))
-    fam = info(family)
-    arch = fam.modelspec_arch
-    v = v_prediction if v_prediction is not None else arch.endswith("-v")
-    if family is Family.SD2:
-        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    version = {Family.SD1: "sd_v1", Family.SD2: "sd_v2", Family.SDXL: "sdxl_base_v1-0"}[family]
-    if v and family is not Family.SDXL:
-        version += "_v"
+    v = info(family).v_default if v_prediction is None else bool(v_prediction)
     meta = {k: v_ for k, v_ in lora.metadata.items() if k not in _STALE_METADATA}
     meta.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
-        "ss_base_model_version": version,
+        "ss_base_model_version": modelspec(family, v).kohya_version,
         "ss_v2": str(family is Family.SD2),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family is Family.SDXL
-        else "diffusers",
+        **modelspec_keys(family, "lora", v),
         "modelspec.title": lora.name or f"LoRA@{int(time.time())}",
-        "modelspec.resolution": _RESOLUTION[family],
     })
     if convs:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(_most_common([m.rank for m in convs], 0)),

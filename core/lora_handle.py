@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FinetuneError
+from .families import check_family
 from .handle import module_shapes
 from .lora import LoraWeights, lora_from_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .families import Family
     from .handle import ModelHandle
 
 
@@ -22,15 +22,12 @@ def _targets(handle: "ModelHandle"):
     return handle.base.module_shapes
 
 
-def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str = "AddLoRA", input: str = "lora_name"
+def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str | None = None, input: str = "lora_name"
                     ) -> tuple[LoraWeights, list[str]]:
     """Load ``path`` as a LoRA for ``handle``'s model; returns the weights and the keys that matched nothing."""
     unet_modules, te_modules = _targets(handle)
-    try:
-        weights, unmatched = lora_from_file(path, family=handle.family, unet_config=dict(handle.base.unet.config),
-                                            unet_modules=unet_modules, te_modules=te_modules)
-    except FinetuneError as exc:
-        raise FinetuneError(exc.detail, node=node, input=input, fix=exc.fix) from exc
+    weights, unmatched = lora_from_file(path, family=handle.family, unet_config=dict(handle.base.unet.config),
+                                        unet_modules=unet_modules, te_modules=te_modules, input=input)
     if not weights.modules:
         raise FinetuneError(f"no key of '{Path(path).name}' matches a module of this {handle.family.label} model "
                             f"({len(unmatched)} keys, e.g. {', '.join(unmatched[:3])})", node=node, input=input,
@@ -38,16 +35,10 @@ def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str = "Add
     return weights, unmatched
 
 
-def check_family(lora: LoraWeights, family: "Family", *, node: str = "AddLoRA", input: str = "lora") -> None:
-    """Refuse a LoRA (e.g. one trained in the graph) made for another family."""
-    if lora.family is not None and lora.family != family:
-        raise FinetuneError(f"this LoRA is for {lora.family.label} but the model is {family.label}", node=node,
-                            input=input, fix=f"use a LoRA trained on a {family.label} model")
-
-
-def check_fits(lora: LoraWeights, handle: "ModelHandle", *, node: str = "AddLoRA", input: str = "lora") -> None:
-    """Refuse a LoRA whose modules are not in this model or have other shapes (trained on another model)."""
-    check_family(lora, handle.family, node=node, input=input)
+def check_fits(lora: LoraWeights, handle: "ModelHandle", *, node: str | None = None, input: str = "lora") -> None:
+    """Refuse a LoRA (e.g. one trained in the graph) made for another family, or whose modules are not in this model
+    or have other shapes (trained on another model)."""
+    check_family("LoRA", lora.family, handle.family, node=node, input=input)
     unet_modules, te_modules = _targets(handle)
     shapes = {"unet": unet_modules, **{f"te{i + 1}": m for i, m in enumerate(te_modules)}}
     bad = []

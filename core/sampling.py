@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from .conditioning import PromptEncoder, same_length, sdxl_added
 from .errors import FinetuneError
 from .families import Family
 
@@ -59,7 +60,7 @@ SCHEDULER_NAMES = tuple(SCHEDULES)
 _RESET_SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
-def make_scheduler(base_config: dict, sampler: str, schedule: str, *, node: str = "Sample"):
+def make_scheduler(base_config: dict, sampler: str, schedule: str, *, node: str | None = None):
     """A new diffusers scheduler for a ComfyUI sampler + scheduler pair over the model's noise schedule."""
     import diffusers  # noqa: PLC0415
 
@@ -97,7 +98,7 @@ class SampleSettings:
     height: int = 512
     batch_size: int = 1
 
-    def validate(self, node: str = "Sample") -> None:
+    def validate(self, node: str | None = None) -> None:
         for name in ("width", "height"):
             value = getattr(self, name)
             if value < 8 or value % 8:
@@ -130,19 +131,8 @@ def comfy_noise(seed: int, shape: tuple[int, ...]) -> "torch.Tensor":
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def _repeat_to(a, b):
-    """Make two conds the same token length by repetition (ComfyUI ``CONDCrossAttn.concat``)."""
-    import math  # noqa: PLC0415
-
-    la, lb = a.shape[1], b.shape[1]
-    if la == lb:
-        return a, b
-    lcm = la * lb // math.gcd(la, lb)
-    return a.repeat(1, lcm // la, 1), b.repeat(1, lcm // lb, 1)
-
-
 def sample(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
-           node: str = "Sample") -> "torch.Tensor":
+           node: str | None = None) -> "torch.Tensor":
     """Generate images; returns ``[B, H, W, 3]`` float32 in 0..1 on the CPU (ComfyUI's IMAGE)."""
     s.validate(node)
     with handle.patched():
@@ -150,11 +140,9 @@ def sample(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int,
 
 
 def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
-                   node: str = "Sample") -> "torch.Tensor":
+                   node: str | None = None) -> "torch.Tensor":
     """:func:`sample` for a handle whose patches are already applied (e.g. validation during training)."""
     import torch  # noqa: PLC0415
-
-    from .conditioning import PromptEncoder  # noqa: PLC0415
 
     base = handle.base
     scheduler = make_scheduler(base.scheduler_config, s.sampler, s.scheduler, node=node)
@@ -163,18 +151,16 @@ def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callab
         encoder = PromptEncoder(handle, node=node)
         pos = encoder.encode(s.prompt)
         neg = encoder.encode(s.negative or "")
-        cond, uncond = _repeat_to(pos.cond, neg.cond)
+        cond, uncond = same_length([pos.cond, neg.cond])
         use_cfg = s.cfg != 1.0
         b = s.batch_size
         context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]) if use_cfg else cond.expand(b, -1, -1)
         added = None
         if base.family is Family.SDXL:
-            time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=dtype, device=device)
             pooled = [pos.pooled.expand(b, -1)]
             if use_cfg:
                 pooled.insert(0, neg.pooled.expand(b, -1))
-            text_embeds = torch.cat(pooled).to(device=device, dtype=dtype)
-            added = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+            added = sdxl_added(torch.cat(pooled), s.height, s.width, dtype, device)
         context = context.to(device=device, dtype=dtype)
 
         scheduler.set_timesteps(s.steps, device=device)

@@ -184,7 +184,6 @@ def find_clip_tokenizer(pad: str = "eos", vocab_size: int = CLIP_VOCAB_SIZE):
         raise FinetuneError(
             f"no CLIP tokenizer with {vocab_size} tokens found offline (single-file checkpoints carry none); "
             "looked in: " + "; ".join(tried),
-            node="LoadBase",
             input="ckpt_name",
             fix="put the 'tokenizer' folder of any SD diffusers model (vocab.json + merges.txt) in "
             "<models>/tokenizers/clip, or set COMFY_FINETUNE_TOKENIZER, or `pip install openai-clip`",

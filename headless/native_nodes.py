@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from .. import host
+from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
@@ -181,23 +181,20 @@ def save_image_path(prefix: str, root: Path, width: int, height: int) -> tuple[P
 
 def _write_png_atomic(img: Image.Image, folder: Path, stem: str, counter: int, metadata: PngInfo | None,
                       compress_level: int) -> tuple[str, int]:
-    """Write to a temp file, then ``os.replace`` it onto the first free ``<stem>_<counter>_.png``."""
-    from ..training import distributed  # noqa: PLC0415
+    """Write ``<stem>_<counter:05>_.png`` atomically, never over an existing file: when another writer took that
+    name first, the next counter is used. Returns the name and the counter written."""
+    def name(n: int) -> Path:
+        return folder / f"{stem}_{n:05}_.png"
 
-    if not distributed.writes_allowed():  # data-parallel training: only rank 0 writes files
-        return f"{stem}_{counter:05}_.png", counter
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
-        while (folder / f"{stem}_{counter:05}_.png").exists():  # another writer got there first
-            counter += 1
-        name = f"{stem}_{counter:05}_.png"
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return name, counter
+    def next_name(_taken: Path) -> Path:
+        nonlocal counter
+        counter += 1
+        return name(counter)
+
+    path = atomic_write(name(counter), lambda tmp: img.save(tmp, format="PNG", pnginfo=metadata,
+                                                            compress_level=compress_level),
+                        overwrite=False, next_name=next_name)
+    return path.name, counter
 
 
 class SaveImage:

@@ -8,6 +8,7 @@ models/checkpoints and models/diffusers (ComfyUI's own folders inside ComfyUI).
 from __future__ import annotations
 
 from .. import host
+from ..core.families import check_family
 from ..training.saving import (
     CHECKPOINT_FORMATS,
     LORA_LAYOUTS,
@@ -78,9 +79,7 @@ class SaveLoRA(_SaveNode):
         }
 
     def run(self, lora, pipe, name, layout="kohya", overwrite=False):
-        from ..core.lora_handle import check_family  # noqa: PLC0415
-
-        check_family(lora, pipe.family, node=self.NODE_ID, input="lora")
+        check_family("LoRA", lora.family, pipe.family, input="lora")  # before a folder is made for the file
         path = target_path("loras", name, ".safetensors", overwrite=bool(overwrite), node=self.NODE_ID,
                            input="name")
         save_lora(lora, path, family=pipe.family, unet_config=dict(pipe.base.unet.config), layout=layout,

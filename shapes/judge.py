@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..core.atomic import atomic_write
 from .world import (BACKGROUND_RGB, BACKGROUNDS, COLORS, FILLS, PALETTE, SHADE, SHAPES, Spec, all_specs,
                     example_seed, held_out_specs, render_batch, rgb_to_lab, shade_rgb, training_specs)
 
@@ -376,15 +377,15 @@ def save_judge(j: Judge, path: str | os.PathLike = WEIGHTS_PATH) -> Path:
         offset += len(data)
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for blob in blobs:
+                f.write(blob)
+
+    return atomic_write(path, write)
 
 
 @lru_cache(maxsize=4)

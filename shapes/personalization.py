@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from comfy_finetune.core.atomic import atomic_write
 from comfy_finetune.core.loading import SHAPES_NAME
 from comfy_finetune.nodes.data import TrainingDataFromImages
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
@@ -265,10 +266,11 @@ def write_grid(pipe, models: dict, out: Path, budget: Budget) -> Path:
         rows.append(torch.cat([generate(p, [prompt], b, seed0=11) for p in columns.values()]))
         labels.append(prompt)
     grid = image_grid(rows, labels=labels)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "grid.png"
-    Image.fromarray((grid[0].numpy() * 255).round().astype("uint8")).save(path)
-    (out / "grid_columns.txt").write_text("columns, 2 seeds each: " + ", ".join(columns) + "\n")
+    image = Image.fromarray((grid[0].numpy() * 255).round().astype("uint8"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(out / "grid_columns.txt",
+                 lambda tmp: tmp.write_text("columns, 2 seeds each: " + ", ".join(columns) + "\n"))
     return path
 
 
@@ -352,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(result["table"])
     print(f"\ngrid: {result.get('grid')}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return 0
 
 

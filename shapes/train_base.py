@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.atomic import atomic_write
 from . import world as W
 
 MODEL_NAME = "shapes-tiny"
@@ -367,37 +367,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not args.force:
         print(f"{out} exists: pass --force to replace it", file=sys.stderr)
         return 2
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    metrics: dict = {}
+
+    def build(tmp: Path) -> None:  # trains and writes the whole folder; atomic_write renames it into place
+        write_tokenizer_folder(tmp / "tokenizer")
+        vae, scale = train_vae(cfg, _log)
+        t_vae = time.perf_counter() - t0
+        _log(f"vae done in {t_vae:.0f} s, latent scaling factor {scale:.4f}")
+        unet, te, losses = train_unet(cfg, vae, tmp / "tokenizer", _log)
+        t_train = time.perf_counter() - t0
+        save_folder(tmp, vae, unet, te, tmp / "tokenizer")
+
+        metrics.update({"model": MODEL_NAME, "config": asdict(cfg), "threads": args.threads,
+                        "torch": torch.__version__, "world": __import__(
+                            "comfy_finetune.shapes.judge", fromlist=["world_fingerprint"]).world_fingerprint(),
+                        "train_seconds": round(t_train, 1), "vae_seconds": round(t_vae, 1),
+                        "final_loss": round(float(np.mean(losses[-100:])), 5)})
+        if cfg.eval_per_spec > 0:
+            from ..core.loading import load_diffusers_folder
+            from ..core.handle import ModelHandle
+
+            handle = ModelHandle(load_diffusers_folder(tmp, torch.float32, torch.device("cpu"), label=MODEL_NAME))
+            metrics["accuracy_training_prompts"] = evaluate_base(handle, cfg.eval_per_spec, cfg.eval_steps,
+                                                                 cfg.eval_cfg)
+            metrics["accuracy_compositional_probe"] = evaluate_base(handle, 8, cfg.eval_steps, cfg.eval_cfg,
+                                                                    specs=[W.COMPOSITIONAL_PROBE])
+            _log(f"judged accuracy on the training prompts: {metrics['accuracy_training_prompts']}")
+            _log(f"compositional probe ({W.COMPOSITIONAL_PROBE.caption()}): "
+                 f"{metrics['accuracy_compositional_probe']}")
+        metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
     t0 = time.perf_counter()
-    write_tokenizer_folder(tmp / "tokenizer")
-    vae, scale = train_vae(cfg, _log)
-    t_vae = time.perf_counter() - t0
-    _log(f"vae done in {t_vae:.0f} s, latent scaling factor {scale:.4f}")
-    unet, te, losses = train_unet(cfg, vae, tmp / "tokenizer", _log)
-    t_train = time.perf_counter() - t0
-    save_folder(tmp, vae, unet, te, tmp / "tokenizer")
-
-    metrics: dict = {"model": MODEL_NAME, "config": asdict(cfg), "threads": args.threads,
-                     "torch": torch.__version__, "world": __import__(
-                         "comfy_finetune.shapes.judge", fromlist=["world_fingerprint"]).world_fingerprint(),
-                     "train_seconds": round(t_train, 1), "vae_seconds": round(t_vae, 1),
-                     "final_loss": round(float(np.mean(losses[-100:])), 5)}
-    if cfg.eval_per_spec > 0:
-        from ..core.loading import load_diffusers_folder
-        from ..core.handle import ModelHandle
-
-        handle = ModelHandle(load_diffusers_folder(tmp, torch.float32, torch.device("cpu"), label=MODEL_NAME))
-        metrics["accuracy_training_prompts"] = evaluate_base(handle, cfg.eval_per_spec, cfg.eval_steps, cfg.eval_cfg)
-        metrics["accuracy_compositional_probe"] = evaluate_base(handle, 8, cfg.eval_steps, cfg.eval_cfg,
-                                                                specs=[W.COMPOSITIONAL_PROBE])
-        _log(f"judged accuracy on the training prompts: {metrics['accuracy_training_prompts']}")
-        _log(f"compositional probe ({W.COMPOSITIONAL_PROBE.caption()}): {metrics['accuracy_compositional_probe']}")
-    metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    atomic_write(out, build, folder=True)
     _log(f"wrote {out} in {metrics['total_seconds']:.0f} s")
     return 0
 

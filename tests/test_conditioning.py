@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_finetune.core.conditioning import encode_prompt
+from comfy_finetune.core.conditioning import encode_prompt, same_length, sdxl_added, stack_conds
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.core.handle import EmbeddingPatch
@@ -88,3 +88,23 @@ def test_a1111_pt_embedding_loads(tiny_handles, models_dir):
     from_pt = encode_prompt(h, "a embedding:a1111tok circle").cond
     direct = encode_prompt(h.with_patch(EmbeddingPatch(Embedding("x", {"te1": vec}))), "a embedding:x circle").cond
     assert torch.allclose(from_pt, direct, atol=1e-6)
+
+
+def test_conds_of_different_lengths_are_repeated_to_a_common_length():
+    """ComfyUI's CONDCrossAttn.concat: repeat along the tokens to the least common multiple of the lengths."""
+    a, b, c = torch.randn(1, 77, 8), torch.randn(1, 154, 8), torch.randn(1, 231, 8)
+    same = same_length([a, b])
+    assert [t.shape[1] for t in same] == [154, 154]
+    assert torch.equal(same[0], torch.cat([a, a], dim=1)) and torch.equal(same[1], b)
+    stacked = stack_conds([a, b, c])
+    assert stacked.shape == (3, 462, 8)
+    assert torch.equal(stacked[0], a[0].repeat(6, 1)) and torch.equal(stacked[2], c[0].repeat(2, 1))
+    assert torch.equal(stack_conds([a, a]), torch.cat([a, a]))
+
+
+def test_sdxl_added_conditioning():
+    pooled = torch.randn(3, 16, dtype=torch.float64)
+    added = sdxl_added(pooled, 96, 64, torch.float32, torch.device("cpu"))
+    assert added["text_embeds"].dtype == torch.float32 and torch.equal(added["text_embeds"], pooled.float())
+    assert added["time_ids"].shape == (3, 6) and added["time_ids"].dtype == torch.float32
+    assert added["time_ids"][1].tolist() == [96, 64, 0, 0, 96, 64]  # (orig h, w, crop top, left, target h, w)

@@ -115,7 +115,7 @@ def test_batch_that_does_not_split_names_node_and_fix(as_rank):
 
 
 def test_only_rank_0_may_write(as_rank, tmp_path):
-    from comfy_finetune.training.saving import atomic_write
+    from comfy_finetune.core.atomic import atomic_write
 
     as_rank(1, 2)
     atomic_write(tmp_path / "x.bin", lambda p: p.write_bytes(b"1"))
@@ -145,7 +145,7 @@ def _note(path):
         return
     if any(real == r or real.startswith(r + os.sep) for r in _roots):
         _seen.append(real)
-_open, _os_open, _replace, _rename = builtins.open, os.open, os.replace, os.rename
+_open, _os_open, _replace, _rename, _link = builtins.open, os.open, os.replace, os.rename, os.link
 def open_(file, mode="r", *a, **k):
     if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
         _note(file)
@@ -160,7 +160,10 @@ def replace(src, dst, *a, **k):
 def rename(src, dst, *a, **k):
     _note(dst)
     return _rename(src, dst, *a, **k)
-builtins.open, os.open, os.replace, os.rename = open_, os_open, replace, rename
+def link(src, dst, *a, **k):  # how a file that must not replace another one is put in place
+    _note(dst)
+    return _link(src, dst, *a, **k)
+builtins.open, os.open, os.replace, os.rename, os.link = open_, os_open, replace, rename, link
 @atexit.register
 def _dump():
     rank = os.environ.get("RANK", "single")

@@ -428,7 +428,7 @@ def test_disk_full_while_saving_a_lora_keeps_the_previous_file(tiny_handles, sma
 
 
 def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
-    from comfy_finetune.training.saving import atomic_write
+    from comfy_finetune.core.atomic import atomic_write
 
     target = tmp_path / "x.bin"
     target.write_bytes(b"old")

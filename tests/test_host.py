@@ -9,6 +9,7 @@ from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError, Interrupted
 from comfy_finetune.core.loading import load_base
 from comfy_finetune.core.sampling import SampleSettings, sample
+from comfy_finetune.nodes.generation import LoadBase
 
 
 def test_not_in_comfyui_headless():
@@ -97,8 +98,10 @@ def test_bf16_and_fp16_load_and_sample(models_dir):
 def test_unavailable_device_is_a_clear_error(models_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'device': CUDA was requested.*Fix"):
+    with pytest.raises(FinetuneError, match=r"^input 'device': CUDA was requested.*Fix"):  # the core names no node
         load_base("diffusers/tiny-sd1", "fp32", "cuda")
+    with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'device': CUDA was requested.*Fix"):
+        LoadBase().run("diffusers/tiny-sd1", "fp32", "cuda")
 
 
 def test_hub_id_offline_is_a_clear_error(models_dir, monkeypatch):
@@ -107,7 +110,7 @@ def test_hub_id_offline_is_a_clear_error(models_dir, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'hub_id': could not fetch 'nobody/no-such-model'"):
-        load_base("ignored", "fp32", "cpu", hub_id="nobody/no-such-model")
+        LoadBase().run("ignored", "fp32", "cpu", hub_id="nobody/no-such-model")
 
 
 def test_listing_and_loading_agree_on_links_out_of_the_folder(models_dir, tmp_path):
@@ -128,4 +131,4 @@ def test_broken_diffusers_folder_is_a_clear_error(models_dir):
         shutil.copytree(models_dir / "diffusers" / "tiny-sd1", broken)
         (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
     with pytest.raises(FinetuneError, match=r"\[LoadBase\] input 'ckpt_name': the 'unet' part of 'broken-sd1'.*Fix"):
-        load_base("diffusers/broken-sd1", "fp32", "cpu")
+        LoadBase().run("diffusers/broken-sd1", "fp32", "cpu")

@@ -242,12 +242,12 @@ def test_family_mismatch_errors(base):
     sd, meta = to_kohya_state_dict(xl_lora, family=Family.SDXL, unet_config=sdxl.unet.config)
     with pytest.raises(FinetuneError) as exc:  # metadata says SDXL
         parse_lora(sd, meta, **_kwargs(sd1, Family.SD1))
-    assert exc.value.node == "AddLoRA" and exc.value.input == "lora_name"
+    assert exc.value.node is None and exc.value.input == "lora_name"  # the core names no node; AddLoRA does
     assert "this LoRA is for SDXL but the model is SD 1.x" in str(exc.value)
     with pytest.raises(FinetuneError, match="is for SDXL but the model is SD 1.x.*second text encoder"):
         parse_lora(sd, {}, **_kwargs(sd1, Family.SD1))  # structure: lora_te2_
     unet_only = {k: v for k, v in sd.items() if k.startswith("lora_unet_")}
-    with pytest.raises(FinetuneError, match=r"\[AddLoRA\].*does not fit the SD 1.x model: only"):
+    with pytest.raises(FinetuneError, match=r"^input 'lora_name': this LoRA does not fit the SD 1.x model: only"):
         parse_lora(unet_only, {}, **_kwargs(sd1, Family.SD1))  # shapes: SGM names exist in SD1 with other widths
     real_width = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
                   torch.zeros(4, 2048), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -290,7 +290,7 @@ def test_pickles_load_weights_only(base, tmp_path):
     torch.save({**sd, "trap": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(FinetuneError, match="cannot be loaded safely") as exc:
         lora_from_file(tmp_path / "evil.pt", **_kwargs(pipe, family))
-    assert exc.value.node == "AddLoRA" and "safetensors" in exc.value.fix
+    assert exc.value.node is None and exc.value.input == "lora_name" and "safetensors" in exc.value.fix
     assert _CALLED == []
     with pytest.raises(FinetuneError, match="unsupported LoRA file type"):
         (tmp_path / "x.txt").write_text("hi")

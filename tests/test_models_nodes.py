@@ -151,6 +151,36 @@ def test_lora_for_other_family_file_refused(tiny_handles, lora_files):
         run("AddLoRA", pipe=tiny_handles["sd1"], lora_name=lora_files["sdxl"], strength_unet=1.0, strength_text=1.0)
 
 
+def test_every_family_mismatch_has_one_wording(tiny_handles, lora_files, models_dir):
+    """A file (AddLoRA's lora_name), a trained LoRA (AddLoRA's lora, SaveLoRA) and the core writer all say the same:
+    the LoRA's family, the model's family and the fix; each node names itself, the core names no node."""
+    from comfy_finetune.core.families import family_mismatch
+    from comfy_finetune.training.saving import save_lora
+
+    sd1, xl_lora = tiny_handles["sd1"], _random_lora(tiny_handles["sdxl"], seed=2)
+    want = str(family_mismatch("LoRA", Family.SDXL, Family.SD1))
+    assert want == ("this LoRA is for SDXL but the model is SD 1.x. "
+                    "Fix: use a LoRA made for SD 1.x, or load the SDXL model it was made for.")
+    calls = {
+        "[AddLoRA] input 'lora_name': ": lambda: run("AddLoRA", pipe=sd1, lora_name=lora_files["sdxl"],
+                                                     strength_unet=1.0, strength_text=1.0),
+        "[AddLoRA] input 'lora': ": lambda: run("AddLoRA", pipe=sd1, lora_name="None", strength_unet=1.0,
+                                                strength_text=1.0, lora=xl_lora),
+        "[FinetuneSaveLoRA] input 'lora': ": lambda: run("FinetuneSaveLoRA", lora=xl_lora, pipe=sd1, name="mismatch",
+                                                         layout="kohya", overwrite=False),
+        "input 'lora': ": lambda: save_lora(xl_lora, models_dir / "loras" / "mismatch.safetensors", family="sd1",
+                                            unet_config=dict(sd1.base.unet.config)),
+    }
+    head, tail = want.split(". Fix: ")
+    for prefix, call in calls.items():
+        with pytest.raises(FinetuneError) as err:
+            call()
+        msg = str(err.value)
+        assert msg.startswith(prefix + head), msg  # the file's evidence may follow in brackets
+        assert msg.endswith(". Fix: " + tail), msg
+    assert not (models_dir / "loras" / "mismatch.safetensors").exists()
+
+
 def test_unmatched_keys_reported(tiny_handles, lora_files, models_dir):
     from safetensors.torch import load_file
 

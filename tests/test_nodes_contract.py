@@ -118,6 +118,51 @@ def test_core_never_imports_comfyui():
         assert not pat.search(path.read_text()), f"{path} imports ComfyUI; only host.py may"
 
 
+def test_core_names_no_node():
+    """The core raises with the input and the fix; the node boundary (nodes/base.py) says which node it was."""
+    names = "|".join(re.escape(n) for n in NODE_CLASS_MAPPINGS)
+    pat = re.compile(rf"""node(: str(\s*\|\s*None)?)?\s*=\s*["']({names})["']""")
+    runner = {"executor.py", "workflow.py"}  # the headless runner's graph code: it names the graph's nodes
+    for path in _py_files("core"):
+        if path.name not in runner:
+            assert not pat.search(path.read_text()), f"{path} attributes an error to a node by name"
+
+
+def test_errors_read_well_with_and_without_a_node():
+    from comfy_finetune.core.errors import FinetuneError
+
+    bare = FinetuneError("the file is damaged.", input="ckpt_name", fix="pick another file.")
+    assert str(bare) == "input 'ckpt_name': the file is damaged. Fix: pick another file."
+    assert str(FinetuneError("no input at all")) == "no input at all."
+    named = bare.with_node("LoadBase")
+    assert str(named) == "[LoadBase] input 'ckpt_name': the file is damaged. Fix: pick another file."
+    assert (named.node, named.input, named.fix) == ("LoadBase", "ckpt_name", "pick another file.")
+    assert named.with_node("Other") is named  # a given node is kept
+
+
+def test_node_boundary_fills_a_missing_node_and_keeps_a_given_one():
+    from comfy_finetune.core.errors import FinetuneError
+    from comfy_finetune.nodes.base import FTNode
+
+    class Probe(FTNode):
+        NODE_ID = "Probe"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("INT", {"default": 0})}}
+
+        def run(self, x):
+            raise FinetuneError("bad", input="x", fix="use 1", node="Elsewhere" if x else None)
+
+    with pytest.raises(FinetuneError) as err:
+        Probe().run(0)
+    assert (err.value.node, err.value.input, err.value.fix) == ("Probe", "x", "use 1")
+    assert str(err.value) == "[Probe] input 'x': bad. Fix: use 1."
+    with pytest.raises(FinetuneError) as err:
+        Probe().run(1)
+    assert err.value.node == "Elsewhere"
+
+
 def test_loads_like_comfyui_does(tmp_path):
     """ComfyUI registers the package under its folder path (dashes and all) via spec_from_file_location."""
     name = str(tmp_path / "custom_nodes" / "comfyui-finetune").replace(".", "_x_")

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from comfy_finetune import host
+from comfy_finetune.core.atomic import atomic_write
 from comfy_finetune.core.embeddings import Embedding, load_embedding_file
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.core.families import Family
@@ -23,7 +24,6 @@ from comfy_finetune.core.lora import LoraModule, LoraWeights, lora_from_file
 from comfy_finetune.core.lora_handle import lora_for_handle, module_shapes
 from comfy_finetune.nodes.saving import NODES, SaveCheckpoint, SaveEmbedding, SaveLoRA
 from comfy_finetune.training.saving import (
-    atomic_write,
     safe_name,
     save_checkpoint,
     save_embedding,
@@ -218,6 +218,86 @@ def test_atomic_folder_is_replaced_whole_never_merged(tmp_path):
     assert sorted(x.name for x in target.iterdir()) == ["shared.txt"]
     assert (target / "shared.txt").read_text() == "new"
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_without_overwrite_never_replaces(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"first")
+    with pytest.raises(FileExistsError):
+        atomic_write(target, lambda p: p.write_bytes(b"second"), overwrite=False)
+    assert target.read_bytes() == b"first" and _leftovers(tmp_path) == []
+    # with next_name the write moves on to the next free name, decided at the rename itself
+    (tmp_path / "f_2.bin").write_bytes(b"taken too")
+    names = iter(["f_2.bin", "f_3.bin"])
+    got = atomic_write(target, lambda p: p.write_bytes(b"second"), overwrite=False,
+                       next_name=lambda taken: taken.with_name(next(names)))
+    assert got == tmp_path / "f_3.bin" and got.read_bytes() == b"second"
+    assert target.read_bytes() == b"first" and (tmp_path / "f_2.bin").read_bytes() == b"taken too"
+    assert _leftovers(tmp_path) == []
+    # a folder is not replaced either
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        atomic_write(folder, lambda p: (p / "a.txt").write_text("new"), folder=True, overwrite=False)
+    assert (folder / "a.txt").read_text() == "old" and _leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    """Not the owner-only 0600 of mkstemp: 0o666 & ~umask, whatever the writer did."""
+    def owner_only(p: Path) -> None:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        for umask, want in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            os.umask(umask)
+            target = tmp_path / f"m{umask:o}.bin"
+            atomic_write(target, owner_only)
+            assert _mode(target) == want, (oct(umask), oct(_mode(target)))
+    finally:
+        os.umask(old)
+
+
+def test_saved_files_get_normal_permissions(models, tiny_handles, tmp_path, monkeypatch, umask_022):
+    """A user on a shared machine expects 0644 under umask 022 for everything the pack saves."""
+    from comfy_finetune.nodes.native import SaveImage
+    from comfy_finetune.training.diffusion import DiskCache
+    from comfy_finetune.training.loop import atomic_torch_save
+
+    handle = tiny_handles["sd1"]
+    lora_path = target_path("loras", "perm/lora", ".safetensors", overwrite=False, node="N", input="name")
+    save_lora(_random_lora(handle), lora_path, family="sd1", unet_config=handle.base.unet.config)
+    widths = [te.config.hidden_size for te in handle.base.text_encoders]
+    emb_path = target_path("embeddings", "perm/emb", ".safetensors", overwrite=False, node="N", input="name")
+    save_embedding(Embedding("emb", {"te1": torch.zeros(2, widths[0])}), emb_path, family="sd1", widths=widths)
+    ckpt_path = target_path("checkpoints", "perm/ckpt", ".safetensors", overwrite=False, node="N", input="name")
+    save_checkpoint(handle, ckpt_path, format="single_file", dtype="fp16")
+    train_ckpt = tmp_path / "runs" / "run.pt"
+    atomic_torch_save({"step": 1, "w": torch.ones(2)}, train_ckpt)
+    monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path / "cache"))
+    cache = DiskCache("latents", "model-key")
+    cache.put("item", {"latent": torch.ones(1, 4, 2, 2)})
+    monkeypatch.setattr(host._settings, "output_dir", tmp_path / "output")
+    SaveImage().save_images(torch.zeros(1, 8, 8, 3), "perm/img")
+    image = next((tmp_path / "output" / "perm").glob("img_*.png"))
+    for path in (lora_path, emb_path, ckpt_path, train_ckpt, cache.path("item"), image):
+        assert path.is_file() and _mode(path) == 0o644, (path.name, oct(_mode(path)))
 
 
 def test_failed_safetensors_save_leaves_previous_file(models, tiny_handles, monkeypatch):
@@ -487,6 +567,42 @@ def test_nodes_save_and_report(models, tiny_handles):
     assert out["ui"]["text"][0] == "saved diffusers/finetune/model"
     assert any(line.startswith("merged LoRAs: test_lora") for line in out["ui"]["text"])
     assert (models / "diffusers" / "finetune" / "model" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("family,prediction,arch,resolution,kohya", [
+    ("sd1", "epsilon", "stable-diffusion-v1", "512x512", "sd_v1"),
+    ("sd2", "epsilon", "stable-diffusion-v2-512", "512x512", "sd_v2"),
+    ("sd2", "v_prediction", "stable-diffusion-v2-768-v", "768x768", "sd_v2_v"),
+    ("sdxl", "epsilon", "stable-diffusion-xl-v1-base", "1024x1024", "sdxl_base_v1-0"),
+])
+def test_lora_embedding_and_checkpoint_of_one_model_agree_on_modelspec(models, tiny_handles, family, prediction,
+                                                                        arch, resolution, kohya):
+    """An SD 2.x 512 (epsilon) model's files all say 512x512, a 768-v model's 768x768 (one table, every writer)."""
+    base = tiny_handles[family].base
+    handle = ModelHandle(dataclasses.replace(base, prediction_type=prediction,
+                                             scheduler_config={**base.scheduler_config, "prediction_type": prediction}))
+    widths = [te.config.hidden_size for te in base.text_encoders]
+    emb = Embedding("tok", {f"te{i + 1}": torch.randn(2, w) for i, w in enumerate(widths)})
+    SaveLoRA().run(_random_lora(handle), handle, "spec/lora", "kohya", False)
+    SaveEmbedding().run(emb, handle, "spec/emb", False)
+    SaveCheckpoint().run(handle, "spec/ckpt", "single_file", "fp16", False)
+    _, lora_meta = _read(models / "loras" / "spec" / "lora.safetensors")
+    _, emb_meta = _read(models / "embeddings" / "spec" / "emb.safetensors")
+    _, ckpt_meta = _read(models / "checkpoints" / "spec" / "ckpt.safetensors")
+    for meta in (lora_meta, emb_meta, ckpt_meta):
+        assert meta["modelspec.resolution"] == resolution
+        assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert lora_meta["modelspec.architecture"] == f"{arch}/lora"
+    assert emb_meta["modelspec.architecture"] == f"{arch}/textual-inversion"
+    assert ckpt_meta["modelspec.architecture"] == arch
+    assert lora_meta["ss_base_model_version"] == kohya and lora_meta["ss_v2"] == str(family == "sd2")
+    assert lora_meta["modelspec.implementation"] == ("diffusers" if family != "sdxl"
+                                                     else "https://github.com/Stability-AI/generative-models")
+    assert emb_meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert ckpt_meta["modelspec.implementation"] == "sgm"
+    v = prediction == "v_prediction"
+    assert lora_meta.get("modelspec.prediction_type") == ("v" if v else None)
+    assert ckpt_meta["modelspec.prediction_type"] == ("v" if v else "epsilon")
 
 
 def test_nodes_refuse_escaping_names_and_other_families(models, tiny_handles):

@@ -64,7 +64,7 @@ def test_missing_builtin_model_is_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loading, "SHAPES_FOLDER", tmp_path / "nope")
     with pytest.raises(FinetuneError) as err:
-        loading.load_base(SHAPES_NAME, "fp32", "cpu")
+        LoadBase().run(SHAPES_NAME, "fp32", "cpu")
     assert err.value.node == "LoadBase" and err.value.input == "ckpt_name" and "train_base" in err.value.fix
 
 

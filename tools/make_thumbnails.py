@@ -96,19 +96,12 @@ def check_thumbnail(path: Path, size: int = DEFAULT_SIZE, max_bytes: int = DEFAU
 
 
 def write_replacing(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` in one rename (temp file in the same folder); True if it replaced a file."""
+    """Write ``data`` to ``path`` in one rename (the pack's atomic writer: temp file in the same folder, mode
+    ``0o666 & ~umask`` so the server and other users can read it); True if it replaced a file."""
+    from comfy_finetune.core.atomic import atomic_write  # noqa: PLC0415 - pack imports stay local (--check needs none)
+
     existed = path.exists()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the server and other users read thumbnails
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return existed
 
 

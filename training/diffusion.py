@@ -18,21 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from .. import host
-from ..core.conditioning import PromptEncoder
+from ..core.atomic import atomic_write
+from ..core.conditioning import PromptEncoder, sdxl_added, stack_conds
 from ..core.errors import FinetuneError
 from ..core.families import Family
 from ..core.handle import ModelHandle
 from ..core.safeio import load_safetensors
 from . import distributed
 from .data import TrainingSet, join_caption
-from .saving import atomic_write
 from .speed import Offload, is_channels_last, on_device
 
 log = logging.getLogger("comfy_finetune")
@@ -55,23 +54,6 @@ class NoiseSchedule:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
-
-
-def stack_conds(conds: list[torch.Tensor]) -> torch.Tensor:
-    """Stack [1, L_i, D] conditionings of different chunk counts by repetition (ComfyUI does the same)."""
-    lengths = {c.shape[1] for c in conds}
-    if len(lengths) > 1:
-        lcm = 1
-        for n in lengths:
-            lcm = lcm * n // math.gcd(lcm, n)
-        conds = [c.repeat(1, lcm // c.shape[1], 1) for c in conds]
-    return torch.cat(conds)
-
-
-def sdxl_added(pooled: torch.Tensor, height: int, width: int, dtype, device) -> dict:
-    """SDXL's extra conditioning: pooled text embedding and (orig size, crop, target size) ids."""
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(pooled.shape[0], 1)
-    return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}
 
 
 # ---------------------------------------------------------------------------------------------- caches

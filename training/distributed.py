@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..core import atomic
 from ..core.errors import FinetuneError
 
 log = logging.getLogger("comfy_finetune")
@@ -142,6 +143,9 @@ def active() -> bool:
 def writes_allowed() -> bool:
     """Files (checkpoints, models, images) are written by rank 0 only."""
     return _world.rank == 0
+
+
+atomic.set_write_gate(writes_allowed)  # every file the pack writes goes through core.atomic, which asks this
 
 
 # ---------------------------------------------------------------------------------------------- batches

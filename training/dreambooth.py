@@ -40,7 +40,6 @@ import copy
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import host
+from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
 from ..core.fields import node_input
 from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
@@ -262,16 +262,12 @@ def _write_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> None:
     info = PngInfo()
     for k, v in text.items():
         info.add_text(k, v)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             Image.fromarray(arr, "RGB").save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write, every_process=True)  # every data-parallel rank reads its class images back
 
 
 def ensure_class_images(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int, size: int, count: int,
@@ -295,9 +291,9 @@ def ensure_class_images(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int,
               "scheduler": spec.class_scheduler, "model": handle.describe(), "source": handle.base.source}
     params_path = folder / "params.json"
     if not params_path.exists():
-        tmp = folder / f".params.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(params, indent=1))
-        os.replace(tmp, params_path)
+        with contextlib.suppress(FileExistsError):  # another process wrote it meanwhile: the same parameters
+            atomic_write(params_path, lambda tmp: tmp.write_text(json.dumps(params, indent=1)), overwrite=False,
+                         every_process=True)
     log.info("[%s] generating %d of %d class images for '%s' in %s", node, len(missing), count, spec.class_prompt,
              folder)
     steps = int(spec.class_sample_steps)

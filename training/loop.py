@@ -6,7 +6,7 @@ schedule, mixed precision, gradient accumulation, progress with the loss, cancel
 periodic validation and resumable checkpoints.
 
 Checkpoints hold the trainable tensors, the optimizer state, the step and the loss history. They
-are written atomically (:func:`~.saving.atomic_write`: temp file + rename) on cancel, every ``save_every``
+are written atomically (:func:`~..core.atomic.atomic_write`: temp file + rename) on cancel, every ``save_every``
 steps and at the end when ``save_every`` is set, and are loaded with ``torch.load(weights_only=True)``.
 Randomness is derived from (seed, step), so a resumed run follows the same trajectory as an uninterrupted
 one - also after the process was killed: the last checkpoint is always whole, and temp files a killed
@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from .. import host
+from ..core.atomic import atomic_write, temp_prefix
 from ..core.errors import FinetuneError
 from . import distributed
 from .settings import MAX_ROLLBACKS, TrainSettings
@@ -104,7 +105,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     Only those of processes no longer running are touched (on Windows, those not held open), so a run writing
     the same checkpoint in another process is never disturbed. Returns what was removed."""
     removed = []
-    prefix = f".{path.name}.tmp-"
+    prefix = temp_prefix(path)
     try:
         candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
@@ -133,9 +134,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through :func:`~.saving.atomic_write` (a full disk: FinetuneError, old file kept)."""
-    from .saving import atomic_write  # noqa: PLC0415
-
+    """``torch.save`` to ``path`` through :func:`~..core.atomic.atomic_write` (a full disk: FinetuneError, old file
+    kept)."""
     remove_stale_temps(path)
 
     def write(tmp: Path) -> None:

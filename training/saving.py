@@ -8,31 +8,31 @@ Three rules hold for every file:
 * **No silent overwrite.** An existing file is kept and the new one gets ``<name>_2``, ``_3`` ... unless the
   caller asked to overwrite; the caller reports the final name.
 * **Atomic.** Files (and diffusers folders) are written under a hidden temporary name in the same folder and
-  renamed into place, so a crash, an error or a cancel never leaves a half-written model (:func:`atomic_write`).
+  renamed into place, so a crash, an error or a cancel never leaves a half-written model
+  (:func:`~..core.atomic.atomic_write`).
 
-File layouts follow formats.md: kohya LoRAs (2.7), embeddings that ComfyUI and A1111 both read (3), single-file
-checkpoints ComfyUI loads (1.7) and diffusers folders (4).
+File layouts: kohya LoRAs, embeddings that ComfyUI and A1111 both read, single-file checkpoints ComfyUI loads and
+diffusers folders (each writer below says which keys it writes). Their ModelSpec metadata comes from
+:func:`~..core.families.modelspec_keys`, so a LoRA, an embedding and a checkpoint of one model agree.
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import host
+from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
-from ..core.families import Family, info
+from ..core.families import Family, check_family, modelspec_keys
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.lora import LoraWeights
 
 __all__ = [
-    "safe_name", "target_path", "relative_name", "atomic_write", "save_lora", "save_embedding", "save_checkpoint",
+    "safe_name", "target_path", "relative_name", "save_lora", "save_embedding", "save_checkpoint",
     "LORA_LAYOUTS", "CHECKPOINT_FORMATS", "SAVE_DTYPES",
 ]
 
@@ -59,8 +59,6 @@ _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u20
 _MAX_NAME_BYTES = 1024  # the whole relative name; paths stay far below the OS limit (4096)
 _MAX_PART_BYTES = 200  # leaves room for "_NN", the extension and the temp-file decoration under 255
 _STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-_RESOLUTION = {Family.SD1: "512x512", Family.SD2: "768x768", Family.SDXL: "1024x1024"}
-_SGM = "https://github.com/Stability-AI/generative-models"
 
 
 # ============================================================================================== names and paths
@@ -199,131 +197,6 @@ def relative_name(path: str | os.PathLike, folder_key: str) -> str:
     return path.name
 
 
-# ============================================================================================== atomic writes
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # directories on Windows, some network file systems
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            path.unlink()
-    except OSError:  # pragma: no cover - best effort cleanup
-        pass
-
-
-def _decorated(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, folder: bool = False) -> Path:
-    """Run ``write_fn(temp_path)`` and move the result to ``path`` in one rename.
-
-    The temporary ``.<name>.tmp-<pid>-<random>`` sits in the same folder (same file system, so the rename is
-    atomic) and is fsynced first. With ``folder=True`` the temporary is a directory that ``write_fn`` fills; an
-    existing folder at ``path`` is replaced whole, never merged into (it is moved aside, the new one renamed in,
-    then the old one deleted; it is put back if the rename fails).
-    On any exception - including cancel - the temporary is removed and ``path`` is untouched; the exception
-    propagates, except that a full disk (or exhausted quota) becomes a :class:`FinetuneError` naming the folder
-    and the fix, whichever writer hit it (``OSError`` ENOSPC/EDQUOT, also when wrapped by torch.save's
-    ``RuntimeError``, or safetensors' "os error 28"). Returns ``path``. In data-parallel training only rank 0
-    writes; on the other ranks this returns ``path`` at once (:mod:`.distributed`).
-    """
-    path = Path(path)
-    from . import distributed  # noqa: PLC0415
-
-    if not distributed.writes_allowed():  # data-parallel training: only rank 0 writes files
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _decorated(path, "tmp")
-    try:
-        if folder:
-            tmp.mkdir()
-        write_fn(tmp)
-        if folder:
-            if not tmp.is_dir():
-                raise RuntimeError(f"the writer left no folder at {tmp}")
-            for sub in sorted(tmp.rglob("*")):
-                if sub.is_file():
-                    _fsync_path(sub)
-            _replace_folder(tmp, path)
-        else:
-            if not tmp.is_file():
-                raise RuntimeError(f"the writer left no file at {tmp}")
-            _fsync_path(tmp)
-            os.replace(tmp, path)
-        _fsync_path(path.parent)
-    except BaseException as exc:
-        _remove(tmp)
-        if isinstance(exc, Exception) and _is_disk_full(exc):
-            raise disk_full_error(path) from exc
-        raise
-    return path
-
-
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-# safetensors (Rust) and other native writers report the OS error only in their message
-_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|storagefull|os error (28|112|122)\b"
-                             r"|there is not enough space on the disk", re.IGNORECASE)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` or an exception it wraps (``__cause__`` / ``__context__``) says the disk is full.
-
-    An ``OSError`` is judged by its errno alone; other exceptions (native writers) by their message."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError):
-            if exc.errno in _DISK_FULL_ERRNOS:
-                return True
-        elif _DISK_FULL_TEXT.search(str(exc)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def disk_full_error(path: str | os.PathLike, *, node: str | None = None, fix: str | None = None) -> FinetuneError:
-    """The error for a write to ``path`` that failed because its disk is full (the old file is kept)."""
-    path = Path(path)
-    folder = path.parent
-    free = ""
-    try:
-        free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free now)"
-    except OSError:
-        pass
-    return FinetuneError(f"the disk is full: '{path.name}' could not be written in {folder}{free}; any previous "
-                         f"file of that name is unchanged and no partial file was left", node=node,
-                         fix=fix or f"free space on the disk that holds {folder}, or save to a folder on another "
-                                    "disk (another models/output folder, e.g. in extra_model_paths.yaml)")
-
-
-def _replace_folder(tmp: Path, path: Path) -> None:
-    if not os.path.lexists(path):
-        os.rename(tmp, path)
-        return
-    old = _decorated(path, "old")
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    _remove(old)
-
-
 # ============================================================================================== tensors
 
 def _torch_dtype(name: str):
@@ -402,18 +275,6 @@ def _merge_metadata(computed: Mapping[str, str], extra: Mapping[str, Any] | None
     return merged
 
 
-def _architecture(family: Family, v_prediction: bool) -> str:
-    if family is Family.SD2:
-        return "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-    return info(family).modelspec_arch
-
-
-def _resolution(family: Family, v_prediction: bool) -> str:
-    if family is Family.SD2 and not v_prediction:
-        return "512x512"
-    return _RESOLUTION[family]
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -441,7 +302,8 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
             ``lora_adapter_metadata``).
         metadata: extra header entries (trainer's ``ss_*`` keys, settings); values are stringified. Keys that
             describe the file itself (``ss_network_dim``, ``modelspec.architecture`` ...) keep computed values.
-        v_prediction: SD2 only: picks ``stable-diffusion-v2-768-v`` vs ``-512``; None follows the family default.
+        v_prediction: picks the model's ModelSpec names and resolution (SD2: ``stable-diffusion-v2-768-v`` at 768x768
+            vs ``-512`` at 512x512); None follows the family's usual prediction.
     Returns:
         ``path``. Metadata always has the kohya minimum ``ss_*`` keys, the ModelSpec MUST keys, ``ss_output_name``,
         ``modelspec.date`` and, for kohya, ``sshs_model_hash`` / ``modelspec.hash_sha256``.
@@ -456,9 +318,7 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
     if not lora.modules:
         raise FinetuneError("the LoRA has no modules (nothing was trained or loaded)", input="lora",
                             fix="connect a trained LoRA")
-    if lora.family is not None and Family(lora.family) is not family:
-        raise FinetuneError(f"this LoRA is for {Family(lora.family).label} but the model is {family.label}",
-                            input="lora", fix=f"connect the {Family(lora.family).label} model the LoRA was trained on")
+    check_family("LoRA", lora.family, family, input="lora")
     try:
         sd, meta = to_kohya_state_dict(lora, family=family, unet_config=unet_config, v_prediction=v_prediction)
         if layout == "diffusers":
@@ -502,7 +362,7 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
     Args:
         embedding: vectors ``{"te1": [N, w]}`` (+ ``"te2"`` for SDXL); ``metadata`` is carried into the file.
         family: the model family; decides the layout.
-        v_prediction: SD2 only, for ``modelspec.architecture``.
+        v_prediction: as for :func:`save_lora` (``modelspec.architecture`` and ``modelspec.resolution``).
         widths: the model's text-encoder widths; when given, vectors of another width are refused.
         metadata: extra header entries.
     """
@@ -535,14 +395,10 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
     else:
         sd = {"emb_params": mats["te1"]}
     tensors = _cpu_tensors(sd, clone=True)
-    v = bool(v_prediction) if v_prediction is not None else info(family).modelspec_arch.endswith("-v")
     stem = path.stem
     computed = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{_architecture(family, v)}/textual-inversion",
-        "modelspec.implementation": _SGM,
+        **modelspec_keys(family, "textual-inversion", v_prediction),
         "modelspec.title": stem,
-        "modelspec.resolution": _resolution(family, v),
         "modelspec.date": _now(),
         "modelspec.trigger_phrase": stem,
         "modelspec.usage_hint": f"ComfyUI: embedding:{stem} in the prompt; A1111: {stem}",
@@ -579,11 +435,8 @@ def _checkpoint_metadata(handle: "ModelHandle", title: str, dtype: str) -> dict[
     base = handle.base
     v = base.prediction_type == "v_prediction"
     meta = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _architecture(base.family, v),
-        "modelspec.implementation": "sgm",
+        **modelspec_keys(base.family, "checkpoint", v),
         "modelspec.title": title,
-        "modelspec.resolution": _resolution(base.family, v),
         "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.date": _now(),
         "modelspec.description": f"saved by comfyui-finetune from {handle.describe()} ({dtype})",
@@ -674,8 +527,7 @@ def _write_diffusers_folder(handle: "ModelHandle", folder: Path, unet: dict, vae
         setattr(cfg, "dtype" if "dtype" in cfg.to_dict() or not hasattr(cfg, "torch_dtype") else "torch_dtype",
                 torch_dtype)
         cfg.save_pretrained(out)
-        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them
-        # (formats.md 1.7).
+        # Old-style "text_model." keys: transformers 4.x/5.x and ComfyUI's DiffusersLoader all read them.
         keys = {k: t for k, t in sd.items() if not k.endswith("position_ids")}
         keys = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): t
                 for k, t in keys.items()}
