@@ -278,11 +278,11 @@ ROWS: list[Row] = [
         error=None, check=_captions("红色", "绿色", "蓝色")),
     Row("TrainingDataFromImages-resolution-100000", "FinetuneTrainingDataFromImages", dict(resolution=100000),
         match="resolution", input="resolution"),
-    Row("TrainingDataFromImages-bucketing-executor-ok", "TrainingDataFromImages",
+    Row("TrainingDataFromImages-bucketing-executor-ok", "FinetuneTrainingDataFromImages",
         dict(images=Ref("link:images"), bucketing=True), via="executor", error=None,
         check=lambda out, res: out[0].bucketing),
     # an API prompt saved before the node had bucketing: the optional input takes its default
-    Row("TrainingDataFromImages-saved-without-bucketing-executor-ok", "TrainingDataFromImages",
+    Row("TrainingDataFromImages-saved-without-bucketing-executor-ok", "FinetuneTrainingDataFromImages",
         dict(images=Ref("link:images")), via="executor", error=None, check=lambda out, res: not out[0].bucketing),
     # ------------------------------------------------------------------------------------------ TrainLoRA
     Row("TrainLoRA-pipe-STRING", "FinetuneTrainLoRA", dict(pipe="a pipe"), match="pipe", input="pipe"),

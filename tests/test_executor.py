@@ -383,18 +383,24 @@ def test_save_image_counter_metadata_and_ui(tmp_path):
 
 def test_save_image_write_is_atomic(tmp_path, monkeypatch):
     calls = []
-    real_replace = os.replace
 
-    def spy(src, dst):
-        calls.append((os.path.dirname(src), os.path.dirname(dst), os.path.exists(dst)))
-        real_replace(src, dst)
+    def spying(real):  # the temp file is published by a rename, or a hard link where nothing may be overwritten
+        def spy(src, dst):
+            calls.append((os.path.dirname(src), os.path.dirname(dst), os.path.exists(dst)))
+            real(src, dst)
+        return spy
 
-    monkeypatch.setattr(os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spying(os.replace))
+    monkeypatch.setattr(os, "link", spying(os.link))
     execute(save_api(), NODES)
     assert calls == [(str(tmp_path / "out"), str(tmp_path / "out"), False)]
 
-    def broken_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG partial")
+    def broken_save(self, fp, *args, **kwargs):  # a partial file, then the disk is full
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG partial")
+        else:
+            fp.write(b"\x89PNG partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)

@@ -276,7 +276,7 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
 
 def test_saved_files_get_normal_permissions(models, tiny_handles, tmp_path, monkeypatch, umask_022):
     """A user on a shared machine expects 0644 under umask 022 for everything the pack saves."""
-    from comfy_finetune.nodes.native import SaveImage
+    from comfy_finetune.headless.native_nodes import SaveImage
     from comfy_finetune.training.diffusion import DiskCache
     from comfy_finetune.training.loop import atomic_torch_save
 

@@ -3,6 +3,8 @@ the node turns its default widget values back into exactly those dataclasses, so
 
 from __future__ import annotations
 
+import sys
+
 import inspect
 from dataclasses import MISSING, fields, replace
 
@@ -14,16 +16,15 @@ from comfy_finetune.nodes import base as nodes_base
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.nodes.embedding_training import LearnEmbedding
 from comfy_finetune.nodes.training import VALIDATION_WIDGETS, TrainLoRA, settings_from, validation_from
-from comfy_finetune.training import dreambooth, lora_trainer, ti_trainer
 from comfy_finetune.training.dreambooth import DreamBoothSpec
 from comfy_finetune.training.lora_trainer import LoraSpec
 from comfy_finetune.training.settings import TrainSettings
 from comfy_finetune.training.ti_trainer import TISpec
 
-# node, its spec dataclass, the module and name of the function its run() calls
-TRAINERS = [(TrainLoRA, LoraSpec, lora_trainer, "train_lora"),
-            (LearnEmbedding, TISpec, ti_trainer, "train_embedding"),
-            (DreamBoothTrain, DreamBoothSpec, dreambooth, "train_dreambooth")]
+# node, its spec dataclass, the node module and the name of the trainer function its run() calls there
+TRAINERS = [(TrainLoRA, LoraSpec, sys.modules[TrainLoRA.__module__], "train_lora"),
+            (LearnEmbedding, TISpec, sys.modules[LearnEmbedding.__module__], "train_embedding"),
+            (DreamBoothTrain, DreamBoothSpec, sys.modules[DreamBoothTrain.__module__], "train_dreambooth")]
 IDS = [t[0].NODE_ID for t in TRAINERS]
 # the validation widgets that are not TrainSettings fields: their defaults are the Sample settings'
 VALIDATION_DEFAULTS = {"validation_prompt": "", "validation_size": SampleSettings.width,
