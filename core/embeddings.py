@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from .. import host
 from .errors import FinetuneError
+from .safeio import FLOAT_DTYPES, SAFETENSORS_SUFFIXES, TensorSpec, load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,7 +75,6 @@ def embedding_from_state_dict(name: str, sd: dict, widths: list[int], metadata: 
 def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
     """Read an embedding file through :mod:`.safeio`. For safetensors the vector widths and dtypes are checked
     against ``widths`` from the header, before any tensor is read; pickles are loaded weights-only."""
-    from .safeio import FLOAT_DTYPES, SAFETENSORS_SUFFIXES, TensorSpec, load_weights  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():
@@ -101,7 +102,6 @@ def load_embedding_file(path: str | Path, widths: list[int]) -> Embedding:
 
 def find_embedding_file(name: str) -> Path | None:
     """``embedding:name`` → a file under models/embeddings (sub-folders searched, extension optional)."""
-    from .. import host  # noqa: PLC0415
 
     name = name.strip().rstrip(",")
     candidates = [name] + [name + ext for ext in EMBEDDING_EXTENSIONS]

@@ -118,6 +118,22 @@ def modelspec_keys(family: Family | str, kind: FileKind, v_prediction: bool | No
     }
 
 
+def default_scheduler_config(family: Family, prediction_type: str) -> dict:
+    """The DDPM-family noise schedule every SD 1.x / 2.x / SDXL model was trained with (DDPM betas 0.00085..0.012, scaled_linear, 1000 steps)."""
+    return {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- mismatches
 def family_mismatch(what: str, have: Family | str, model: Family | str, *, why: str = "", input: str | None = None,
                     node: str | None = None) -> FinetuneError:

@@ -17,10 +17,15 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .. import host
 from .atomic import atomic_write
 from .errors import FinetuneError
-from .families import Family, info
+from .families import Family, default_scheduler_config, info
 from .handle import BaseModel, ModelHandle
+from .ldm import ldm_to_diffusers
+from .safeio import load_weights  # the one place untrusted weight files are opened
+from .tiny import build_tiny_pipeline_folder
+from .tokenizer import find_clip_tokenizer, load_tokenizer
 
 log = logging.getLogger("comfy_finetune")
 
@@ -37,8 +42,6 @@ _cache: "weakref.WeakValueDictionary[tuple, BaseModel]" = weakref.WeakValueDicti
 
 def resolve_device(device: str):
     import torch  # noqa: PLC0415
-
-    from .. import host  # noqa: PLC0415
 
     if device == "auto":
         device = host.torch_device_name()
@@ -68,20 +71,6 @@ def resolve_dtype(dtype: str, device) -> "Any":
     return table[dtype]
 
 
-def default_scheduler_config(family: Family, prediction_type: str) -> dict:
-    """The DDPM-family noise schedule every SD 1.x / 2.x / SDXL model was trained with (formats.md 5)."""
-    return {
-        "_class_name": "EulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": prediction_type,
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-    }
 
 
 # --------------------------------------------------------------------------------------------- state dicts
@@ -95,7 +84,6 @@ def read_state_dict(path: str | os.PathLike, *, node: str | None = None, input: 
     if not path.is_file():
         raise FinetuneError(f"file not found: {path}", node=node, input=input,
                             fix="pick a file from the list, or refresh the node list")
-    from .safeio import load_weights  # noqa: PLC0415 - the one place untrusted weight files are opened
 
     obj, metadata = load_weights(path, node=node, input=input)
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -133,8 +121,6 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
     """A diffusers pipeline folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
-
-    from .tokenizer import load_tokenizer  # noqa: PLC0415
 
     folder = Path(folder)
     index_path = folder / "model_index.json"
@@ -231,9 +217,6 @@ def load_single_file(path: str | os.PathLike, dtype, device, *, label: str = "")
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
 
-    from .ldm import ldm_to_diffusers  # noqa: PLC0415
-    from .tokenizer import find_clip_tokenizer  # noqa: PLC0415
-
     path = Path(path)
     state_dict, metadata = read_state_dict(path)
     conv = ldm_to_diffusers(state_dict)
@@ -275,8 +258,6 @@ def load_hub(repo_id: str, dtype, device) -> BaseModel:
 
 def demo_folder() -> Path:
     """The untrained built-in demo model, built locally on first use (no download)."""
-    from .. import host  # noqa: PLC0415
-    from .tiny import build_tiny_pipeline_folder  # noqa: PLC0415
 
     folder = host.cache_dir() / "demo-tiny-sd1"
     if not (folder / "model_index.json").exists():
@@ -290,7 +271,6 @@ def demo_folder() -> Path:
 
 def available_models() -> list[str]:
     """Names LoadBase offers: the built-in models, checkpoints files, diffusers folders."""
-    from .. import host  # noqa: PLC0415
 
     names = [SHAPES_NAME, DEMO_NAME]
     names += host.list_files("checkpoints")
@@ -300,7 +280,6 @@ def available_models() -> list[str]:
 
 def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str = "") -> ModelHandle:
     """Resolve a LoadBase choice to a handle, reusing an already loaded base when possible."""
-    from .. import host  # noqa: PLC0415
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .families import Family
+from .families import Family, default_scheduler_config
+from .handle import ModelHandle
+from .loading import _finish
+from .tiny import TINY_WORDS
+from .tokenizer import build_vocab, load_tokenizer, write_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = {"sd15": Family.SD1, "small": Family.SD1, "sdxl": Family.SDXL}
@@ -59,11 +64,6 @@ def build_base(name: str, dtype: str = "fp32", device: str = "cpu", seed: int = 
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
 
-    from .handle import ModelHandle  # noqa: PLC0415
-    from .loading import _finish, default_scheduler_config  # noqa: PLC0415
-    from .tiny import TINY_WORDS  # noqa: PLC0415
-    from .tokenizer import build_vocab  # noqa: PLC0415
-
     family = ARCHITECTURES.get(name)
     configs = load_configs(name)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -96,9 +96,7 @@ def build_base(name: str, dtype: str = "fp32", device: str = "cpu", seed: int = 
 
 
 def _tokenizers(vocab_merges, family: Family) -> list:
-    import tempfile  # noqa: PLC0415
 
-    from .tokenizer import load_tokenizer, write_tokenizer  # noqa: PLC0415
 
     vocab, merges = vocab_merges
     out = []

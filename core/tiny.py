@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .families import Family
+from .families import Family, default_scheduler_config
+from .tokenizer import build_vocab, load_tokenizer, write_tokenizer
 
 TINY_WORDS = (
     "a photo of the an in on with and style painting drawing picture art red green blue yellow white black "
@@ -71,7 +72,6 @@ def text_config(vocab_size: int, bos: int, eos: int, pad: int, hidden: int = 32,
 
 def scheduler_config(family: Family) -> dict:
     """The SD noise schedule (as for real models); the tiny SD 2.x model is a v-prediction model."""
-    from .loading import default_scheduler_config  # noqa: PLC0415
 
     family = Family(family)
     return default_scheduler_config(family, "v_prediction" if family is Family.SD2 else "epsilon")
@@ -86,8 +86,6 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
     import torch  # noqa: PLC0415
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
-
-    from .tokenizer import build_vocab, load_tokenizer, write_tokenizer  # noqa: PLC0415
 
     family = Family(family)
     folder = Path(folder)

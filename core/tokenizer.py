@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .. import host
 from .errors import FinetuneError
 
 BOS = "<|startoftext|>"
@@ -109,8 +110,6 @@ def _vocab_from_bpe_gz(gz_path: Path, out: Path) -> Path:
 
 
 def _candidate_dirs() -> list[Path]:
-    from .. import host  # noqa: PLC0415
-
     dirs: list[Path] = []
     env = os.environ.get("COMFY_FINETUNE_TOKENIZER")
     if env:
@@ -144,7 +143,6 @@ def find_clip_tokenizer(pad: str = "eos", vocab_size: int = CLIP_VOCAB_SIZE):
     The standard vocabulary (49408) has several fallbacks; a custom vocabulary (a small model trained with
     its own tokenizer) must be in one of the candidate folders (e.g. ``<models>/tokenizers/<name>``).
     """
-    from .. import host  # noqa: PLC0415
 
     tried: list[str] = []
     folder: Path | None = None

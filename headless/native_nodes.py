@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
+from ..training.saving import safe_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 _ANNOTATIONS = {"[output]": host.output_dir, "[input]": host.input_dir, "[temp]": host.temp_dir}
@@ -157,7 +158,6 @@ def save_image_path(prefix: str, root: Path, width: int, height: int) -> tuple[P
                            "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
                            "second": f"{now.tm_sec:02}"}.items():
             prefix = prefix.replace(f"%{key}%", str(value))
-    from ..training.saving import safe_name  # noqa: PLC0415
 
     # Same rules as every other name from a workflow: no '..', absolute paths, control or Windows-invalid
     # characters, device names or over-long names (ComfyUI itself only checks the folder).

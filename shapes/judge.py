@@ -47,6 +47,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..core.atomic import atomic_write
+from ..core.safeio import load_safetensors
+from . import world as w
 from .world import (BACKGROUND_RGB, BACKGROUNDS, COLORS, FILLS, PALETTE, SHADE, SHAPES, Spec, all_specs,
                     example_seed, held_out_specs, render_batch, rgb_to_lab, shade_rgb, training_specs)
 
@@ -77,7 +79,6 @@ _BORDER_MASK[_BORDER:-_BORDER, _BORDER:-_BORDER] = False
 
 def world_fingerprint() -> str:
     """Short hash of what the judge's CNN depends on; stored in the weights to notice a changed world."""
-    from . import world as w
 
     key = repr((SHAPES, FILLS, COLORS, BACKGROUNDS, sorted(PALETTE.items()), sorted(BACKGROUND_RGB.items()), SHADE,
                 w._SUPERSAMPLE, w._RADIUS, w._MARGIN, w._MAX_ROTATION, w._STRIPE_PERIOD, w._STRIPE_DUTY,
@@ -390,8 +391,6 @@ def save_judge(j: Judge, path: str | os.PathLike = WEIGHTS_PATH) -> Path:
 
 @lru_cache(maxsize=4)
 def _load_cached(path: str, mtime: float) -> Judge:
-    from ..core.safeio import load_safetensors
-
     net = _build_net()
     expected = {k: (tuple(v.shape), {"F32"}) for k, v in net.state_dict().items()}
     tensors, meta = load_safetensors(path, expected=expected)

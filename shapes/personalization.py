@@ -48,6 +48,7 @@ from comfy_finetune.shapes import world as W
 from comfy_finetune.shapes.judge import evaluate as judge_evaluate
 from comfy_finetune.shapes.judge import load_judge
 from comfy_finetune.shapes.train_base import evaluate_base, sample_prompts
+from comfy_finetune.training.plots import image_grid
 
 SIZE = 64
 SUBJECT = W.Spec("star", "green", "white")
@@ -256,8 +257,6 @@ GRID_PROMPTS = ["a sks shape", "a sks shape on a blue background", f"a {TI_TOKEN
 
 def write_grid(pipe, models: dict, out: Path, budget: Budget) -> Path:
     from PIL import Image
-
-    from comfy_finetune.training.plots import image_grid
 
     columns = {"base": pipe, **models}
     b = replace(budget, samples=2)

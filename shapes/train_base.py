@@ -35,7 +35,14 @@ from typing import Sequence
 import numpy as np
 
 from ..core.atomic import atomic_write
+from ..core.families import default_scheduler_config
+from ..core.handle import ModelHandle
+from ..core.loading import load_diffusers_folder
+from ..core.sampling import SampleSettings, sample
+from ..core.tiny import text_config
+from ..core.tokenizer import build_vocab, load_tokenizer, write_tokenizer
 from . import world as W
+from .judge import accuracy, load_judge
 
 MODEL_NAME = "shapes-tiny"
 SIZE = 64
@@ -119,8 +126,6 @@ def unet_config(cfg: BaseTrainConfig) -> dict:
 
 
 def write_tokenizer_folder(folder: Path) -> None:
-    from ..core.tokenizer import build_vocab, write_tokenizer
-
     vocab, merges = build_vocab(list(W.vocabulary()) + list(EXTRA_WORDS))
     write_tokenizer(folder, vocab, merges)
 
@@ -219,10 +224,6 @@ def train_unet(cfg: BaseTrainConfig, vae, tokenizer_folder: Path, log) -> tuple[
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..core.loading import default_scheduler_config
-    from ..core.tiny import text_config
-    from ..core.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_folder)
     specs = W.training_specs()
     items = [(s, W.example_seed(s, i, "train")) for s in specs for i in range(cfg.per_spec)]
@@ -286,8 +287,6 @@ def train_unet(cfg: BaseTrainConfig, vae, tokenizer_folder: Path, log) -> tuple[
 
 # ------------------------------------------------------------------------------------------------------- saving
 def save_folder(out: Path, vae, unet, te, tokenizer_folder: Path) -> None:
-    from ..core.loading import default_scheduler_config
-
     out.mkdir(parents=True, exist_ok=True)
     if Path(tokenizer_folder).resolve() != (out / "tokenizer").resolve():
         shutil.copytree(tokenizer_folder, out / "tokenizer", dirs_exist_ok=True)
@@ -311,8 +310,6 @@ def sample_prompts(handle, prompts: Sequence[str], seeds: Sequence[int], *, step
     """Images ``[N, 64, 64, 3]`` for ``prompts[i]`` with ``seeds[i]`` through the pack's own sampler."""
     import torch
 
-    from ..core.sampling import SampleSettings, sample
-
     out = []
     for prompt, seed in zip(prompts, seeds):
         s = SampleSettings(prompt=prompt, negative=negative, seed=int(seed), steps=steps, cfg=cfg, sampler="euler",
@@ -324,7 +321,6 @@ def sample_prompts(handle, prompts: Sequence[str], seeds: Sequence[int], *, step
 def evaluate_base(handle, per_spec: int = 2, steps: int = 20, cfg: float = 5.0,
                   specs: Sequence[W.Spec] | None = None) -> dict:
     """Judge accuracy of samples of the world's prompts: per attribute and all at once."""
-    from .judge import accuracy, load_judge
 
     specs = list(W.training_specs() if specs is None else specs)
     many = [s for s in specs for _ in range(per_spec)]
@@ -384,9 +380,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "train_seconds": round(t_train, 1), "vae_seconds": round(t_vae, 1),
                         "final_loss": round(float(np.mean(losses[-100:])), 5)})
         if cfg.eval_per_spec > 0:
-            from ..core.loading import load_diffusers_folder
-            from ..core.handle import ModelHandle
-
             handle = ModelHandle(load_diffusers_folder(tmp, torch.float32, torch.device("cpu"), label=MODEL_NAME))
             metrics["accuracy_training_prompts"] = evaluate_base(handle, cfg.eval_per_spec, cfg.eval_steps,
                                                                  cfg.eval_cfg)

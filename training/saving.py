@@ -33,6 +33,8 @@ from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
 from ..core.families import Family, check_family, modelspec_keys
+from ..core.ldm import diffusers_to_ldm
+from ..core.lora import to_diffusers_state_dict, to_kohya_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -308,7 +310,6 @@ def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | 
         ``path``. Metadata always has the kohya minimum ``ss_*`` keys, the ModelSpec MUST keys, ``ss_output_name``,
         ``modelspec.date`` and, for kohya, ``sshs_model_hash`` / ``modelspec.hash_sha256``.
     """
-    from ..core.lora import to_diffusers_state_dict, to_kohya_state_dict  # noqa: PLC0415
 
     path = Path(path)
     family = Family(family)
@@ -492,8 +493,6 @@ def save_checkpoint(handle: "ModelHandle", path: str | os.PathLike, *,
 def _save_single_file(handle: "ModelHandle", path: Path, unet: dict, vae: dict, tes: list[dict],
                       meta: dict[str, str]) -> Path:
     import torch  # noqa: PLC0415
-
-    from ..core.ldm import diffusers_to_ldm  # noqa: PLC0415
 
     base = handle.base
     ldm = diffusers_to_ldm(base.family, unet, vae, tes, unet_config=dict(base.unet.config),
