@@ -383,13 +383,13 @@ def test_save_image_counter_metadata_and_ui(tmp_path):
 
 def test_save_image_write_is_atomic(tmp_path, monkeypatch):
     calls = []
-    real_replace = os.replace
+    real_link = os.link
 
-    def spy(src, dst):
+    def spy(src, dst):  # the temp file is published by a hard link, which never replaces an existing file
         calls.append((os.path.dirname(src), os.path.dirname(dst), os.path.exists(dst)))
-        real_replace(src, dst)
+        real_link(src, dst)
 
-    monkeypatch.setattr(os, "replace", spy)
+    monkeypatch.setattr(os, "link", spy)
     execute(save_api(), NODES)
     assert calls == [(str(tmp_path / "out"), str(tmp_path / "out"), False)]
 
