@@ -191,9 +191,11 @@ def _write_png_atomic(img: Image.Image, folder: Path, stem: str, counter: int, m
         counter += 1
         return name(counter)
 
-    path = atomic_write(name(counter), lambda tmp: img.save(tmp, format="PNG", pnginfo=metadata,
-                                                            compress_level=compress_level),
-                        overwrite=False, next_name=next_name)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            img.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
+
+    path = atomic_write(name(counter), write, overwrite=False, next_name=next_name)
     return path.name, counter
 
 

@@ -1,4 +1,4 @@
-"""Headless executor (ComfyUI's validation and execution order) and the native image node stand-ins."""
+"""Headless executor (host doc 2-3) and the native image nodes (host doc 10)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 
 from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError, Interrupted, WorkflowError
-from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError, execute
-from comfy_finetune.headless.native_nodes import NATIVE_NODE_CLASSES, LoadImage
+from comfy_finetune.core.executor import Executor, NodeExecutionError, PromptValidationError, execute
+from comfy_finetune.nodes.native import NATIVE_NODE_CLASSES, LoadImage
 
 RUNS: list[tuple[str, object]] = []  # (class name, value) per call of a dummy node
 
@@ -383,24 +383,18 @@ def test_save_image_counter_metadata_and_ui(tmp_path):
 
 def test_save_image_write_is_atomic(tmp_path, monkeypatch):
     calls = []
+    real_link = os.link
 
-    def spying(real):  # the temp file is published by a rename, or a hard link where nothing may be overwritten
-        def spy(src, dst):
-            calls.append((os.path.dirname(src), os.path.dirname(dst), os.path.exists(dst)))
-            real(src, dst)
-        return spy
+    def spy(src, dst):  # the temp file is published by a hard link, which never replaces an existing file
+        calls.append((os.path.dirname(src), os.path.dirname(dst), os.path.exists(dst)))
+        real_link(src, dst)
 
-    monkeypatch.setattr(os, "replace", spying(os.replace))
-    monkeypatch.setattr(os, "link", spying(os.link))
+    monkeypatch.setattr(os, "link", spy)
     execute(save_api(), NODES)
     assert calls == [(str(tmp_path / "out"), str(tmp_path / "out"), False)]
 
-    def broken_save(self, fp, *args, **kwargs):  # a partial file, then the disk is full
-        if isinstance(fp, (str, os.PathLike)):
-            with open(fp, "wb") as f:
-                f.write(b"\x89PNG partial")
-        else:
-            fp.write(b"\x89PNG partial")
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
@@ -544,7 +538,7 @@ def test_any_type_with_custom_ne_and_input_types_skip_the_type_check():
 
 
 def test_ui_workflow_converted_with_native_nodes_runs_end_to_end(tmp_path):
-    from comfy_finetune.headless.workflow import ui_to_api
+    from comfy_finetune.core.workflow import ui_to_api
 
     Image.new("RGBA", (3, 2), (10, 20, 30, 0)).save(tmp_path / "in" / "pic.png")
     ui = {"nodes": [
