@@ -1,4 +1,4 @@
-"""Headless executor (host doc 2-3) and the native image nodes (host doc 10)."""
+"""Headless executor (ComfyUI's validation and execution order) and the native image node stand-ins."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 
 from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError, Interrupted, WorkflowError
-from comfy_finetune.core.executor import Executor, NodeExecutionError, PromptValidationError, execute
-from comfy_finetune.nodes.native import NATIVE_NODE_CLASSES, LoadImage
+from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError, execute
+from comfy_finetune.headless.native_nodes import NATIVE_NODE_CLASSES, LoadImage
 
 RUNS: list[tuple[str, object]] = []  # (class name, value) per call of a dummy node
 
@@ -538,7 +538,7 @@ def test_any_type_with_custom_ne_and_input_types_skip_the_type_check():
 
 
 def test_ui_workflow_converted_with_native_nodes_runs_end_to_end(tmp_path):
-    from comfy_finetune.core.workflow import ui_to_api
+    from comfy_finetune.headless.workflow import ui_to_api
 
     Image.new("RGBA", (3, 2), (10, 20, 30, 0)).save(tmp_path / "in" / "pic.png")
     ui = {"nodes": [
