@@ -43,7 +43,8 @@ def _as_2d(t):
 
 
 def embedding_from_state_dict(name: str, sd: dict, widths: list[int], metadata: dict | None = None) -> Embedding:
-    """Pick the vectors for each encoder width from any known layout (formats.md 3)."""
+    """Pick the vectors for each encoder width from any known layout (A1111 ``emb_params`` /
+    ``string_to_param``, SDXL ``clip_l`` + ``clip_g``, diffusers ``<token>`` keys)."""
     import torch  # noqa: PLC0415
 
     if "string_to_param" in sd and isinstance(sd["string_to_param"], dict):  # A1111 .pt

@@ -1,8 +1,9 @@
 """Single-file (LDM/SGM: A1111, ComfyUI) checkpoints <-> diffusers/transformers state dicts, both ways.
 
-:func:`ldm_to_diffusers` detects the family of a single-file state dict (formats.md 1.5), infers the diffusers
+:func:`ldm_to_diffusers` detects the family of a single-file state dict (by which keys it has), infers the diffusers
 configs from tensor shapes (no hub, no yaml) and renames every tensor; :func:`diffusers_to_ldm` writes a dict
-ComfyUI's CheckpointLoaderSimple and A1111 load (prefixes of formats.md 1.2, names of 1.3/1.4).
+ComfyUI's CheckpointLoaderSimple and A1111 load (``model.diffusion_model.``, ``first_stage_model.``,
+``cond_stage_model.`` / ``conditioner.embedders.N.`` prefixes and the LDM module names).
 Module-name tables live in :mod:`.ldm_names`; this module adds family detection, config inference and the
 text-encoder key rules. Nothing here loads or saves files.
 """
@@ -81,7 +82,7 @@ def text_model_prefix(with_projection: bool) -> str:
     """``"text_model."`` if the installed transformers' CLIP text class keeps a ``text_model`` submodule, else ``""``.
 
     transformers 5.x ``CLIPTextModel`` has its layers at the top (``encoder.layers.0...``) while
-    ``CLIPTextModelWithProjection`` keeps ``text_model.`` (formats.md 1.7). Probed once on the meta device.
+    ``CLIPTextModelWithProjection`` keeps ``text_model.``. Probed once on the meta device.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
 
@@ -231,7 +232,7 @@ def _infer_unet_config(u: Mapping[str, Tensor], family: Family, pooled_dim: int 
     )
     if family is Family.SD2:
         # SD 2.x (the 768-v models above all) overflows in fp16 attention: diffusers' SD 2.1 config and ComfyUI
-        # (attn_precision fp32) both compute attention in fp32 (formats.md 5).
+        # (attn_precision fp32) both compute attention in fp32.
         cfg["upcast_attention"] = True
     expected_up = list(reversed(tlpb))
     if any(d and d != expected_up[i] for i, d in enumerate(up_depths)):
@@ -267,7 +268,7 @@ def _infer_vae_config(v: Mapping[str, Tensor], family: Family) -> dict[str, Any]
 
 
 def _infer_text_config(hf: Mapping[str, Tensor], layout: str, pad_is_eos: bool) -> dict[str, Any]:
-    """CLIPTextConfig kwargs from an HF text state dict without ``text_model.`` (formats.md 1.3 sizes)."""
+    """CLIPTextConfig kwargs from an HF text state dict without ``text_model.`` (sizes read from the tensors)."""
     vocab, hidden = (int(s) for s in hf["embeddings.token_embedding.weight"].shape)
     cfg: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden,
@@ -306,7 +307,7 @@ def _openclip_to_hf(oc: Mapping[str, Tensor], drop_last: bool, used: set[str]) -
         elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", k):
             n, rest = int(m.group(1)), m.group(2)
             if n not in keep:
-                used.add(k)  # SD2: last resblock dropped on purpose (formats.md 1.3)
+                used.add(k)  # SD2: last resblock dropped on purpose (SD 2.x uses the penultimate layer)
                 continue
             base = f"encoder.layers.{n}."
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
@@ -431,7 +432,7 @@ def diffusers_to_ldm(family: Family | str, unet: Mapping[str, Tensor], vae: Mapp
     """Build a single-file state dict (LDM/SGM names) from diffusers/transformers state dicts.
 
     Args:
-        family: SD1, SD2 or SDXL; decides the text-encoder prefixes and layouts (formats.md 1.2).
+        family: SD1, SD2 or SDXL; decides the text-encoder prefixes and layouts.
         unet, vae: ``state_dict()`` of the diffusers UNet / AutoencoderKL.
         text_encoders: ``state_dict()`` of each text encoder (SDXL: [CLIP-L, bigG with projection]); keys with
             or without ``text_model.`` are accepted.

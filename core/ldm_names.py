@@ -1,10 +1,10 @@
 """Module-name tables between diffusers and the LDM/SGM single-file layout (A1111, ComfyUI).
 
 Pure functions of a model config: they list every module that holds weights in a diffusers
-``UNet2DConditionModel`` / ``AutoencoderKL`` of that config and give its LDM name (formats.md 1.4).
+``UNet2DConditionModel`` / ``AutoencoderKL`` of that config and give its LDM name.
 Module paths are given without the single-file prefixes (``model.diffusion_model.``, ``first_stage_model.``).
 
-Also here: the OpenCLIP <-> HF CLIP text-encoder key rules (formats.md 1.3), which are per key, not per module.
+Also here: the OpenCLIP <-> HF CLIP text-encoder key rules, which are per key, not per module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Key grammar of LoRA files: which tensor a key holds and which model module it adapts (formats.md 2.1-2.4).
+"""Key grammar of LoRA files: which tensor a key holds and which model module it adapts.
 
 A LoRA key is ``<module key><part suffix>``. The part is ``down``/``up``/``mid``/``alpha``; the module key names
 one module in one of several spellings (kohya ``lora_unet_<path with _>``, diffusers/PEFT dotted paths with
@@ -160,7 +160,7 @@ _WIDTH_FAMILY = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}
 
 
 def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
-    """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture`` (formats.md 2.6)."""
+    """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
     version = str(metadata.get("ss_base_model_version", "")).lower()
     if version.startswith("sdxl"):
         return Family.SDXL

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .handle import ModelHandle
 
-# ComfyUI sampler name -> (diffusers scheduler class, extra config)   (formats.md 5, last tables)
+# ComfyUI sampler name -> (diffusers scheduler class, extra config): the diffusers scheduler that implements
+# the same sampler as ComfyUI's k-diffusion one
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),

@@ -352,10 +352,10 @@ def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handle
     where: dict[int, str] = {}
     real_move = Offload._move
 
-    def move(self, device):
-        for m in self.modules:
+    def move(self, device, modules=None):
+        for m in self.modules if modules is None else modules:
             where[id(m)] = str(device)
-        real_move(self, device)
+        real_move(self, device, modules)
 
     monkeypatch.setattr(Offload, "_move", move)
     vae, te = spy_encoders(h)

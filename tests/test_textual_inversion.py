@@ -150,7 +150,7 @@ def test_initializer_without_tokens_is_an_error(tiny_handles, monkeypatch):
     (TISpec("<ok>", templates="poems"), "templates", "object"),
 ])
 def test_bad_specs_are_clear_errors(tiny_handles, dataset, spec, input_name, fix):
-    with pytest.raises(FinetuneError, match=rf"\[LearnEmbedding\] input '{input_name}'") as err:
+    with pytest.raises(FinetuneError, match=rf"\[train_embedding\] input '{input_name}'") as err:
         train_embedding(tiny_handles["sd1"], dataset, TrainSettings(steps=1), spec)
     assert fix in str(err.value)
 

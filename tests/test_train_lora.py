@@ -112,7 +112,7 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_is_exact(tiny_handles, d
 ])
 def test_bad_settings_are_clear_errors(tiny_handles, dataset, change, input_name):
     settings = TrainSettings(**{"steps": 2, "learning_rate": 1e-3, **change})
-    with pytest.raises(FinetuneError, match=rf"\[TrainLoRA\] input '{input_name}'.*Fix:"):
+    with pytest.raises(FinetuneError, match=rf"\[train_lora\] input '{input_name}'.*Fix:"):
         train_lora(tiny_handles["sd1"], dataset, settings, LoraSpec(rank=2))
 
 
@@ -155,7 +155,7 @@ def test_bad_validation_settings_fail_before_training(tiny_handles, dataset):
     sink = lambda event, data: calls.append(data["step"])  # noqa: E731
     host.add_event_sink(sink)
     try:
-        with pytest.raises(FinetuneError, match=r"\[TrainLoRA\] input 'validation_scheduler'.*karras"):
+        with pytest.raises(FinetuneError, match=r"\[train_lora\] input 'validation_scheduler'.*karras"):
             train_lora(tiny_handles["sd1"], dataset, TrainSettings(steps=3, learning_rate=1e-3), LoraSpec(rank=2),
                        validation=Validation(prompt="a red circle", sampler="ddim", scheduler="karras", width=64,
                                              height=64, steps=2))
@@ -165,6 +165,6 @@ def test_bad_validation_settings_fail_before_training(tiny_handles, dataset):
 
 
 def test_zero_text_learning_rate_with_text_training_refused(tiny_handles, dataset):
-    with pytest.raises(FinetuneError, match=r"\[TrainLoRA\] input 'text_learning_rate'.*Fix"):
+    with pytest.raises(FinetuneError, match=r"\[train_lora\] input 'text_learning_rate'.*Fix"):
         train_lora(tiny_handles["sd1"], dataset, TrainSettings(steps=1, learning_rate=1e-3),
                    LoraSpec(rank=2, train_text_encoder=True, text_learning_rate=0.0))

@@ -147,7 +147,7 @@ def test_corrupt_file_error_names_it(tmp_path):
     with pytest.raises(FinetuneError) as err:
         load_image_file(tmp_path / "broken.png")
     assert "broken.png" in str(err.value)
-    assert err.value.node == "TrainingData" and err.value.input == "folder" and err.value.fix
+    assert err.value.node is None and err.value.input == "folder" and err.value.fix
 
     folder = tmp_path / "set"
     save(folder, "good.png", solid((1, 2, 3), (64, 64)))
@@ -245,7 +245,7 @@ def test_prepare_validates_inputs():
                          ({"resolution": 16, "crop": "middle"}, "crop")]:
         with pytest.raises(FinetuneError) as err:
             prepare(items, **kwargs)
-        assert err.value.input == name and err.value.fix and err.value.node == "TrainingData"
+        assert err.value.input == name and err.value.fix and err.value.node is None
     with pytest.raises(FinetuneError, match="no images"):
         prepare([], resolution=16)
 

@@ -115,10 +115,10 @@ def test_offload_keeps_the_frozen_vae_off_the_device_during_steps(tiny_handles, 
     where: dict[int, str] = {}
     real_move = Offload._move
 
-    def move(self, device):
-        for m in self.modules:
+    def move(self, device, modules=None):
+        for m in self.modules if modules is None else modules:
             where[id(m)] = str(device)
-        real_move(self, device)
+        real_move(self, device, modules)
 
     monkeypatch.setattr(Offload, "_move", move)
     for on in (True, False):
@@ -128,6 +128,29 @@ def test_offload_keeps_the_frozen_vae_off_the_device_during_steps(tiny_handles, 
         assert hook.seen and all(x == ("cpu" if on else None) for x in hook.seen), (on, hook.seen)
         if on:
             assert where[id(base.vae)] == str(base.device)  # back after the run
+
+
+def test_offload_with_random_crops_keeps_only_the_vae_on_the_device(tiny_handles, monkeypatch, cache_dir,
+                                                                    one_thread):
+    """Random crops are encoded every step, so the VAE stays; the cached text encoder goes once and comes back once
+    (a VAE encode must not bring it back with it)."""
+    base = tiny_handles["sd1"].base
+    moves: list[tuple[str, str]] = []
+    real_move = Offload._move
+
+    def move(self, device, modules=None):
+        for m in self.modules if modules is None else modules:
+            moves.append((type(m).__name__, str(device)))
+        real_move(self, device, modules)
+
+    monkeypatch.setattr(Offload, "_move", move)
+    g = torch.Generator().manual_seed(1)
+    cropped = from_image_batch(torch.rand((2, 80, 80, 3), generator=g), ["a red circle", "a blue square"],
+                               resolution=64, crop="random")
+    train("lora", tiny_handles["sd1"], cropped, offload_frozen=True)
+    assert [m for m in moves if m[0] == type(base.text_encoders[0]).__name__] == [
+        ("CLIPTextModel", "cpu"), ("CLIPTextModel", str(base.device))]
+    assert not [m for m in moves if m[0] == type(base.vae).__name__]
 
 
 @pytest.mark.parametrize("kind", TRAINERS)

@@ -244,7 +244,7 @@ def join_caption(prefix: str, caption: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def load_image_file(path: str | Path, *, max_short_side: int | None = None, node: str = "TrainingData",
+def load_image_file(path: str | Path, *, max_short_side: int | None = None, node: str | None = None,
                     input: str = "folder") -> Image.Image:
     """Read an image file as 8-bit RGB, upright.
 
@@ -369,7 +369,7 @@ def _read_images(folder: Path, prefix: str, repeats: int, max_short_side: int | 
     return out
 
 
-def read_folder(folder: str | Path, *, max_short_side: int | None = None, node: str = "TrainingData",
+def read_folder(folder: str | Path, *, max_short_side: int | None = None, node: str | None = None,
                 input: str = "folder") -> list[RawExample]:
     """Read every image in ``folder`` (sorted by file name) with its optional same-stem ``.txt`` caption.
 
@@ -394,7 +394,8 @@ def read_folder(folder: str | Path, *, max_short_side: int | None = None, node: 
             continue
         examples += _read_images(sub, sub.name + "/", int(match.group(1)), max_short_side, node, input)
     if skipped:
-        log.info("[%s] ignored sub-folders of %s (not '<repeats>_<name>'): %s", node, folder, ", ".join(skipped))
+        log.info("%signored sub-folders of %s (not '<repeats>_<name>'): %s", f"[{node}] " if node else "", folder,
+                 ", ".join(skipped))
     if not examples:
         hint = f" (sub-folders {', '.join(skipped[:5])} were not read)" if skipped else ""
         raise FinetuneError(f"no images found in folder '{folder}'{hint}", node=node, input=input, fix=_FOLDER_FIX)
@@ -497,7 +498,7 @@ def _validate(resolution: int, crop: str, repeats: int, caption_dropout: float, 
 
 def prepare(raw: Sequence[RawExample], *, resolution: int, crop: CropMode = "center", flip: bool = False,
             repeats: int = 1, caption_prefix: str = "", caption_dropout: float = 0.0, bucketing: bool = False,
-            default_caption: str = "", node: str = "TrainingData") -> TrainingSet:
+            default_caption: str = "", node: str | None = None) -> TrainingSet:
     """Resize and crop raw examples into a :class:`TrainingSet`.
 
     Args:
@@ -535,7 +536,7 @@ def prepare(raw: Sequence[RawExample], *, resolution: int, crop: CropMode = "cen
 def from_image_batch(images: torch.Tensor, captions: Sequence[str | None] = (), *, resolution: int,
                      crop: CropMode = "center", flip: bool = False, repeats: int = 1, caption_prefix: str = "",
                      caption_dropout: float = 0.0, bucketing: bool = False, default_caption: str = "",
-                     node: str = "TrainingDataFromImages") -> TrainingSet:
+                     node: str | None = None) -> TrainingSet:
     """A :class:`TrainingSet` from a ComfyUI IMAGE tensor [B, H, W, 3] (float 0..1).
 
     ``captions`` has one entry per image, a single entry for all, or none; empty entries count as no caption.

@@ -32,6 +32,7 @@ from ..core.handle import ModelHandle
 from ..core.safeio import load_safetensors
 from . import distributed
 from .data import TrainingSet, join_caption
+from .settings import TrainSettings
 from .speed import Offload, is_channels_last, on_device
 
 log = logging.getLogger("comfy_finetune")
@@ -182,7 +183,7 @@ class TextCache:
         if hit is not None:
             c, p = hit["cond"].to(device), (hit["pooled"].to(device) if "pooled" in hit else None)
         else:
-            with torch.no_grad(), on_device(self.offload):
+            with torch.no_grad(), on_device(self.offload, self.modules):
                 enc = self.encoder.encode(text)
             c, p = enc.cond.detach(), (enc.pooled.detach() if enc.pooled is not None else None)
             if disk is not None:
@@ -239,7 +240,7 @@ class LatentCache:
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        with on_device(self.offload):
+        with on_device(self.offload, self.modules):
             dtype = next(self.vae.parameters()).dtype
             dist = self.vae.encode(pixels.to(device=self.device, dtype=dtype)).latent_dist
             return (dist.mean * self.vae.config.scaling_factor).float()
@@ -257,11 +258,14 @@ class LatentCache:
         digest = tensor_digest(px) if self.disk is not None else ""
         hit = self.disk.get(digest) if self.disk is not None else None
         if hit is not None:
-            latent = hit["latent"].to(self.device)
+            latent = hit["latent"]
         else:
             latent = self._encode(px.unsqueeze(0).clone())[0]
             if self.disk is not None:
                 self.disk.put(digest, {"latent": latent})
+        # While the frozen modules are offloaded the whole set is encoded up front (class images too): keep it in
+        # host memory then and move each batch to the device, so the device holds only the batch.
+        latent = latent.to("cpu" if self.offload is not None else self.device)
         self._memo[key] = latent
         return latent
 
@@ -271,6 +275,7 @@ class LatentCache:
             return False
         flips = (False, True) if self.dataset.flip else (False,)
         for i, ex in enumerate(self.dataset.examples):
+            host.check_interrupt()  # a large class-image set takes a while: cancel works here too
             for flipped in flips:
                 self._one(i, flipped, ex.pixels.flip(-1) if flipped else ex.pixels)
         return True
@@ -278,7 +283,8 @@ class LatentCache:
     def latents(self, batch) -> torch.Tensor:
         if not self.cacheable:
             return self._encode(batch.pixels.clone())
-        return torch.stack([self._one(i, f, px) for i, f, px in zip(batch.indices, batch.flipped, batch.pixels)])
+        return torch.stack([self._one(i, f, px) for i, f, px in zip(batch.indices, batch.flipped, batch.pixels)]
+                           ).to(self.device)
 
 
 Cache = TextCache | LatentCache
@@ -326,6 +332,17 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
         weight = weight / (snr + 1) if schedule.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
     return loss
+
+
+def caption_losses(denoiser, handle: ModelHandle, text: TextCache, schedule: NoiseSchedule, settings: TrainSettings,
+                   latents: torch.Tensor, captions: list[str], height: int, width: int, generator: torch.Generator,
+                   target_fn=None) -> torch.Tensor:
+    """Per-sample denoising losses ``[B]`` of ``denoiser`` for ``latents`` captioned ``captions`` (encoded by
+    ``handle``'s text encoders through ``text``), with the settings' noise offset and min-SNR weighting."""
+    context, added = conditioning_for(handle, text, list(captions), int(height), int(width))
+    return denoise_loss(denoiser, latents, context, schedule, generator=generator, added=added,
+                        noise_offset=settings.noise_offset, min_snr_gamma=settings.min_snr_gamma,
+                        target_fn=target_fn)
 
 
 def conditioning_for(handle: ModelHandle, text: TextCache, captions: list[str], height: int, width: int):

@@ -8,7 +8,7 @@ dog") that the model itself generated before training. The loss is::
 
     instance_losses.mean() + prior_loss_weight * prior_losses.mean()      (prior_preservation_loss)
 
-What this module does on top of the shared pieces (:mod:`.runs`, :mod:`.loop`, :mod:`.diffusion`):
+What this module does on top of the shared pieces (:mod:`.frame`, :mod:`.loop`, :mod:`.diffusion`):
 
 * **Instance captions.** Every instance image is trained with the instance prompt (the DreamBooth convention):
   the dataset's own captions and its caption prefix are ignored, and how many captions were ignored is logged.
@@ -43,7 +43,7 @@ import math
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import ContextManager, Protocol
 
 import numpy as np
@@ -59,8 +59,8 @@ from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from ..core.lora import LoraWeights
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
-from .diffusion import (Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, dataset_captions,
-                        denoise_loss)
+from .diffusion import (Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, conditioning_for,
+                        dataset_captions)
 from .frame import Validation, check_dataset, run_training
 from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .loop import TrainResult, run_key
@@ -111,7 +111,7 @@ class DreamBoothSpec:
     class_cfg: float = node_input(7.0, min=0.0, max=100.0, step=0.1, tooltip="CFG for generated class images.")
     class_sampler: str = "euler"
     class_scheduler: str = "normal"
-    targets: str = "attention+feedforward"  # LoRA target preset (see lora_trainer.UNET_TARGETS)
+    targets: str = "attention+feedforward"  # LoRA target preset (see settings.UNET_TARGETS)
 
     @property
     def uses_class_images(self) -> bool:
@@ -206,7 +206,7 @@ class PairedBatch:
 
 @dataclass(frozen=True, eq=False)
 class PairedSet:
-    """What :func:`~.runs.run_training` sees: the instance set, plus the class set whose batches ride along.
+    """What :func:`~.frame.run_training` sees: the instance set, plus the class set whose batches ride along.
 
     Class batches follow their own deterministic order (seed + 1) and skip ahead with the instance batches, so a
     resumed run sees the same pairs as an uninterrupted one.
@@ -221,10 +221,6 @@ class PairedSet:
     @property
     def repeats(self) -> int:
         return self.instance.repeats
-
-    @property
-    def examples(self):
-        return self.instance.examples
 
     def signature(self) -> list:
         return [[self.instance.signature(), self.klass.signature() if self.klass is not None else None]]
@@ -271,7 +267,7 @@ def _write_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> None:
 
 
 def ensure_class_images(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int, size: int, count: int,
-                        node: str = "DreamBoothTrain") -> list[Path]:
+                        node: str = "train_dreambooth") -> list[Path]:
     """The paths of ``count`` class images for ``handle``, generating (only) the missing ones.
 
     Generation runs the handle's own sampling path (:func:`~..core.sampling.sample`, which applies its patches),
@@ -309,7 +305,7 @@ def ensure_class_images(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int,
 
 
 def class_image_set(handle: ModelHandle, spec: DreamBoothSpec, *, seed: int, resolution: int,
-                    node: str = "DreamBoothTrain") -> TrainingSet:
+                    node: str = "train_dreambooth") -> TrainingSet:
     """Generated (or cached) class images as a :class:`TrainingSet` captioned with the class prompt."""
     paths = ensure_class_images(handle, spec, seed=seed, size=resolution, count=int(spec.num_class_images), node=node)
     raw = []
@@ -331,6 +327,7 @@ class Denoising(Protocol):
     :class:`FullObjective`), besides the frame's :class:`~.frame.Objective` contract."""
 
     latents: LatentCache
+    frozen_text: TextCache
 
     def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
                 generator: torch.Generator, target_fn=None) -> torch.Tensor: ...
@@ -348,7 +345,6 @@ class DreamBoothObjective:
 
     def __init__(self, inner: Denoising, spec: DreamBoothSpec, class_latents: LatentCache | None) -> None:
         self.inner, self.db, self.class_latents = inner, spec, class_latents
-        self.last_terms: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ the frame's contract, delegated
     def attached(self):
@@ -368,10 +364,16 @@ class DreamBoothObjective:
         return self.inner.denoiser()
 
     def caches(self) -> list[Cache]:
-        return self.inner.caches() + ([self.class_latents] if self.class_latents is not None else [])
+        frozen = [self.inner.frozen_text] if self.base_prediction else []
+        return [*self.inner.caches(), *frozen, *([self.class_latents] if self.class_latents is not None else [])]
+
+    @property
+    def base_prediction(self) -> bool:
+        return self.db.prior_preservation and self.db.prior_mode == "base_prediction"
 
     def workload(self) -> RunShape:
-        passes = 2 if self.class_latents is not None and self.db.prior_preservation else 1
+        # the prior term runs the trained UNet a second time with gradients (class batch or class prompt)
+        passes = 2 if self.db.prior_preservation and (self.class_latents is not None or self.base_prediction) else 1
         return replace(self.inner.workload(), unet_passes=passes)
 
     def param_groups(self) -> list[dict]:
@@ -395,10 +397,10 @@ class DreamBoothObjective:
 
         return target_fn
 
-    def terms(self, step: int, batch, generator: torch.Generator, denoiser
+    def terms(self, step: int, batch: PairedBatch, generator: torch.Generator, denoiser
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample ``(instance_losses, prior_losses)``; prior is None without prior preservation."""
-        inst, klass = (batch.instance, batch.klass) if isinstance(batch, PairedBatch) else (batch, None)
+        inst, klass = batch.instance, batch.klass
         denoise = self.inner.denoise
         latents = self.inner.latents.latents(inst)
         h, w = (int(x) for x in inst.pixels.shape[-2:])
@@ -425,12 +427,10 @@ class DreamBoothObjective:
         return (denoise(denoiser, latents, inst.captions, h, w, generator),
                 denoise(denoiser, class_latents, klass.captions, ch, cw, generator))
 
-    def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
+    def loss(self, step: int, batch: PairedBatch, generator: torch.Generator, denoiser) -> torch.Tensor:
         instance, prior = self.terms(step, batch, generator, denoiser)
         if prior is None:
-            self.last_terms = (float(instance.detach().mean()), 0.0)
             return instance.mean()
-        self.last_terms = (float(instance.detach().mean()), float(prior.detach().mean()))
         return prior_preservation_loss(instance, prior, self.db.prior_loss_weight)
 
 
@@ -467,7 +467,7 @@ class FullObjective:
     """
 
     def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
-                 *, node: str, extra_prompts: tuple[str, ...] = ()) -> None:
+                 *, node: str, extra_prompts: Sequence[str] = (), frozen_prompts: Sequence[str] = ()) -> None:
         self.source, self.dataset, self.settings, self.db, self.node = handle, dataset, settings, spec, node
         base = handle.base
         self.copy_tes = [spec.train_text_encoder or _te_has_lora(handle, f"te{i + 1}")
@@ -475,7 +475,7 @@ class FullObjective:
         self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
         self.prompts = [*dataset_captions(dataset), *extra_prompts]
         self.latents = LatentCache(handle, dataset)
-        self.frozen_text = TextCache(handle, node, prompts=self.prompts)
+        self.frozen_text = TextCache(handle, node, prompts=frozen_prompts)  # the input model's, for prior targets
         self._train_handle: ModelHandle | None = None
         self.text: TextCache | None = None
 
@@ -524,7 +524,7 @@ class FullObjective:
         return self.train_handle.base.unet
 
     def caches(self) -> list[Cache]:
-        return [self.latents, self.text, self.frozen_text]
+        return [self.latents, self.text]  # frozen_text: declared by DreamBooth's prior, the one user
 
     def workload(self) -> RunShape:
         src, train = self.source.base, self.train_handle.base
@@ -546,10 +546,8 @@ class FullObjective:
     def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
                 generator: torch.Generator, target_fn=None) -> torch.Tensor:
         """Per-sample denoising losses ``[B]`` of the trained copies for ``latents`` captioned ``captions``."""
-        context, added = conditioning_for(self.train_handle, self.text, list(captions), int(h), int(w))
-        return denoise_loss(denoiser, latents, context, self.schedule, generator=generator, added=added,
-                            noise_offset=self.settings.noise_offset, min_snr_gamma=self.settings.min_snr_gamma,
-                            target_fn=target_fn)
+        return caption_losses(denoiser, self.train_handle, self.text, self.schedule, self.settings, latents, captions,
+                              h, w, generator, target_fn)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[FrozenModel]:
@@ -588,7 +586,7 @@ class FullObjective:
 
 # ---------------------------------------------------------------------------------------------- entry point
 def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec, *,
-                     node: str = "DreamBoothTrain", class_dataset: TrainingSet | None = None,
+                     node: str = "train_dreambooth", class_dataset: TrainingSet | None = None,
                      validation: Validation | None = None
                      ) -> tuple[ModelHandle, LoraWeights | None, TrainResult]:
     """Train DreamBooth on ``handle`` and return ``(output handle, LoRA or None, TrainResult)``.
@@ -644,29 +642,33 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
               "ft_dreambooth_ignored_captions": str(ignored)}
 
     objective = dreambooth_objective(handle, instance, settings, spec, node=node, class_set=class_set)
-    if spec.method == "lora":
+    inner = objective.inner
+    if isinstance(inner, LoraObjective):
         metadata = {**common, "ft_targets": spec.targets}
         lora, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
-                                    validation=validation,
-                                    finish=lambda: objective.inner.extract(metadata, name="dreambooth"))
+                                    validation=validation, finish=lambda: inner.extract(metadata, name="dreambooth"))
         return handle.with_patch(LoraPatch(lora)), lora, result
+    assert isinstance(inner, FullObjective)
     label_key = run_key(kind, config, paired.signature(), asdict(settings))
     out, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
-                               validation=validation, finish=lambda: objective.inner.result(label_key))
+                               validation=validation, finish=lambda: inner.result(label_key))
     return out, None, result
 
 
 def dreambooth_objective(handle: ModelHandle, instance: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
                          *, node: str, class_set: TrainingSet | None = None) -> DreamBoothObjective:
     """DreamBooth's loss around a LoRA (``spec.method="lora"``) or a full fine-tuning objective."""
-    extra = (spec.class_prompt,) if spec.prior_preservation else ()
+    base_prediction = spec.prior_preservation and spec.prior_mode == "base_prediction"
+    frozen = (spec.class_prompt,) if base_prediction else ()  # what the prior's target encodes
+    extra = dataset_captions(class_set) if class_set is not None else frozen
+    prompts = {"extra_prompts": extra, "frozen_prompts": frozen}
     if spec.method == "lora":
         lora_spec = LoraSpec(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets,
                              train_text_encoder=bool(spec.train_text_encoder),
                              text_learning_rate=float(spec.text_learning_rate))
-        inner = LoraObjective(handle, instance, settings, lora_spec, node=node, extra_prompts=extra)
+        inner = LoraObjective(handle, instance, settings, lora_spec, node=node, **prompts)
     else:
-        inner = FullObjective(handle, instance, settings, spec, node=node, extra_prompts=extra)
+        inner = FullObjective(handle, instance, settings, spec, node=node, **prompts)
     class_latents = LatentCache(handle, class_set) if class_set is not None else None
     return DreamBoothObjective(inner, spec, class_latents)
 

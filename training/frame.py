@@ -11,7 +11,8 @@ cancelled:
 5. the speed and memory options applied once, to what the objective declares: SDPA attention, channels-last and
    ``torch.compile`` on its :meth:`~Objective.denoiser`, gradient checkpointing on its
    :meth:`~Objective.trained_modules`, the disk cache and the offload of its :meth:`~Objective.frozen_modules`
-   on its :meth:`~Objective.caches` (filled first, so nothing needs the offloaded encoders per step);
+   on its :meth:`~Objective.caches` (filled first; an encoder a cache still needs every step, the VAE with random
+   crops, stays on the device, and a cache miss brings back only its own encoder);
 6. the memory check (:func:`.memory.check`) from the objective's :meth:`~Objective.workload`;
 7. the loop (:func:`.loop.train`) over a :class:`Run`, which binds the prepared (maybe compiled) denoiser to
    the objective's loss; validation samples through the training handle with the offloaded encoders back;

@@ -1,9 +1,8 @@
 """The optimisation loop every trainer shares.
 
 The training frame (:mod:`.frame`) hands it a :class:`Trainable` (trainable parameters and a loss for one
-batch); this module owns the optimisation: leaving ComfyUI's inference mode, optimizer and learning-rate
-schedule, mixed precision, gradient accumulation, progress with the loss, cancel, NaN checks,
-periodic validation and resumable checkpoints.
+batch); this module owns the optimisation: optimizer and learning-rate schedule, mixed precision, gradient
+accumulation, progress with the loss, cancel, NaN checks, periodic validation and resumable checkpoints.
 
 Checkpoints hold the trainable tensors, the optimizer state, the step and the loss history. They
 are written atomically (:func:`~..core.atomic.atomic_write`: temp file + rename) on cancel, every ``save_every``

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,14 +21,13 @@ from ..core.fields import node_input
 from ..core.handle import ModelHandle
 from ..core.lora import LoraModule, LoraWeights
 from .data import TrainingSet
-from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, dataset_captions, denoise_loss
+from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, dataset_captions
 from .frame import run_training
 from .memory import RunShape
 from .settings import TEXT_TARGETS, UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
 ADAPTER = "ft_train"
-
 
 
 @dataclass(frozen=True)
@@ -91,26 +90,27 @@ def remove_lora_layers(model: torch.nn.Module) -> None:
 class LoraObjective:
     """peft LoRA on the UNet (and optionally the text encoders) of ``handle``'s base.
 
-    ``extra_prompts`` are captions the loss encodes besides the dataset's (DreamBooth's class prompt), so the text
-    cache can encode them before the text encoders are offloaded.
+    ``extra_prompts`` are captions the loss encodes besides the dataset's (DreamBooth's class captions) and
+    ``frozen_prompts`` those the frozen model encodes (DreamBooth's prior target), so the text caches can encode
+    them before the text encoders are offloaded.
     """
 
     def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: LoraSpec,
-                 *, node: str, extra_prompts: tuple[str, ...] = ()) -> None:
+                 *, node: str, extra_prompts: Sequence[str] = (), frozen_prompts: Sequence[str] = ()) -> None:
         self.handle, self.dataset, self.settings, self.spec, self.node = handle, dataset, settings, spec, node
         base = handle.base
         self.components: dict[str, torch.nn.Module] = {"unet": base.unet}
         if spec.train_text_encoder:
             for i, te in enumerate(base.text_encoders):
                 self.components[f"te{i + 1}"] = te
-        self.check()
         self.schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
-        prompts = [*dataset_captions(dataset), *extra_prompts]
         self.latents = LatentCache(handle, dataset)
-        self.text = TextCache(handle, node, cache=not spec.train_text_encoder, prompts=prompts)
+        self.text = TextCache(handle, node, cache=not spec.train_text_encoder,
+                              prompts=[*dataset_captions(dataset), *extra_prompts])
         # The frozen model (adapters disabled) encodes captions as the base does: when the text encoders train,
         # it needs a cache of its own.
-        self.frozen_text = self.text if not spec.train_text_encoder else TextCache(handle, node, prompts=prompts)
+        self.frozen_text = self.text if not spec.train_text_encoder else TextCache(handle, node,
+                                                                                   prompts=frozen_prompts)
 
     # ------------------------------------------------------------------ adapters
     def check(self) -> None:
@@ -142,6 +142,7 @@ class LoraObjective:
         """peft LoRA layers on the components for the block (fp32, seeded); the original layers put back after."""
         from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - heavy at start-up
 
+        self.check()
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.settings.seed)
@@ -180,7 +181,7 @@ class LoraObjective:
         return self.handle.base.unet
 
     def caches(self) -> list[Cache]:
-        return [self.latents, self.text, self.frozen_text]
+        return [self.latents, self.text]  # frozen_text: declared by DreamBooth's prior, the one user
 
     def workload(self) -> RunShape:
         base = self.handle.base
@@ -200,10 +201,8 @@ class LoraObjective:
     def denoise(self, denoiser, latents: torch.Tensor, captions: list[str], h: int, w: int,
                 generator: torch.Generator, target_fn=None) -> torch.Tensor:
         """Per-sample denoising losses ``[B]`` of the trained model for ``latents`` captioned ``captions``."""
-        context, added = conditioning_for(self.handle, self.text, list(captions), int(h), int(w))
-        return denoise_loss(denoiser, latents, context, self.schedule, generator=generator, added=added,
-                            noise_offset=self.settings.noise_offset, min_snr_gamma=self.settings.min_snr_gamma,
-                            target_fn=target_fn)
+        return caption_losses(denoiser, self.handle, self.text, self.schedule, self.settings, latents, captions, h, w,
+                              generator, target_fn)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[FrozenModel]:
@@ -241,7 +240,7 @@ class LoraObjective:
 
 
 def train_lora(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: LoraSpec, *,
-               node: str = "TrainLoRA", validation=None):
+               node: str = "train_lora", validation=None):
     """Train a LoRA on ``handle`` (its own patches applied) and return ``(LoraWeights, TrainResult)``."""
     objective = LoraObjective(handle, dataset, settings, spec, node=node)
     metadata = {"ss_training_comment": f"trained with comfyui-finetune {node}",

@@ -1,11 +1,11 @@
 """Will this training run fit in memory? An estimate of the peak before the first step, and the cheapest changes
 that make it fit.
 
-:func:`check` runs at the start of every trainer (``runs.run_training``, after the trainables are attached and
+:func:`check` runs at the start of every trainer (``frame.run_training``, after the trainables are attached and
 before the optimizer exists). When the estimated peak does not fit in the free memory of the training device, it
 raises a :class:`FinetuneError` naming the node and the settings that would fit, e.g.::
 
-    TrainLoRA: not enough GPU memory for this run: estimated 9.1 GB more, 5.8 GB free (resolution 1024,
+    [FinetuneTrainLoRA] not enough GPU memory for this run: estimated 9.1 GB more, 5.8 GB free (resolution 1024,
     batch_size 4, fp32, gradient checkpointing off). Fix: gradient_checkpointing on, precision bf16:
     estimated 3.9 GB of 5.8 GB free
 
@@ -535,7 +535,7 @@ def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, i
 
 
 def real_size_estimates() -> list[dict]:
-    """Estimated peaks of the issue's target settings on the real SD 1.5 / SDXL architectures (``configs/``,
+    """Estimated peaks of the target settings (README "Performance") on the real SD 1.5 / SDXL architectures (``configs/``,
     built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said otherwise."""
     rows = []
     cases = [  # (architecture, kind, resolution, batch, checkpointing, precision, optimizer)

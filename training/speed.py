@@ -92,8 +92,8 @@ def channels_last(module: torch.nn.Module, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    module.to(memory_format=torch.channels_last)
     try:
+        module.to(memory_format=torch.channels_last)
         yield
     finally:
         module.to(memory_format=torch.contiguous_format)
@@ -131,33 +131,36 @@ class Offload:
         keep = {id(m) for m in modules}
         self.modules = [m for m in self.modules if id(m) not in keep]
 
-    def _move(self, device) -> None:
-        for m in self.modules:
+    def _move(self, device, modules: list[torch.nn.Module] | None = None) -> None:
+        for m in self.modules if modules is None else modules:
             torch.nn.Module.to(m, device=device)  # nn.Module.to: diffusers' override refuses some moves
 
     @contextlib.contextmanager
     def offloaded(self) -> Iterator[Offload]:
-        self._move("cpu")  # (a no-op when training on the CPU)
-        self.active = True
         try:
+            self._move("cpu")  # (a no-op when training on the CPU)
+            self.active = True
             yield self
         finally:
             self.active = False
             self._move(self.device)
 
     @contextlib.contextmanager
-    def on_device(self) -> Iterator[None]:
-        """The modules on the training device for the block (a cache miss, validation samples)."""
-        if not self.active:
+    def on_device(self, modules: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
+        """The offloaded ``modules`` (default: all) on the training device for the block: a cache miss brings
+        back only its own encoder, validation samples everything."""
+        wanted = None if modules is None else {id(m) for m in modules}
+        back = [m for m in self.modules if wanted is None or id(m) in wanted] if self.active else []
+        if not back:
             yield
             return
-        self._move(self.device)
         try:
+            self._move(self.device, back)
             yield
         finally:
-            self._move("cpu")
+            self._move("cpu", back)
 
 
-def on_device(offload: Offload | None):
-    """``offload.on_device()``, or nothing to do without an offload."""
-    return offload.on_device() if offload is not None else contextlib.nullcontext()
+def on_device(offload: Offload | None, modules: Iterable[torch.nn.Module] | None = None):
+    """``offload.on_device(modules)``, or nothing to do without an offload."""
+    return offload.on_device(modules) if offload is not None else contextlib.nullcontext()

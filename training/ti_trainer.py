@@ -259,7 +259,7 @@ class TIObjective:
 
 
 def train_embedding(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: TISpec, *,
-                    node: str = "LearnEmbedding", validation=None):
+                    node: str = "train_embedding", validation=None):
     """Learn ``spec.num_vectors`` vectors for ``spec.token`` on ``handle`` (its patches applied, all frozen).
 
     Returns ``(Embedding, TrainResult)``; the embedding's ``token`` is set, so a handle carrying it in an
