@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -61,8 +60,7 @@ def bare(handle, data, steps: int, batch: int, precision: str) -> float:
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
 
-    from comfy_finetune.core.conditioning import encode_prompt
-    from comfy_finetune.core.conditioning import sdxl_added
+    from comfy_finetune.core.conditioning import encode_prompt, sdxl_added
     from comfy_finetune.training.lora_trainer import UNET_TARGETS
 
     base = handle.base
@@ -85,7 +83,7 @@ def bare(handle, data, steps: int, batch: int, precision: str) -> float:
     gen = torch.Generator("cpu").manual_seed(0)
     autocast = (torch.autocast(base.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else None)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, lat.shape[0], (batch,), generator=gen)
         x0, c = lat[idx], ctx[idx]
         added = sdxl_added(pooled[idx], 64, 64, base.dtype, base.device) if pooled is not None else None

@@ -42,8 +42,8 @@ class Negative:
 
 @dataclass
 class Conditioning:
-    cond: "torch.Tensor"  # [1, 77*k, D]
-    pooled: "torch.Tensor | None" = None  # [1, P] (SDXL)
+    cond: torch.Tensor  # [1, 77*k, D]
+    pooled: torch.Tensor | None = None  # [1, P] (SDXL)
 
 
 _NAME_CHAR = re.compile(r'[^\s()<>:"|?*,\x00-\x1f]')  # characters that would run on into an embedding name
@@ -76,7 +76,7 @@ def substitute_tokens(text: str, embeddings: dict[str, Embedding]) -> str:
 class PromptEncoder:
     """Encodes prompts for one (patched) handle; caches embedding files it loaded."""
 
-    def __init__(self, handle: "ModelHandle", *, node: str | None = None, input: str = "prompt") -> None:
+    def __init__(self, handle: ModelHandle, *, node: str | None = None, input: str = "prompt") -> None:
         self.handle = handle
         self.base = handle.base
         self.node = node
@@ -103,7 +103,8 @@ class PromptEncoder:
     def _missing(self, name: str) -> None:
         raise FinetuneError(f"embedding:{name} was not found in models/embeddings or among this model's embeddings",
                             node=self.node, input=self.input,
-                            fix="check the name (sub-folders allowed, extension optional) or remove it from the prompt")
+                            fix="check the name (sub-folders allowed, extension optional) or remove it from the "
+                                "prompt")
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str) -> list[list[list[Token]]]:
@@ -189,13 +190,13 @@ class PromptEncoder:
         return hidden, pooled
 
 
-def encode_prompt(handle: "ModelHandle", text: str, **kwargs) -> Conditioning:
+def encode_prompt(handle: ModelHandle, text: str, **kwargs) -> Conditioning:
     """Encode ``text`` with the handle's (already patched) text encoders."""
     return PromptEncoder(handle, **kwargs).encode(text)
 
 
 # ---------------------------------------------------------------------------------------------- batching
-def same_length(conds: "Sequence[torch.Tensor]") -> "list[torch.Tensor]":
+def same_length(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``[B, L_i, D]`` conditionings of different token lengths (prompts of different chunk counts) repeated along
     the tokens to the least common multiple of the lengths, as ComfyUI's ``CONDCrossAttn.concat`` does."""
     lengths = {int(c.shape[1]) for c in conds}
@@ -205,14 +206,14 @@ def same_length(conds: "Sequence[torch.Tensor]") -> "list[torch.Tensor]":
     return [c.repeat(1, lcm // c.shape[1], 1) for c in conds]
 
 
-def stack_conds(conds: "Sequence[torch.Tensor]") -> "torch.Tensor":
+def stack_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``[1, L_i, D]`` conditionings of different token lengths into one batch (:func:`same_length`)."""
     import torch  # noqa: PLC0415
 
     return torch.cat(same_length(conds))
 
 
-def sdxl_added(pooled: "torch.Tensor", height: int, width: int, dtype, device) -> dict:
+def sdxl_added(pooled: torch.Tensor, height: int, width: int, dtype, device) -> dict:
     """SDXL's extra conditioning (the UNet's ``added_cond_kwargs``) for a batch: the pooled bigG text embedding
     ``[B, 1280]`` and per row the time ids ``(original height, width, crop top, left, target height, width)``,
     here the image size, no crop and the image size again."""

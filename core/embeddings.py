@@ -9,10 +9,11 @@ model and its tokenizer stay untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from .. import host
 from .errors import FinetuneError
@@ -118,7 +119,7 @@ def find_embedding_file(name: str) -> Path | None:
 
 
 @contextmanager
-def inject(token_embedding: "torch.nn.Module", replacements: list[tuple[int, int, "torch.Tensor"]]) -> Iterator[None]:
+def inject(token_embedding: torch.nn.Module, replacements: list[tuple[int, int, torch.Tensor]]) -> Iterator[None]:
     """Within the block, the output of ``token_embedding`` at (batch, position) is replaced by a vector.
 
     Gradients flow into the vectors (textual-inversion training uses the same path).

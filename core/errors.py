@@ -29,7 +29,7 @@ class FinetuneError(Exception):
             text += f" Fix: {self.fix.rstrip('.')}."
         return text
 
-    def with_node(self, node: str) -> "FinetuneError":
+    def with_node(self, node: str) -> FinetuneError:
         """Return a copy of this error attributed to ``node`` (if it names none yet)."""
         if self.node:
             return self

@@ -119,7 +119,8 @@ def modelspec_keys(family: Family | str, kind: FileKind, v_prediction: bool | No
 
 
 def default_scheduler_config(family: Family, prediction_type: str) -> dict:
-    """The DDPM-family noise schedule every SD 1.x / 2.x / SDXL model was trained with (DDPM betas 0.00085..0.012, scaled_linear, 1000 steps)."""
+    """The noise schedule every SD 1.x / 2.x / SDXL model was trained with: DDPM, betas 0.00085..0.012 on a
+    scaled_linear schedule, 1000 steps."""
     return {
         "_class_name": "EulerDiscreteScheduler",
         "num_train_timesteps": 1000,

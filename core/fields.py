@@ -13,8 +13,9 @@ Plain data: nothing here knows ComfyUI.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import MISSING, Field, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 INPUT = "node_input"  # the metadata key
 WIDGET_TYPES = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING"}  # field type -> widget type

@@ -13,11 +13,12 @@ errors and cancel. A lock per base keeps two patched sections from overlapping.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Union
+from typing import TYPE_CHECKING, Any
 
 from .families import Family, FamilyInfo, info
 
@@ -42,8 +43,8 @@ class BaseModel:
     text_encoders: tuple  # (CLIPTextModel,) or (CLIPTextModel, CLIPTextModelWithProjection) for SDXL
     tokenizers: tuple
     scheduler_config: dict
-    dtype: "torch.dtype"
-    device: "torch.device"
+    dtype: torch.dtype
+    device: torch.device
     source: str  # file or folder it came from, or a built-in name
     label: str = ""  # short name for messages and metadata
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -89,17 +90,17 @@ def module_shapes(model) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class LoraPatch:
-    lora: "LoraWeights"
+    lora: LoraWeights
     strength_unet: float = 1.0
     strength_text: float = 1.0
 
 
 @dataclass(frozen=True)
 class EmbeddingPatch:
-    embedding: "Embedding"
+    embedding: Embedding
 
 
-Patch = Union[LoraPatch, EmbeddingPatch]
+Patch = LoraPatch | EmbeddingPatch
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +114,7 @@ class ModelHandle:
     def family(self) -> Family:
         return self.base.family
 
-    def with_patch(self, patch: Patch) -> "ModelHandle":
+    def with_patch(self, patch: Patch) -> ModelHandle:
         """A new handle with ``patch`` appended; this one is unchanged."""
         return replace(self, patches=self.patches + (patch,))
 
@@ -122,7 +123,7 @@ class ModelHandle:
         return tuple(p for p in self.patches if isinstance(p, LoraPatch))
 
     @property
-    def embeddings(self) -> dict[str, "Embedding"]:
+    def embeddings(self) -> dict[str, Embedding]:
         """Embeddings carried by this handle, by name (later patches win)."""
         return {p.embedding.name: p.embedding for p in self.patches if isinstance(p, EmbeddingPatch)}
 
@@ -159,7 +160,7 @@ class ModelHandle:
         return " ".join(parts)
 
     @contextmanager
-    def patched(self) -> Iterator["ModelHandle"]:
+    def patched(self) -> Iterator[ModelHandle]:
         """Merge this handle's LoRAs into the base weights for the duration of the block."""
         import torch  # noqa: PLC0415
 
@@ -177,7 +178,7 @@ class ModelHandle:
                 for param, original in reversed(saved):
                     param.data = original
 
-    def _lora_deltas(self) -> Iterator[tuple["torch.nn.Parameter", "torch.Tensor"]]:
+    def _lora_deltas(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
         """Sum every LoRA's delta per target weight (fp32) and yield (parameter, delta)."""
         totals: dict[tuple[str, str], Any] = {}
         for patch in self.loras:

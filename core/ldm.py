@@ -77,7 +77,7 @@ class LdmConversion:
     unused_keys: list[str] = field(default_factory=list)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def text_model_prefix(with_projection: bool) -> str:
     """``"text_model."`` if the installed transformers' CLIP text class keeps a ``text_model`` submodule, else ``""``.
 

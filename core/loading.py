@@ -37,7 +37,7 @@ SHAPES_NAME = "[built-in] shapes-tiny"
 SHAPES_FOLDER = Path(__file__).resolve().parent.parent / "shapes" / "shapes-tiny"
 DEFAULT_MODEL = SHAPES_NAME
 
-_cache: "weakref.WeakValueDictionary[tuple, BaseModel]" = weakref.WeakValueDictionary()
+_cache: weakref.WeakValueDictionary[tuple, BaseModel] = weakref.WeakValueDictionary()
 
 
 def resolve_device(device: str):
@@ -57,7 +57,7 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device) -> "Any":
+def resolve_dtype(dtype: str, device) -> Any:
     import torch  # noqa: PLC0415
 
     if dtype == "auto":
@@ -130,8 +130,9 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
     index = json.loads(index_path.read_text())
     sdxl = (folder / "text_encoder_2").is_dir()
     if "text_encoder" not in index or not (folder / "unet").is_dir():
-        raise FinetuneError(f"'{folder.name}' is not a supported Stable Diffusion pipeline ({index.get('_class_name')})",
-                            input="ckpt_name", fix="use an SD 1.x, SD 2.x or SDXL base model")
+        raise FinetuneError(f"'{folder.name}' is not a supported Stable Diffusion pipeline "
+                            f"({index.get('_class_name')})", input="ckpt_name",
+                            fix="use an SD 1.x, SD 2.x or SDXL base model")
     def part(name: str, fn):
         try:
             return fn()
@@ -252,7 +253,8 @@ def load_hub(repo_id: str, dtype, device) -> BaseModel:
     except Exception as exc:  # noqa: BLE001
         raise FinetuneError(f"could not fetch '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: {exc})",
                             input="hub_id",
-                            fix="check the id and your connection, or download the model into models/diffusers") from exc
+                            fix="check the id and your connection, or download the model into "
+                                "models/diffusers") from exc
     return load_diffusers_folder(folder, dtype, device, label=repo_id)
 
 

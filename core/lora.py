@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .errors import FinetuneError
 from .families import Family, check_family, info, modelspec, modelspec_keys
+from .ldm_names import unet_name_map
 from .lora_keys import (
     ModuleResolver,
     canonical_te_path,
@@ -30,7 +31,6 @@ from .lora_keys import (
     split_part,
     te_target_name,
 )
-from .ldm_names import unet_name_map
 from .safeio import load_weights  # the one place untrusted weight files are opened
 
 __all__ = [

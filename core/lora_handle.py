@@ -18,11 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["module_shapes", "lora_for_handle", "check_family", "check_fits"]
 
 
-def _targets(handle: "ModelHandle"):
+def _targets(handle: ModelHandle):
     return handle.base.module_shapes
 
 
-def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str | None = None, input: str = "lora_name"
+def lora_for_handle(path: str | Path, handle: ModelHandle, *, node: str | None = None, input: str = "lora_name"
                     ) -> tuple[LoraWeights, list[str]]:
     """Load ``path`` as a LoRA for ``handle``'s model; returns the weights and the keys that matched nothing."""
     unet_modules, te_modules = _targets(handle)
@@ -35,7 +35,7 @@ def lora_for_handle(path: str | Path, handle: "ModelHandle", *, node: str | None
     return weights, unmatched
 
 
-def check_fits(lora: LoraWeights, handle: "ModelHandle", *, node: str | None = None, input: str = "lora") -> None:
+def check_fits(lora: LoraWeights, handle: ModelHandle, *, node: str | None = None, input: str = "lora") -> None:
     """Refuse a LoRA (e.g. one trained in the graph) made for another family, or whose modules are not in this model
     or have other shapes (trained on another model)."""
     check_family("LoRA", lora.family, handle.family, node=node, input=input)

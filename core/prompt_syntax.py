@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["Segment", "Token", "parse_weights", "tokenize_chunks", "chunk_count_equalize"]
 

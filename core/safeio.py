@@ -34,9 +34,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import FinetuneError
 
@@ -316,8 +317,8 @@ def _described(source: Any) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]
     return "", out
 
 
-def expect(source: "SafetensorsHeader | Mapping[str, Any]",
-           expected: "Mapping[str, TensorSpec | tuple]", *, node: str | None = None, input: str | None = None,
+def expect(source: SafetensorsHeader | Mapping[str, Any],
+           expected: Mapping[str, TensorSpec | tuple], *, node: str | None = None, input: str | None = None,
            fix: str | None = None, name: str | None = None) -> None:
     """Check tensor shapes/dtypes against what the caller needs, before (header) or after (tensors) loading.
 

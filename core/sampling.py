@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .conditioning import PromptEncoder, same_length, sdxl_added
 from .errors import FinetuneError
@@ -124,7 +125,7 @@ class SampleSettings:
                                 input="batch_size", fix="use 1 or more")
 
 
-def comfy_noise(seed: int, shape: tuple[int, ...]) -> "torch.Tensor":
+def comfy_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """ComfyUI's initial noise: CPU generator seeded with ``seed``, whole batch at once (comfy/sample.py)."""
     import torch  # noqa: PLC0415
 
@@ -132,16 +133,16 @@ def comfy_noise(seed: int, shape: tuple[int, ...]) -> "torch.Tensor":
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def sample(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
-           node: str | None = None) -> "torch.Tensor":
+def sample(handle: ModelHandle, s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
+           node: str | None = None) -> torch.Tensor:
     """Generate images; returns ``[B, H, W, 3]`` float32 in 0..1 on the CPU (ComfyUI's IMAGE)."""
     s.validate(node)
     with handle.patched():
         return sample_patched(handle, s, progress=progress, node=node)
 
 
-def sample_patched(handle: "ModelHandle", s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
-                   node: str | None = None) -> "torch.Tensor":
+def sample_patched(handle: ModelHandle, s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
+                   node: str | None = None) -> torch.Tensor:
     """:func:`sample` for a handle whose patches are already applied (e.g. validation during training)."""
     import torch  # noqa: PLC0415
 
@@ -198,7 +199,7 @@ def vae_tiling_needed(vae, height: int, width: int) -> bool:
     return max(height, width) > TILE_ABOVE * native
 
 
-def decode(handle: "ModelHandle", latents: "torch.Tensor") -> "torch.Tensor":
+def decode(handle: ModelHandle, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch.
 
     Sliced (one image at a time, so VAE memory does not grow with the batch) and, above :data:`TILE_ABOVE` x

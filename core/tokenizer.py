@@ -20,8 +20,8 @@ import gzip
 import importlib.util
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .. import host
 from .errors import FinetuneError
@@ -32,7 +32,8 @@ EOS = "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte table: every byte maps to a printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -70,7 +71,8 @@ def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def write_tokenizer(folder: str | os.PathLike, vocab: dict[str, int], merges: list[str], *, pad_token: str = EOS) -> Path:
+def write_tokenizer(folder: str | os.PathLike, vocab: dict[str, int], merges: list[str], *,
+                    pad_token: str = EOS) -> Path:
     """Write a CLIP tokenizer folder that transformers v4 and v5 both read (vocab.json + merges.txt)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

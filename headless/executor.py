@@ -61,7 +61,7 @@ class NodeExecutionError(FinetuneError):
     def _format(self) -> str:
         return self.detail  # the original message already carries its own fix
 
-    def with_node(self, node: str) -> "NodeExecutionError":
+    def with_node(self, node: str) -> NodeExecutionError:
         return self
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, is_dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .. import host
 from ..core.errors import FinetuneError

@@ -10,8 +10,17 @@ from pathlib import Path
 
 from .. import host
 from ..core.errors import FinetuneError
-from ..training.data import (CAPTION_EXTENSION, IMAGE_EXTENSIONS, REPEAT_FOLDER, DataOptions, TrainingSet,
-                             from_image_batch, prepare, preview_grid, read_folder)
+from ..training.data import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    REPEAT_FOLDER,
+    DataOptions,
+    TrainingSet,
+    from_image_batch,
+    prepare,
+    preview_grid,
+    read_folder,
+)
 from .base import CATEGORY, FTNode, from_inputs, widgets
 
 DATASET = "FT_DATASET"

@@ -5,8 +5,15 @@ from __future__ import annotations
 from ..core.lora import LoraWeights
 from ..training.dreambooth import DreamBoothSpec, train_dreambooth
 from .base import LORA, PIPE, FTNode, from_inputs, widgets
-from .training import (DATASET, TRAIN_CATEGORY, outputs_for, settings_from, settings_inputs, validation_from,
-                       validation_inputs)
+from .training import (
+    DATASET,
+    TRAIN_CATEGORY,
+    outputs_for,
+    settings_from,
+    settings_inputs,
+    validation_from,
+    validation_inputs,
+)
 
 
 class DreamBoothTrain(FTNode):

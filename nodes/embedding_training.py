@@ -5,8 +5,15 @@ from __future__ import annotations
 from ..core.handle import EmbeddingPatch
 from ..training.ti_trainer import TISpec, train_embedding
 from .base import EMBEDDING, PIPE, FTNode, from_inputs, widgets
-from .training import (DATASET, TRAIN_CATEGORY, outputs_for, settings_from, settings_inputs, validation_from,
-                       validation_inputs)
+from .training import (
+    DATASET,
+    TRAIN_CATEGORY,
+    outputs_for,
+    settings_from,
+    settings_inputs,
+    validation_from,
+    validation_inputs,
+)
 
 
 class LearnEmbedding(FTNode):

@@ -6,8 +6,8 @@ from .. import host
 from ..core.conditioning import Negative
 from ..core.errors import FinetuneError
 from ..core.handle import LoraPatch
+from ..core.loading import DEFAULT_MODEL, DEVICES, DTYPES, available_models, load_base
 from ..core.lora_handle import check_fits, lora_for_handle
-from ..core.loading import DEFAULT_MODEL, DTYPES, DEVICES, available_models, load_base
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, file_signature
 
@@ -22,8 +22,8 @@ class LoadBase(FTNode):
     CATEGORY = f"{CATEGORY}/models"
     DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL base model: a single-file checkpoint from "
                    "models/checkpoints, a diffusers folder from models/diffusers, a Hugging Face hub id, or the "
-                   "built-in models (shapes-tiny: a small pretrained model of a world of coloured shapes, 64x64 px; demo-tiny: "
-                   "untrained). Loading the same model twice reuses the weights in memory.")
+                   "built-in models (shapes-tiny: a small pretrained model of a world of coloured shapes, 64x64 px; "
+                   "demo-tiny: untrained). Loading the same model twice reuses the weights in memory.")
     RETURN_TYPES = (PIPE,)
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The model handle: base weights plus the LoRAs and embeddings added downstream.",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..core.handle import LoraPatch
-
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings
 from ..training.frame import Validation
 from ..training.lora_trainer import LoraSpec, train_lora
@@ -86,8 +85,8 @@ class TrainLoRA(FTNode):
     DISPLAY_NAME = "Train LoRA (Finetune)"
     CATEGORY = TRAIN_CATEGORY
     DESCRIPTION = ("Trains a LoRA on the model handle from a training set. The result chains straight into AddLoRA "
-                   "or Sample (pipe output) and saves with Save LoRA (Finetune). The input handle is not changed; cancel keeps a "
-                   "resumable checkpoint.")
+                   "or Sample (pipe output) and saves with Save LoRA (Finetune). The input handle is not changed; "
+                   "cancel keeps a resumable checkpoint.")
     RETURN_TYPES = (LORA, PIPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("lora", "pipe", "loss_plot", "validation")
     OUTPUT_TOOLTIPS = ("The trained LoRA (for AddLoRA / SaveLoRA).", "The input handle with the trained LoRA added.",

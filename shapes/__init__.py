@@ -8,8 +8,22 @@
 Only numpy and PIL are needed for the world; the judge also needs torch.
 """
 
-from .world import (BACKGROUNDS, COLORS, FILLS, HELD_OUT, SHAPES, UNSEEN_COLORS, Spec, all_specs, held_out_specs,
-                    is_held_out, render, render_batch, training_specs, vocabulary)
+from .world import (
+                    BACKGROUNDS,
+                    COLORS,
+                    FILLS,
+                    HELD_OUT,
+                    SHAPES,
+                    UNSEEN_COLORS,
+                    Spec,
+                    all_specs,
+                    held_out_specs,
+                    is_held_out,
+                    render,
+                    render_batch,
+                    training_specs,
+                    vocabulary,
+)
 
 __all__ = [
     "SHAPES", "COLORS", "UNSEEN_COLORS", "BACKGROUNDS", "FILLS", "HELD_OUT", "Spec", "render", "render_batch",

@@ -39,18 +39,34 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..core.atomic import atomic_write
 from ..core.safeio import load_safetensors
 from . import world as w
-from .world import (BACKGROUND_RGB, BACKGROUNDS, COLORS, FILLS, PALETTE, SHADE, SHAPES, Spec, all_specs,
-                    example_seed, held_out_specs, render_batch, rgb_to_lab, shade_rgb, training_specs)
+from .world import (
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    COLORS,
+    FILLS,
+    PALETTE,
+    SHADE,
+    SHAPES,
+    Spec,
+    all_specs,
+    example_seed,
+    held_out_specs,
+    render_batch,
+    rgb_to_lab,
+    shade_rgb,
+    training_specs,
+)
 
 __all__ = ["ATTRIBUTES", "Verdict", "Judge", "judge", "load_judge", "train_judge", "save_judge", "accuracy",
            "evaluate", "analyse", "to_batch", "WEIGHTS_PATH", "world_fingerprint"]

@@ -31,9 +31,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -279,7 +280,8 @@ def check(row: Row) -> list[str]:
     for key in ("subject_fidelity", "prompt_fidelity", "ti_fidelity", "style_transfer"):
         if key in f and f[key] < TARGETS[key]:
             missed.append(f"{key} {f[key]:.0%} < {TARGETS[key]:.0%}")
-    if "class_drift_points" in f and "with prior" in row.name and f["class_drift_points"] > TARGETS["class_drift_points"]:
+    drift = f.get("class_drift_points")
+    if drift is not None and "with prior" in row.name and drift > TARGETS["class_drift_points"]:
         missed.append(f"class drift {f['class_drift_points']} > {TARGETS['class_drift_points']} points")
     if row.name != "base model (world prompts)" and row.seconds > TARGETS["seconds"]:
         missed.append(f"{row.seconds:.0f} s > {TARGETS['seconds']:.0f} s")

@@ -11,7 +11,8 @@ What it builds (a diffusers folder, the layout ``StableDiffusionPipeline`` reads
   every combination of the world, held-out ones included: like SD's VAE it is a generic codec and knows no words.
 * ``text_encoder/`` + ``unet/``: a CLIP text encoder, first pretrained to name each caption's attributes (see
   :func:`pretrain_text_encoder`), and a ``UNet2DConditionModel`` (epsilon prediction, SD's scaled-linear
-  schedule), then trained together from scratch on :func:`~comfy_finetune.shapes.world.training_specs` only. Captions vary the way people write prompts (full caption, without the background, without the colour, the
+  schedule), then trained together from scratch on :func:`~comfy_finetune.shapes.world.training_specs` only.
+  Captions vary the way people write prompts (full caption, without the background, without the colour, the
   shape named ``shape``, and empty for classifier-free guidance), so partial prompts and CFG work.
 * ``metrics.json``: the settings, the world fingerprint, the loss curve summary and the judged accuracy of samples
   (through the pack's own sampler) on the training prompts and on the compositional probe.
@@ -28,9 +29,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -137,7 +138,7 @@ def _to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2 - 1
 
 
-def train_vae(cfg: BaseTrainConfig, log) -> tuple["object", float]:
+def train_vae(cfg: BaseTrainConfig, log) -> tuple[object, float]:
     """The codec: MSE + a light KL, on every combination of the world. Returns (vae, latent scaling factor)."""
     import torch
     from diffusers import AutoencoderKL
@@ -191,7 +192,8 @@ def pretrain_text_encoder(cfg: BaseTrainConfig, te, tok, items, log) -> None:
     import torch.nn.functional as F
 
     hidden = te.config.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(W.SHAPES) + 1), torch.nn.Linear(hidden, len(W.COLORS) + 1),
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(W.SHAPES) + 1),
+                                 torch.nn.Linear(hidden, len(W.COLORS) + 1),
                                  torch.nn.Linear(hidden, len(W.BACKGROUNDS) + 1)])
     opt = torch.optim.Adam(list(te.parameters()) + list(heads.parameters()), lr=3e-3)
     rng = np.random.default_rng([cfg.seed, 3])
@@ -217,7 +219,7 @@ def pretrain_text_encoder(cfg: BaseTrainConfig, te, tok, items, log) -> None:
             log(f"text encoder step {step + 1}/{cfg.text_pre_steps} loss {loss.item():.4f}")
 
 
-def train_unet(cfg: BaseTrainConfig, vae, tokenizer_folder: Path, log) -> tuple["object", "object", list[float]]:
+def train_unet(cfg: BaseTrainConfig, vae, tokenizer_folder: Path, log) -> tuple[object, object, list[float]]:
     """Text encoder + UNet from scratch on cached latents of the training specs."""
     import torch
     import torch.nn.functional as F
@@ -230,7 +232,8 @@ def train_unet(cfg: BaseTrainConfig, vae, tokenizer_folder: Path, log) -> tuple[
     pixels = _to_tensor(W.render_batch([s for s, _ in items], [seed for _, seed in items]))
     scale = vae.config.scaling_factor
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)]) * scale
+        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
+                             for i in range(0, len(pixels), 256)]) * scale
 
     torch.manual_seed(cfg.seed + 3)
     te = CLIPTextModel(CLIPTextConfig(**text_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.eos_token_id,

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -129,7 +129,7 @@ class Spec:
         return f"{article} {' '.join(words)} on a {self.background} background"
 
     @classmethod
-    def from_caption(cls, caption: str) -> "Spec":
+    def from_caption(cls, caption: str) -> Spec:
         """Inverse of :meth:`caption` (case and extra spaces ignored)."""
         words = caption.lower().split()
         try:
@@ -144,7 +144,7 @@ class Spec:
         except (ValueError, IndexError):
             raise ValueError(f"not a shapes-world caption: {caption!r}") from None
 
-    def replace(self, **changes: str) -> "Spec":
+    def replace(self, **changes: str) -> Spec:
         fields = {"shape": self.shape, "color": self.color, "background": self.background, "fill": self.fill}
         fields.update(changes)
         return Spec(**fields)

@@ -27,9 +27,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER_NAME = "comfyui-finetune"
@@ -145,7 +146,7 @@ class WebSocketClient:
         self.sock.settimeout(left)
         try:
             chunk = self.sock.recv(1 << 16)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise TimeoutError("no websocket data in time") from exc
         if not chunk:
             raise ConnectionError("the server closed the websocket")
@@ -230,7 +231,7 @@ class EventSession:
     was executing when it arrived (from ``execution_start``). Binary messages (previews) are counted, not kept.
     """
 
-    def __init__(self, server: "ComfyServer", client_id: str | None = None) -> None:
+    def __init__(self, server: ComfyServer, client_id: str | None = None) -> None:
         self.server = server
         self.client_id = client_id or uuid.uuid4().hex
         self.ws = WebSocketClient("127.0.0.1", server.port, f"/ws?clientId={self.client_id}")
@@ -239,7 +240,7 @@ class EventSession:
         self._running: str | None = None
         self._finished: set[str] = set()
 
-    def __enter__(self) -> "EventSession":
+    def __enter__(self) -> EventSession:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -353,8 +354,8 @@ class ComfyServer:
     # -------------------------------------------------------------------------------------- setup
     def _prepare(self) -> None:
         # ComfyUI's prestartup scan lists <base>/custom_nodes and crashes if it is missing
-        for d in (self.base_dir / "custom_nodes", self.output_dir, self.input_dir, self.temp_parent, self.user_dir, self.packs_dir,
-                  self.cache_dir, *(self.models_dir / k for k in MODEL_KEYS)):
+        for d in (self.base_dir / "custom_nodes", self.output_dir, self.input_dir, self.temp_parent, self.user_dir,
+                  self.packs_dir, self.cache_dir, *(self.models_dir / k for k in MODEL_KEYS)):
             d.mkdir(parents=True, exist_ok=True)
         if not self.pack_dir.exists():
             try:
@@ -402,7 +403,7 @@ class ComfyServer:
         return env
 
     # -------------------------------------------------------------------------------------- life cycle
-    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "ComfyServer":
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
         self._prepare()
         self._log_file = open(self.log_path, "wb")
         t0 = time.monotonic()
@@ -440,7 +441,7 @@ class ComfyServer:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -511,7 +512,7 @@ class ComfyServer:
         result.seconds = time.monotonic() - t0
         return result
 
-    def session(self) -> "EventSession":
+    def session(self) -> EventSession:
         """A websocket client of this server (use as a context manager); see :class:`EventSession`."""
         return EventSession(self)
 

@@ -17,9 +17,10 @@ import math
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -29,10 +30,10 @@ from safetensors.torch import save_file
 from comfy_finetune import host
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError, WorkflowError
-from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
-from comfy_finetune.nodes.generation import Negative
+from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError
 from comfy_finetune.headless.runner import node_classes
+from comfy_finetune.nodes.generation import Negative
 
 ROW_TIMEOUT_S = 60
 MAX_TENSOR_ELEMENTS = 100_000_000  # 400 MB of fp32: far beyond anything the tiny models need
@@ -56,7 +57,7 @@ class Row:
     error: type[BaseException] | None = FinetuneError  # None: must succeed
     match: str = ""  # regex searched in the message
     input: str | None = None  # the input the message must name
-    check: Callable[[Any, "Resources"], None] | None = None  # for rows that must succeed
+    check: Callable[[Any, Resources], None] | None = None  # for rows that must succeed
     bug: str | None = None  # set: xfail(strict=True), reason "BUG: ..."
     drop: tuple[str, ...] = ()  # inputs removed from the defaults
     before_training: bool = False  # the error must come before the first training step
@@ -261,8 +262,8 @@ ROWS: list[Row] = [
         input="caption_dropout"),
     Row("TrainingData-caption_dropout-2-executor", "FinetuneTrainingData", dict(caption_dropout=2.0), via="executor",
         error=PromptValidationError, match="maximum", input="caption_dropout"),
-    Row("TrainingData-caption_prefix-chinese-ok", "FinetuneTrainingData", dict(caption_prefix="中文触发词,"), error=None,
-        check=lambda out, res: out[0].caption_prefix == "中文触发词,"),
+    Row("TrainingData-caption_prefix-chinese-ok", "FinetuneTrainingData", dict(caption_prefix="中文触发词,"),
+        error=None, check=lambda out, res: out[0].caption_prefix == "中文触发词,"),
     # ------------------------------------------------------------------------------------------ TrainingDataFromImages
     Row("TrainingDataFromImages-images-STRING", "FinetuneTrainingDataFromImages", dict(images="a picture"),
         match="IMAGE", input="images"),
@@ -274,8 +275,8 @@ ROWS: list[Row] = [
         match="IMAGE", input="images"),
     Row("TrainingDataFromImages-caption-count", "FinetuneTrainingDataFromImages", dict(captions="one\ntwo"),
         match="captions for", input="captions"),
-    Row("TrainingDataFromImages-chinese-captions-ok", "FinetuneTrainingDataFromImages", dict(captions="红色\n绿色\n蓝色"),
-        error=None, check=_captions("红色", "绿色", "蓝色")),
+    Row("TrainingDataFromImages-chinese-captions-ok", "FinetuneTrainingDataFromImages",
+        dict(captions="红色\n绿色\n蓝色"), error=None, check=_captions("红色", "绿色", "蓝色")),
     Row("TrainingDataFromImages-resolution-100000", "FinetuneTrainingDataFromImages", dict(resolution=100000),
         match="resolution", input="resolution"),
     Row("TrainingDataFromImages-bucketing-executor-ok", "FinetuneTrainingDataFromImages",

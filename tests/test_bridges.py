@@ -23,7 +23,6 @@ from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dic
 from comfy_finetune.nodes.bridges import NODES, ApplyLoRAToModel, EmbeddingToPrompt, NativeLoRAToFinetune
 from comfy_finetune.nodes.generation import AddLoRA, Sample
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -43,8 +42,8 @@ def test_schema_follows_pack_conventions(cls):
     assert len(cls.DESCRIPTION) > 40
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
     params = inspect.signature(cls.run).parameters
-    for section, specs in cls.INPUT_TYPES().items():
-        for name, (typ, opts) in specs.items():
+    for specs in cls.INPUT_TYPES().values():
+        for name, (_, opts) in specs.items():
             assert opts.get("tooltip", "").strip(), f"{cls.NODE_ID}.{name}"
             assert name in params, f"{cls.NODE_ID}.run must accept {name}"
     assert repr(cls.INPUT_TYPES()) == repr(cls.INPUT_TYPES())

@@ -547,7 +547,8 @@ def _settled_rss(server, seconds: float = 4.0) -> int:
 
 
 def test_cancelled_and_failed_training_give_their_memory_back(server, node_defs):
-    """Full DreamBooth fine-tuning (batch 8 at 256 px, cancelled after its first step) grows the server's resident memory by well over 10 %;
+    """Full DreamBooth fine-tuning (batch 8 at 256 px, cancelled after its first step) grows the server's resident
+    memory by well over 10 %;
     after a cancel, and after a failure (the loss turns NaN at step 2), it is back within 10 % of the growth of
     what it was before the run (and so within 10 % of before). A warm-up run at batch 1 loads the model and
     caches the data first, so "before" holds everything that legitimately stays. The failure reaches the host as

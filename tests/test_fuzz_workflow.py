@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 import comfy_finetune
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.headless.executor import Executor
-from comfy_finetune.headless.workflow import apply_overrides, load_workflow, read_workflow_json
 from comfy_finetune.headless.runner import node_classes
+from comfy_finetune.headless.workflow import apply_overrides, load_workflow, read_workflow_json
 
 CLASSES = node_classes()
 EXAMPLES = {p.stem: json.loads(p.read_text())

@@ -140,7 +140,8 @@ def test_trained_lora_input_and_family_check(tiny_handles):
     out = run("AddLoRA", pipe=sd1, lora_name="None", strength_unet=1.0, strength_text=1.0, lora=lw)[0]
     assert not torch.equal(sample(out), sample(sd1))
     xl_lora = _random_lora(tiny_handles["sdxl"], seed=4)
-    with pytest.raises(FinetuneError, match=r"\[AddLoRA\] input 'lora': this LoRA is for SDXL but the model is SD 1.x"):
+    with pytest.raises(FinetuneError,
+                       match=r"\[AddLoRA\] input 'lora': this LoRA is for SDXL but the model is SD 1.x"):
         run("AddLoRA", pipe=sd1, lora_name="None", strength_unet=1.0, strength_text=1.0, lora=xl_lora)
     with pytest.raises(FinetuneError, match=r"\[AddLoRA\] input 'lora_name': no LoRA given"):
         run("AddLoRA", pipe=sd1, lora_name="None", strength_unet=1.0, strength_text=1.0)
@@ -188,7 +189,7 @@ def test_unmatched_keys_reported(tiny_handles, lora_files, models_dir):
     sd["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(4, 32)
     sd["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(32, 4)
     save_file(sd, str(models_dir / "loras" / "extra-keys.safetensors"))
-    out = getattr(N["AddLoRA"](), "run")(pipe=tiny_handles["sd1"], lora_name="extra-keys.safetensors",
+    out = N["AddLoRA"]().run(pipe=tiny_handles["sd1"], lora_name="extra-keys.safetensors",
                                           strength_unet=1.0, strength_text=1.0)
     assert isinstance(out, dict) and "no_such_block" in out["ui"]["text"][0]
 

@@ -225,8 +225,8 @@ def test_example_titles_are_readable():
 
 def test_thumbnail_composer_fits_noise_in_the_size_limit(tmp_path):
     """The worst case for JPEG (pure noise, 9 tiles) still fits under the byte limit, as a square JPEG."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     tool = _thumbnail_tool()
     rng = np.random.default_rng(0)

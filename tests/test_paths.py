@@ -525,9 +525,8 @@ def test_hostile_api_and_ui_workflows(folders, tmp_path, monkeypatch, outside_un
     """Whole workflows through the runner: hostile class types, ids, input names, values and widget values."""
     import json  # noqa: PLC0415
 
-    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
-
     import comfy_finetune  # noqa: PLC0415
+    from comfy_finetune.headless.runner import run_workflow  # noqa: PLC0415
 
     sentinel = tmp_path / "pwned"
     code = f"__import__('os').system('touch {sentinel}')"

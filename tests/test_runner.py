@@ -10,8 +10,8 @@ import pytest
 
 import comfy_finetune
 from comfy_finetune import host
-from comfy_finetune.headless.workflow import load_workflow
 from comfy_finetune.headless.runner import load_prompt, main, node_classes, run_workflow
+from comfy_finetune.headless.workflow import load_workflow
 
 EXAMPLES = sorted((Path(comfy_finetune.__file__).parent / "example_workflows").glob("*.json"))
 
@@ -55,7 +55,8 @@ def test_every_example_runs_headless(path, dirs, models_dir, capsys, tmp_path):
 
 
 def _ui():
-    return json.loads((Path(comfy_finetune.__file__).parent / "example_workflows" / "Generate images.json").read_text())
+    folder = Path(comfy_finetune.__file__).parent / "example_workflows"
+    return json.loads((folder / "Generate images.json").read_text())
 
 
 def test_ui_and_api_formats_give_the_same_images(dirs):

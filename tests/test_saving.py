@@ -579,8 +579,8 @@ def test_lora_embedding_and_checkpoint_of_one_model_agree_on_modelspec(models, t
                                                                         arch, resolution, kohya):
     """An SD 2.x 512 (epsilon) model's files all say 512x512, a 768-v model's 768x768 (one table, every writer)."""
     base = tiny_handles[family].base
-    handle = ModelHandle(dataclasses.replace(base, prediction_type=prediction,
-                                             scheduler_config={**base.scheduler_config, "prediction_type": prediction}))
+    scheduler_config = {**base.scheduler_config, "prediction_type": prediction}
+    handle = ModelHandle(dataclasses.replace(base, prediction_type=prediction, scheduler_config=scheduler_config))
     widths = [te.config.hidden_size for te in base.text_encoders]
     emb = Embedding("tok", {f"te{i + 1}": torch.randn(2, w) for i, w in enumerate(widths)})
     SaveLoRA().run(_random_lora(handle), handle, "spec/lora", "kohya", False)

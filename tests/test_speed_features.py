@@ -17,8 +17,8 @@ import torch
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.training.data import from_image_batch
 from comfy_finetune.training.frame import prepared
-from comfy_finetune.training.lora_trainer import LoraObjective, LoraSpec, train_lora
 from comfy_finetune.training.loop import make_optimizer, step_generator
+from comfy_finetune.training.lora_trainer import LoraObjective, LoraSpec, train_lora
 from comfy_finetune.training.settings import TrainSettings
 from comfy_finetune.training.speed import Offload, ensure_sdpa
 

@@ -18,9 +18,15 @@ from comfy_finetune.training import ti_trainer
 from comfy_finetune.training.data import prepare, read_folder
 from comfy_finetune.training.diffusion import evaluation_loss
 from comfy_finetune.training.settings import TrainSettings
-from comfy_finetune.training.ti_trainer import (OBJECT_TEMPLATES, STYLE_TEMPLATES, TISpec, caption_prompt,
-                                                embedding_name, initial_vectors, train_embedding)
-
+from comfy_finetune.training.ti_trainer import (
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    TISpec,
+    caption_prompt,
+    embedding_name,
+    initial_vectors,
+    train_embedding,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,9 +3,8 @@ the node turns its default widget values back into exactly those dataclasses, so
 
 from __future__ import annotations
 
-import sys
-
 import inspect
+import sys
 from dataclasses import MISSING, fields, replace
 
 import pytest
@@ -60,7 +59,7 @@ def test_widget_defaults_are_the_dataclass_defaults(node, spec_cls, module, fn):
     for name, value in node.DEFAULTS.items():
         f = input_fields(spec_cls).get(name) or input_fields(TrainSettings)[name]
         assert value != f.default, f"{node.NODE_ID}.DEFAULTS['{name}'] repeats the dataclass default"
-    for name, (typ, opts) in widgets.items():
+    for name, (_, opts) in widgets.items():
         if name in expected:
             assert expected[name] is not MISSING, f"{node.NODE_ID}.{name}: a required field needs a node default"
             assert opts["default"] == expected[name] and type(opts["default"]) is type(expected[name]), name

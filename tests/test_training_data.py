@@ -15,10 +15,24 @@ from PIL import Image
 from comfy_finetune import host
 from comfy_finetune.core.errors import FinetuneError
 from comfy_finetune.nodes import data as data_nodes
-from comfy_finetune.nodes.data import (EXAMPLE_ROOT, TrainingData, TrainingDataFromImages, example_datasets,
-                                       find_dataset_folder)
-from comfy_finetune.training.data import (RawExample, TrainingSet, from_image_batch, load_image_file, make_buckets,
-                                          prepare, read_caption, read_folder, to_rgb)
+from comfy_finetune.nodes.data import (
+    EXAMPLE_ROOT,
+    TrainingData,
+    TrainingDataFromImages,
+    example_datasets,
+    find_dataset_folder,
+)
+from comfy_finetune.training.data import (
+    RawExample,
+    TrainingSet,
+    from_image_batch,
+    load_image_file,
+    make_buckets,
+    prepare,
+    read_caption,
+    read_folder,
+    to_rgb,
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -159,7 +159,7 @@ def test_cache_to_disk_skips_the_vae_on_a_second_run(tiny_handles, dataset, kind
     for on in (True, False):
         train(kind, tiny_handles["sd1"], dataset, cache_to_disk=on)  # fills the cache (and makes class images)
         encodes = []  # the VAE encodes without gradients: every call counts
-        hook = vae.encoder.register_forward_pre_hook(lambda *_: encodes.append(1))
+        hook = vae.encoder.register_forward_pre_hook(lambda *_, seen=encodes: seen.append(1))
         try:
             train(kind, tiny_handles["sd1"], dataset, cache_to_disk=on)
         finally:

@@ -294,8 +294,8 @@ def test_training_examples_keep_widget_positions():
     from pathlib import Path
 
     import comfy_finetune
-    from comfy_finetune.headless.workflow import load_workflow
     from comfy_finetune.headless.runner import node_classes
+    from comfy_finetune.headless.workflow import load_workflow
 
     path = Path(comfy_finetune.__file__).parent / "example_workflows" / "Train a LoRA.json"
     api = load_workflow(json.loads(path.read_text()), node_classes())

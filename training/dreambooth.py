@@ -41,10 +41,11 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Iterator, Sequence
-from typing import ContextManager, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,11 +60,10 @@ from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from ..core.lora import LoraWeights
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
-from .diffusion import (Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, conditioning_for,
-                        dataset_captions)
+from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, conditioning_for, dataset_captions
 from .frame import Validation, check_dataset, run_training
-from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .loop import TrainResult, run_key
+from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .memory import RunShape
 from .settings import UNET_TARGETS, TrainSettings
 
@@ -674,5 +674,6 @@ def dreambooth_objective(handle: ModelHandle, instance: TrainingSet, settings: T
 
 
 __all__ = ["DreamBoothSpec", "prior_preservation_loss", "train_dreambooth", "with_prompt", "class_image_set",
-           "ensure_class_images", "class_images_folder", "PairedSet", "PairedBatch", "DreamBoothObjective", "dreambooth_objective",
+           "ensure_class_images", "class_images_folder", "PairedSet", "PairedBatch", "DreamBoothObjective",
+           "dreambooth_objective",
            "FullObjective"]

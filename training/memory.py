@@ -28,7 +28,8 @@ The peak is ``weights + trainable + grads + optimizer + activations + workspace`
   weight. Attention is counted as fused (q, k, v, output and log-sum-exp; no n^2 matrix), as PyTorch's SDPA
   kernels run it. With gradient checkpointing, the tensors saved inside each call diffusers checkpoints (the
   probe passes its own ``gradient_checkpointing_func``, which runs the call plainly and accounts for it) are
-  replaced by the call's inputs, plus the largest call's tensors once (its recomputation during backward). Autocast (bf16/fp16 over fp32 weights) scales activations by
+  replaced by the call's inputs, plus the largest call's tensors once (its recomputation during backward).
+  Autocast (bf16/fp16 over fp32 weights) scales activations by
   ``AUTOCAST_FACTOR`` = 0.55 (matmul/conv outputs in half precision, norms and softmax statistics in fp32). The
   sum is multiplied by ``ACTIVATION_FACTOR`` = 1.6 (``CHECKPOINT_FACTOR`` = 2.5 with checkpointing): backward's
   gradient buffers, recomputed blocks and allocator slack, calibrated as the measured per-sample slope of peak
@@ -59,8 +60,8 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
 
 import torch
 
@@ -535,8 +536,9 @@ def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, i
 
 
 def real_size_estimates() -> list[dict]:
-    """Estimated peaks of the target settings (README "Performance") on the real SD 1.5 / SDXL architectures (``configs/``,
-    built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said otherwise."""
+    """Estimated peaks of the target settings (README "Performance") on the real SD 1.5 / SDXL architectures
+    (``configs/``, built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said
+    otherwise."""
     rows = []
     cases = [  # (architecture, kind, resolution, batch, checkpointing, precision, optimizer)
         ("sd15", "lora", 512, 1, True, "bf16", "adamw"), ("sd15", "lora", 512, 1, False, "bf16", "adamw"),

@@ -209,7 +209,7 @@ def loss_plot(losses: Sequence[float], *, lrs: Sequence[float] | None = None, ti
     if finite_lrs:
         lr_axis = _Axis(finite_lrs, y0, y1, allow_log=False)
         draw.line([(x1, y0), (x1, y1)], fill=_LR_TEXT)
-        for value, label in lr_axis.ticks():
+        for value, _ in lr_axis.ticks():
             yy = lr_axis.y(value)
             if y0 - 0.5 <= yy <= y1 + 0.5:
                 draw.text((x1 + 6, yy - th / 2 - 1), _fmt(value), fill=_LR_TEXT, font=font)

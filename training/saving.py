@@ -210,7 +210,7 @@ def _torch_dtype(name: str):
     return table[name]
 
 
-def _cpu_tensors(sd: Mapping[str, Any], dtype=None, *, clone: bool = False) -> dict[str, "torch.Tensor"]:
+def _cpu_tensors(sd: Mapping[str, Any], dtype=None, *, clone: bool = False) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors (floats cast to ``dtype``); storage shared between keys is copied apart.
 
     safetensors refuses tensors that share memory; state dicts of live models may (views, tied weights).
@@ -236,7 +236,7 @@ def _cpu_tensors(sd: Mapping[str, Any], dtype=None, *, clone: bool = False) -> d
     return out
 
 
-def _tensor_data_sha256(sd: Mapping[str, "torch.Tensor"]) -> str:
+def _tensor_data_sha256(sd: Mapping[str, torch.Tensor]) -> str:
     """sha256 of the safetensors data section (bytes after the header): A1111's ``sshs_model_hash``.
 
     The data section does not depend on the metadata, so it is computed from a metadata-free serialisation.
@@ -248,7 +248,7 @@ def _tensor_data_sha256(sd: Mapping[str, "torch.Tensor"]) -> str:
     return hashlib.sha256(blob[8 + n:]).hexdigest()
 
 
-def _save_safetensors(path: Path, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str]) -> Path:
+def _save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     meta = {str(k): str(v) for k, v in metadata.items()}
@@ -290,7 +290,7 @@ _LORA_PROTECTED = {
 }
 
 
-def save_lora(lora: "LoraWeights", path: str | os.PathLike, *, family: Family | str,
+def save_lora(lora: LoraWeights, path: str | os.PathLike, *, family: Family | str,
               unet_config: Mapping[str, Any], layout: Literal["kohya", "diffusers"] = "kohya",
               metadata: Mapping[str, Any] | None = None, v_prediction: bool | None = None) -> Path:
     """Write ``lora`` as a ``.safetensors`` file at ``path`` (atomically; the caller picked the path).
@@ -350,7 +350,7 @@ def _as_2d(t):
     return t.reshape(1, -1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
 
 
-def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: Family | str,
+def save_embedding(embedding: Embedding, path: str | os.PathLike, *, family: Family | str,
                    v_prediction: bool | None = None, widths: list[int] | None = None,
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a textual-inversion embedding that ComfyUI and A1111 both load.
@@ -417,7 +417,7 @@ def save_embedding(embedding: "Embedding", path: str | os.PathLike, *, family: F
 # ============================================================================================== checkpoints
 
 
-def save_embedding_for(embedding: "Embedding", handle: "ModelHandle", name: str, *, overwrite: bool,
+def save_embedding_for(embedding: Embedding, handle: ModelHandle, name: str, *, overwrite: bool,
                        node: str | None, input: str = "name") -> tuple[Path, str]:
     """Save ``embedding`` for ``handle``'s model into models/embeddings; returns the path and its prompt word.
 
@@ -432,7 +432,7 @@ def save_embedding_for(embedding: "Embedding", handle: "ModelHandle", name: str,
     return path, f"embedding:{stem}"
 
 
-def _checkpoint_metadata(handle: "ModelHandle", title: str, dtype: str) -> dict[str, str]:
+def _checkpoint_metadata(handle: ModelHandle, title: str, dtype: str) -> dict[str, str]:
     base = handle.base
     v = base.prediction_type == "v_prediction"
     meta = {
@@ -448,7 +448,7 @@ def _checkpoint_metadata(handle: "ModelHandle", title: str, dtype: str) -> dict[
     return meta
 
 
-def _snapshot(handle: "ModelHandle", dtype) -> tuple[dict, dict, list[dict]]:
+def _snapshot(handle: ModelHandle, dtype) -> tuple[dict, dict, list[dict]]:
     """CPU state dicts of UNet, VAE and text encoders with the handle's LoRAs merged, cast to ``dtype``."""
     base = handle.base
     with handle.patched():
@@ -458,7 +458,7 @@ def _snapshot(handle: "ModelHandle", dtype) -> tuple[dict, dict, list[dict]]:
     return unet, vae, tes
 
 
-def save_checkpoint(handle: "ModelHandle", path: str | os.PathLike, *,
+def save_checkpoint(handle: ModelHandle, path: str | os.PathLike, *,
                     format: Literal["single_file", "diffusers"] = "single_file",
                     dtype: Literal["fp16", "bf16", "fp32"] = "fp16") -> Path:
     """Write the handle's model - base weights with its LoRAs merged in - as a checkpoint.
@@ -490,7 +490,7 @@ def save_checkpoint(handle: "ModelHandle", path: str | os.PathLike, *,
                         folder=True)
 
 
-def _save_single_file(handle: "ModelHandle", path: Path, unet: dict, vae: dict, tes: list[dict],
+def _save_single_file(handle: ModelHandle, path: Path, unet: dict, vae: dict, tes: list[dict],
                       meta: dict[str, str]) -> Path:
     import torch  # noqa: PLC0415
 
@@ -504,7 +504,7 @@ def _save_single_file(handle: "ModelHandle", path: Path, unet: dict, vae: dict, 
     return _save_safetensors(path, _cpu_tensors(ldm), meta)
 
 
-def _write_diffusers_folder(handle: "ModelHandle", folder: Path, unet: dict, vae: dict, tes: list[dict],
+def _write_diffusers_folder(handle: ModelHandle, folder: Path, unet: dict, vae: dict, tes: list[dict],
                             torch_dtype, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
