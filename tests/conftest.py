@@ -77,3 +77,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def offload_moves(monkeypatch) -> list:
+    """Every move the training offload makes, in order, as ``(module, device name)``: recorded through
+    ``Offload._move`` (on a CPU-only machine both places are RAM, so where a module *is* cannot tell)."""
+    from comfy_finetune.training.speed import Offload
+
+    moves: list = []
+    real_move = Offload._move
+
+    def move(self, device, modules=None):
+        moves.extend((m, str(device)) for m in (self.modules if modules is None else modules))
+        real_move(self, device, modules)
+
+    monkeypatch.setattr(Offload, "_move", move)
+    return moves
+
+
+@pytest.fixture(scope="session")
+def repo_tool():
+    """``repo_tool("import_cycles")``: a script of the repository's tools/ folder loaded as a module."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -8,33 +8,25 @@ ComfyUI itself. ``python tools/import_cycles.py`` prints the same graph check.
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("import_cycles", ROOT / "tools" / "import_cycles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_no_import_circles():
-    tool = _tool()
+def test_no_import_circles(repo_tool):
+    tool = repo_tool("import_cycles")
     graph = tool.import_graph(ROOT)
     assert len(graph) > 40 and "comfy_finetune.training.frame" in graph
     assert tool.cycles(graph) == []
 
 
-def test_the_cycle_finder_finds_a_circle():
-    tool = _tool()
+def test_the_cycle_finder_finds_a_circle(repo_tool):
+    tool = repo_tool("import_cycles")
     assert tool.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_no_function_local_imports_of_the_pack():
-    tool = _tool()
+def test_no_function_local_imports_of_the_pack(repo_tool):
+    tool = repo_tool("import_cycles")
     known = set(tool.import_graph(ROOT))
     local = []
     for path in sorted(ROOT.rglob("*.py")):

@@ -7,7 +7,6 @@ No network and no ComfyUI needed (the real host serving the templates is checked
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 import struct
 import sys
@@ -174,17 +173,10 @@ def test_every_required_import_is_a_requirement():
 
 
 # ---------------------------------------------------------------------------------------------- thumbnails
-def _thumbnail_tool():
-    spec = importlib.util.spec_from_file_location("make_thumbnails", REPO / "tools" / "make_thumbnails.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_example_has_a_thumbnail():
+def test_every_example_has_a_thumbnail(repo_tool):
     """ComfyUI's template browser shows ``<stem>.jpg`` for ``<stem>.json``: one per workflow, none orphaned,
     256 x 256 JPEG under 40 KB (made by tools/make_thumbnails.py)."""
-    tool = _thumbnail_tool()
+    tool = repo_tool("make_thumbnails")
     assert EXAMPLES
     problems = [msg for w in EXAMPLES if (msg := tool.check_thumbnail(w.with_suffix(".jpg")))]
     assert not problems, problems
@@ -192,14 +184,14 @@ def test_every_example_has_a_thumbnail():
     assert not orphans, orphans
 
 
-def test_examples_use_current_node_ids():
+def test_examples_use_current_node_ids(repo_tool):
     """The templates name each of this pack's nodes by its current id, never by an old one kept only so older saved
     workflows load (hidden from search), and every training node in them is one the thumbnail tool shortens."""
     import json  # noqa: PLC0415
 
     from comfy_finetune.nodes import NODE_CLASS_MAPPINGS, RENAMED_NODE_IDS  # noqa: PLC0415
 
-    tool = _thumbnail_tool()
+    tool = repo_tool("make_thumbnails")
     host_nodes = {"LoadImage", "SaveImage", "PreviewImage", "Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
     trainers = 0
     for w in EXAMPLES:
@@ -223,12 +215,12 @@ def test_example_titles_are_readable():
         assert "_" not in w.stem and "-" not in w.stem
 
 
-def test_thumbnail_composer_fits_noise_in_the_size_limit(tmp_path):
+def test_thumbnail_composer_fits_noise_in_the_size_limit(tmp_path, repo_tool):
     """The worst case for JPEG (pure noise, 9 tiles) still fits under the byte limit, as a square JPEG."""
     import numpy as np
     from PIL import Image
 
-    tool = _thumbnail_tool()
+    tool = repo_tool("make_thumbnails")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)) for _ in range(9)]
     data = tool.compose_thumbnail(images, size=256, max_bytes=40_000)
@@ -244,9 +236,9 @@ def test_thumbnail_composer_fits_noise_in_the_size_limit(tmp_path):
         tool.compose_thumbnail(images, size=256, max_bytes=500)
 
 
-def test_thumbnail_check_mode_flags_missing_and_orphaned(tmp_path, capsys):
+def test_thumbnail_check_mode_flags_missing_and_orphaned(tmp_path, capsys, repo_tool):
     """``--check`` exits 1 naming a workflow without a thumbnail and a thumbnail without a workflow."""
-    tool = _thumbnail_tool()
+    tool = repo_tool("make_thumbnails")
     (tmp_path / "A flow.json").write_text("{}", encoding="utf-8")
     (tmp_path / "Gone.jpg").write_bytes(b"\xff\xd8\xff")
     assert tool.main(["--check", "--examples", str(tmp_path)]) == 1

@@ -20,7 +20,7 @@ from comfy_finetune.training.frame import prepared
 from comfy_finetune.training.loop import make_optimizer, step_generator
 from comfy_finetune.training.lora_trainer import LoraObjective, LoraSpec, train_lora
 from comfy_finetune.training.settings import TrainSettings
-from comfy_finetune.training.speed import Offload, ensure_sdpa
+from comfy_finetune.training.speed import ensure_sdpa
 
 
 def _images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -344,24 +344,18 @@ def test_vae_tiles_large_images_and_slices_batches(tiny_handles, monkeypatch, on
 
 
 # ------------------------------------------------------------------------------------------------ offload
-def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handles, dataset, monkeypatch,
+def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handles, dataset, offload_moves,
                                                                      spy_encoders, one_thread):
-    """Where modules live is recorded through Offload._move (on this CPU-only machine both places are RAM)."""
     h = tiny_handles["sd1"]
     base = h.base
-    where: dict[int, str] = {}
-    real_move = Offload._move
 
-    def move(self, device, modules=None):
-        for m in self.modules if modules is None else modules:
-            where[id(m)] = str(device)
-        real_move(self, device, modules)
+    def where(module):  # where the offload last moved it
+        return next((d for m, d in reversed(offload_moves) if m is module), None)
 
-    monkeypatch.setattr(Offload, "_move", move)
     vae, te = spy_encoders(h)
     during = []
     hook = base.unet.register_forward_pre_hook(
-        lambda *_: during.append((where.get(id(base.vae)), where.get(id(base.text_encoders[0])), vae.calls)))
+        lambda *_: during.append((where(base.vae), where(base.text_encoders[0]), vae.calls)))
     try:
         train_lora(h, dataset, _settings(steps=3, batch_size=1, offload_frozen=True), LoraSpec(rank=2, alpha=2))
     finally:
@@ -369,7 +363,7 @@ def test_offload_keeps_frozen_parts_off_the_device_during_unet_steps(tiny_handle
     # every latent and caption was encoded before the first UNet step, then VAE and text encoder went to the CPU
     assert during and all(d == ("cpu", "cpu", 3) for d in during)
     assert te[0] == 3
-    assert where[id(base.vae)] == str(base.device)  # back where they were after the run
+    assert where(base.vae) == str(base.device)  # back where they were after the run
 
 
 # ------------------------------------------------------------------------------------------------ real-size configs

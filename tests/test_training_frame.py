@@ -21,7 +21,6 @@ from comfy_finetune.training.data import from_image_batch
 from comfy_finetune.training.dreambooth import DreamBoothSpec, train_dreambooth
 from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
 from comfy_finetune.training.settings import TrainSettings
-from comfy_finetune.training.speed import Offload
 from comfy_finetune.training.ti_trainer import TISpec, train_embedding
 
 TRAINERS = ("lora", "ti", "dreambooth-lora", "dreambooth-full")
@@ -108,49 +107,33 @@ def test_channels_last_is_the_denoisers_format_while_it_trains(tiny_handles, dat
 
 
 @pytest.mark.parametrize("kind", TRAINERS)
-def test_offload_keeps_the_frozen_vae_off_the_device_during_steps(tiny_handles, dataset, kind, monkeypatch,
+def test_offload_keeps_the_frozen_vae_off_the_device_during_steps(tiny_handles, dataset, kind, offload_moves,
                                                                   cache_dir, one_thread):
-    """Where modules are is recorded through Offload._move (on this CPU-only machine both places are RAM)."""
     base = tiny_handles["sd1"].base
-    where: dict[int, str] = {}
-    real_move = Offload._move
 
-    def move(self, device, modules=None):
-        for m in self.modules if modules is None else modules:
-            where[id(m)] = str(device)
-        real_move(self, device, modules)
+    def where(module):  # where the offload last moved it
+        return next((d for m, d in reversed(offload_moves) if m is module), None)
 
-    monkeypatch.setattr(Offload, "_move", move)
     for on in (True, False):
-        where.clear()
-        with _GradHook(base.unet.conv_in, lambda m: where.get(id(base.vae))) as hook:
+        offload_moves.clear()
+        with _GradHook(base.unet.conv_in, lambda m: where(base.vae)) as hook:
             train(kind, tiny_handles["sd1"], dataset, offload_frozen=on)
         assert hook.seen and all(x == ("cpu" if on else None) for x in hook.seen), (on, hook.seen)
         if on:
-            assert where[id(base.vae)] == str(base.device)  # back after the run
+            assert where(base.vae) == str(base.device)  # back after the run
 
 
-def test_offload_with_random_crops_keeps_only_the_vae_on_the_device(tiny_handles, monkeypatch, cache_dir,
+def test_offload_with_random_crops_keeps_only_the_vae_on_the_device(tiny_handles, offload_moves, cache_dir,
                                                                     one_thread):
     """Random crops are encoded every step, so the VAE stays; the cached text encoder goes once and comes back once
     (a VAE encode must not bring it back with it)."""
     base = tiny_handles["sd1"].base
-    moves: list[tuple[str, str]] = []
-    real_move = Offload._move
-
-    def move(self, device, modules=None):
-        for m in self.modules if modules is None else modules:
-            moves.append((type(m).__name__, str(device)))
-        real_move(self, device, modules)
-
-    monkeypatch.setattr(Offload, "_move", move)
     g = torch.Generator().manual_seed(1)
     cropped = from_image_batch(torch.rand((2, 80, 80, 3), generator=g), ["a red circle", "a blue square"],
                                resolution=64, crop="random")
     train("lora", tiny_handles["sd1"], cropped, offload_frozen=True)
-    assert [m for m in moves if m[0] == type(base.text_encoders[0]).__name__] == [
-        ("CLIPTextModel", "cpu"), ("CLIPTextModel", str(base.device))]
-    assert not [m for m in moves if m[0] == type(base.vae).__name__]
+    assert [d for m, d in offload_moves if m is base.text_encoders[0]] == ["cpu", str(base.device)]
+    assert not [d for m, d in offload_moves if m is base.vae]
 
 
 @pytest.mark.parametrize("kind", TRAINERS)
