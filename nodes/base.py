@@ -159,6 +159,20 @@ def widgets(names: Sequence[str], *sources: Any, defaults: Mapping[str, Any] | N
     return out
 
 
+def input_defaults(node_cls: type) -> dict[str, Any]:
+    """Each widget input's default from a node's INPUT_TYPES (what a freshly dropped node has; a combo's is its
+    ``default`` or its first choice). Link inputs have none."""
+    out: dict[str, Any] = {}
+    for section in ("required", "optional"):
+        for name, spec in node_cls.INPUT_TYPES().get(section, {}).items():
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif isinstance(spec[0], (list, tuple)) and spec[0]:
+                out[name] = spec[0][0]
+    return out
+
+
 def from_inputs(cls: type, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
                 coerce: bool = True, **fixed: Any) -> Any:
     """The settings dataclass ``cls`` from a node's input values, matched by input name.

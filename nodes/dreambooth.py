@@ -8,11 +8,13 @@ from .base import LORA, PIPE, FTNode, from_inputs, widgets
 from .training import (
     DATASET,
     TRAIN_CATEGORY,
+    node_inputs,
     outputs_for,
     settings_from,
     settings_inputs,
     validation_from,
     validation_inputs,
+    with_recipe,
 )
 
 
@@ -65,12 +67,11 @@ class DreamBoothTrain(FTNode):
     def run(self, pipe, dataset, instance_prompt, class_prompt, method, prior_preservation, prior_loss_weight,
             prior_mode, num_class_images, train_text_encoder, text_learning_rate, rank, alpha, class_dataset=None,
             class_sample_steps=20, class_cfg=7.0, **kwargs):
-        inputs = dict(locals())  # the parameters by name; DreamBoothSpec takes those that are its inputs
-
+        inputs = with_recipe(type(self), f"dreambooth_{method}", pipe, node_inputs(locals()))
         spec = from_inputs(DreamBoothSpec, inputs, self.DEFAULTS)
-        settings = settings_from(kwargs, self.DEFAULTS)
+        settings = settings_from(inputs, self.DEFAULTS)
         out, lora, result = train_dreambooth(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                             class_dataset=class_dataset, validation=validation_from(kwargs))
+                                             class_dataset=class_dataset, validation=validation_from(inputs))
         if lora is None:  # method full: links cannot carry None, so an empty LoRA (SaveLoRA refuses it clearly)
             lora = LoraWeights(pipe.family, {}, {"ft_note": "DreamBooth full fine-tuning: the weights are in the "
                                                             "pipe output"}, "none")

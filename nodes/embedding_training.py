@@ -8,11 +8,13 @@ from .base import EMBEDDING, PIPE, FTNode, from_inputs, widgets
 from .training import (
     DATASET,
     TRAIN_CATEGORY,
+    node_inputs,
     outputs_for,
     settings_from,
     settings_inputs,
     validation_from,
     validation_inputs,
+    with_recipe,
 )
 
 
@@ -46,12 +48,11 @@ class LearnEmbedding(FTNode):
         return {"required": required, "optional": validation_inputs()}
 
     def run(self, pipe, dataset, token, initializer, num_vectors, templates, **kwargs):
-        inputs = dict(locals())  # the parameters by name; TISpec takes those that are its inputs
-
+        inputs = with_recipe(type(self), "embedding", pipe, node_inputs(locals()))
         spec = from_inputs(TISpec, inputs, self.DEFAULTS, token=str(token).strip())
-        settings = settings_from(kwargs, self.DEFAULTS)
+        settings = settings_from(inputs, self.DEFAULTS)
         embedding, result = train_embedding(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                            validation=validation_from(kwargs))
+                                            validation=validation_from(inputs))
         plot, grid = outputs_for(result)
         return (embedding, pipe.with_patch(EmbeddingPatch(embedding)), plot, grid)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..core.errors import FinetuneError
 from ..core.handle import LoraPatch
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings
+from ..training import recipes
 from ..training.frame import Validation
 from ..training.lora_trainer import LoraSpec, train_lora
 from ..training.plots import image_grid, loss_plot
 from ..training.settings import TrainSettings
-from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, from_inputs, widgets
+from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, from_inputs, input_defaults, log, widgets
 
 DATASET = "FT_DATASET"
 TRAIN_CATEGORY = f"{CATEGORY}/training"
@@ -21,7 +23,7 @@ SETTINGS_INPUTS = ("steps", "learning_rate", "batch_size", "grad_accum", "lr_sch
 # widget values keep their positions.
 VALIDATION_INPUTS = ("validation_prompt", "validate_every", "negative", "validation_size", "validation_steps",
                      "validation_sampler", "validation_scheduler", "validation_cfg", "save_every", "resume", "on_nan",
-                     "cache_to_disk", "compile", "channels_last", "offload_frozen")
+                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe")
 
 _SAMPLE = SampleSettings(prompt="")  # validation samples default to the Sample settings' defaults
 # The validation inputs that are not TrainSettings fields: they make a Validation (validation_from).
@@ -36,6 +38,12 @@ VALIDATION_WIDGETS = {
     "validation_sampler": (list(SAMPLER_NAMES), {"default": _SAMPLE.sampler, "tooltip": "Sampler for validation."}),
     "validation_scheduler": (list(SCHEDULER_NAMES), {"default": _SAMPLE.scheduler, "tooltip": "Schedule."}),
     "validation_cfg": ("FLOAT", {"default": _SAMPLE.cfg, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "CFG."}),
+    "recipe": (list(recipes.RECIPES), {
+        "default": "auto",
+        "tooltip": "Values that work for a kind of model, for the inputs you left at their defaults (an input you "
+                   "changed always wins). auto: the model's own (shapes-tiny for the built-in model, sd15 for SD "
+                   "1.x/2.x, sdxl for SDXL); custom: the inputs as set. The values used are in the log and the "
+                   "README's recipe table."}),
 }
 
 
@@ -52,6 +60,24 @@ def validation_inputs() -> dict:
 def settings_from(kwargs: dict, defaults: dict | None = None) -> TrainSettings:
     """TrainSettings from a trainer's inputs (by input name; a missing one takes the node's or the field's default)."""
     return from_inputs(TrainSettings, kwargs, defaults)
+
+
+def with_recipe(node_cls: type, trainer: str, pipe, inputs: dict) -> dict:
+    """``inputs`` with the node's recipe applied (see ``training.recipes``); logs what it set."""
+    try:
+        name = recipes.resolve(str(inputs.get("recipe", "auto")), pipe)
+    except ValueError as e:
+        raise FinetuneError(str(e), node=node_cls.NODE_ID, input="recipe",
+                            fix=f"use one of {', '.join(recipes.RECIPES)}") from None
+    out, applied = recipes.apply(name, trainer, inputs, input_defaults(node_cls))
+    log.info("%s: %s", node_cls.NODE_ID, recipes.describe(name, applied))
+    return out
+
+
+def node_inputs(params: dict) -> dict:
+    """A ``run`` method's ``locals()`` as ``{input: value}``: its named inputs and its ``**kwargs``."""
+    return {**{k: v for k, v in params.items() if k not in ("self", "kwargs", "__class__")},
+            **params.get("kwargs", {})}
 
 
 def validation_from(kwargs: dict):
@@ -109,12 +135,11 @@ class TrainLoRA(FTNode):
         return {"required": required, "optional": validation_inputs()}
 
     def run(self, pipe, dataset, rank, alpha, targets, train_text_encoder, text_learning_rate, **kwargs):
-        inputs = dict(locals())  # the parameters by name; LoraSpec takes those that are its inputs
-
+        inputs = with_recipe(type(self), "lora", pipe, node_inputs(locals()))
         spec = from_inputs(LoraSpec, inputs, self.DEFAULTS)
-        settings = settings_from(kwargs, self.DEFAULTS)
+        settings = settings_from(inputs, self.DEFAULTS)
         lora, result = train_lora(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                  validation=validation_from(kwargs))
+                                  validation=validation_from(inputs))
         plot, grid = outputs_for(result)
         return (lora, pipe.with_patch(LoraPatch(lora)), plot, grid)
 

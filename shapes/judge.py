@@ -20,13 +20,15 @@ How
 * **Confidence** = the smallest of the four per-attribute confidences (:attr:`Verdict.scores`): clean renders
   score near 1, an image of noise scores near 0.
 
-``python -m comfy_finetune.shapes.judge --train`` retrains (seeded, 1 CPU thread, about a minute) and rewrites
+``python -m comfy_finetune.shapes.judge --train`` retrains (seeded, 1 CPU thread, about two minutes) and rewrites
 the weights, then prints the accuracy on freshly rendered held-out images (seeds of split ``"test"``).
-Without ``--train`` it only evaluates the shipped weights.
+Without ``--train`` it only evaluates the shipped weights: on two fresh renders of each of the 529 held-out specs,
+shape, colour and background 100 %, fill 99.8 %.
 
-Robustness (shipped weights, 900 fresh renders of every spec): clean, 40 px down/up-sampling, or pixel noise of
-0.05 / 0.08: >= 99 % on every attribute. 32 px down/up-sampling: shape, colour, background 100 %, fill 94 %
-(92 % of striped/dotted images: the pattern is nearly gone). Heavier blur erases patterns altogether.
+Robustness (measured on the first, five-shape world's weights, 900 fresh renders of every spec): clean, 40 px
+down/up-sampling, or pixel noise of 0.05 / 0.08: >= 99 % on every attribute. 32 px down/up-sampling: shape, colour,
+background 100 %, fill 94 % (92 % of striped/dotted images: the pattern is nearly gone). Heavier blur erases patterns
+altogether.
 """
 
 from __future__ import annotations

@@ -5,33 +5,39 @@ pixels for the same arguments on every machine.
 
 Composition
 -----------
-* :data:`SHAPES` (5): circle, square, triangle, star, cross: outlines that stay unambiguous at 64 px under
-  the small rotations used (at most 15 degrees, so a square never becomes a diamond nor a cross an "x").
+* :data:`SHAPES` (7): :data:`SEEN_SHAPES` circle, square, triangle, star, cross, which the base model learns, and
+  :data:`UNSEEN_SHAPES` heart, moon (a crescent), which it never sees (subjects for DreamBooth). Every outline
+  stays unambiguous at 64 px under the small rotations used (at most 15 degrees, so a square never becomes a
+  diamond nor a cross an "x").
 * :data:`COLORS` (8): :data:`SEEN_COLORS` red, green, blue, yellow, purple, orange, which the base model learns,
-  and :data:`UNSEEN_COLORS` teal, pink, which it never sees (reserved for Textual Inversion).
+  and :data:`UNSEEN_COLORS` teal, pink, which it never sees (for Textual Inversion).
 * :data:`BACKGROUNDS` (4): white, black, gray, blue (blue is the same RGB as the shape colour blue).
-* :data:`FILLS` (3): solid; striped (diagonal stripes in a darker shade of the colour: the LoRA style);
-  dotted (a grid of dark dots: a second, reserved style).
+* :data:`FILLS` (3): solid; striped (diagonal stripes in a darker shade of the colour) and dotted (a grid of dark
+  dots): :data:`STYLE_FILLS`, which the base model never sees (styles for LoRA).
 * :data:`FORBIDDEN` (colour, background) pairs that would make an image ambiguous: blue on blue, and purple on
   blue (only ~32 CIELAB units apart). Every allowed pair is at least 35 units apart, and every dark shade at
   least 20 units from every background, so a shape always stands out.
 
-That is 5 x 8 x 4 x 3 = 480 combinations, minus 5 x 2 x 3 = 30 forbidden: :func:`all_specs` has 450.
+That is 7 x 8 x 4 x 3 = 672 combinations, minus 7 x 2 x 3 = 42 forbidden: :func:`all_specs` has 630.
 
 Held out of the base model (:data:`HELD_OUT`, :func:`is_held_out`)
 -------------------------------------------------------------------
-* green star, on every background and in every fill: the DreamBooth subject ("a sks shape");
-* teal and pink, everything: unseen colours for Textual Inversion;
-* striped and dotted, everything: styles for LoRA;
-* orange triangle on a black background: a compositional probe (shape, colour and background are each seen,
-  this combination never).
+Each pattern has a ``kind``; the benchmark picks its concepts by kind (:func:`concepts`), not by hand.
+
+* kind ``"subject"``: the DreamBooth subjects ("a sks shape"), on every background and in every fill: the green
+  star (a seen shape in a seen colour, never together) and the red heart and yellow moon (shapes never seen);
+* kind ``"shape"``: heart and moon in every colour, so the subjects are truly new to the base;
+* kind ``"colour"``: teal and pink, everything: unseen colours for Textual Inversion;
+* kind ``"fill"``: striped and dotted, everything: styles for LoRA;
+* kind ``"composition"``: :data:`COMPOSITIONAL_PROBES`, five (shape, colour, background) combinations whose parts
+  are each seen, never together: the base model's compositional probe.
 
 :func:`training_specs` is everything else: 6 colours x 5 shapes x 4 backgrounds, solid, minus the 10 forbidden,
-minus 4 green stars, minus 1 orange triangle on black = 105 specs. :func:`held_out_specs` has the other 345.
+minus 4 green stars, minus 5 probes = 101 specs. :func:`held_out_specs` has the other 529.
 
 Captions: "a red circle on a white background", "an orange square on a gray background",
 "a striped green star on a black background" (the fill word only when not solid). :func:`vocabulary` lists
-every caption word (18 content + 4 function words = 22), small enough for ``core.tokenizer.build_vocab``.
+every caption word (20 content + 4 function words = 24), small enough for ``core.tokenizer.build_vocab``.
 
 Seeds: :func:`example_seed` derives a 64-bit seed from (spec, index, split); the splits ``"train"`` (base model),
 ``"judge"`` (judge training) and ``"test"`` (evaluation) never share a seed in practice.
@@ -48,13 +54,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "SHAPES", "SEEN_COLORS", "UNSEEN_COLORS", "COLORS", "BACKGROUNDS", "FILLS", "STYLE_FILLS", "PALETTE",
-    "BACKGROUND_RGB", "SHADE", "FORBIDDEN", "HeldOut", "HELD_OUT", "DREAMBOOTH_SUBJECT", "COMPOSITIONAL_PROBE",
+    "SHAPES", "SEEN_SHAPES", "UNSEEN_SHAPES",
+    "SEEN_COLORS", "UNSEEN_COLORS", "COLORS", "BACKGROUNDS", "FILLS", "STYLE_FILLS", "PALETTE",
+    "BACKGROUND_RGB", "SHADE", "FORBIDDEN", "HeldOut", "HELD_OUT", "COMPOSITIONAL_PROBES", "concepts",
     "Spec", "render", "render_array", "render_batch", "all_specs", "training_specs", "held_out_specs",
     "is_held_out", "held_out_reasons", "vocabulary", "example_seed", "examples", "rgb_to_lab", "shade_rgb",
 ]
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+SEEN_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+#: Shapes the base model never sees: DreamBooth subjects.
+UNSEEN_SHAPES: tuple[str, ...] = ("heart", "moon")
+SHAPES: tuple[str, ...] = SEEN_SHAPES + UNSEEN_SHAPES
 SEEN_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 #: Colours the base model never sees: reserved for Textual Inversion.
 UNSEEN_COLORS: tuple[str, ...] = ("teal", "pink")
@@ -151,7 +161,7 @@ class Spec:
 
 
 def all_specs() -> list[Spec]:
-    """Every combination in the world (450), in a fixed order."""
+    """Every combination in the world (630), in a fixed order."""
     return [Spec(s, c, b, f) for f in FILLS for c in COLORS for s in SHAPES for b in BACKGROUNDS
             if (c, b) not in FORBIDDEN]
 
@@ -159,9 +169,13 @@ def all_specs() -> list[Spec]:
 # --------------------------------------------------------------------------------------------- held out
 @dataclass(frozen=True)
 class HeldOut:
-    """A pattern of specs kept out of the base model's training data; ``None`` matches anything."""
+    """A pattern of specs kept out of the base model's training data; ``None`` matches anything.
+
+    ``kind`` says what it is for: ``"subject"`` (DreamBooth), ``"shape"`` (a whole shape kept unseen),
+    ``"colour"`` (Textual Inversion), ``"fill"`` (LoRA style) or ``"composition"`` (the base's probe)."""
 
     name: str
+    kind: str
     purpose: str
     shape: str | None = None
     color: str | None = None
@@ -174,22 +188,36 @@ class HeldOut:
             (self.fill, spec.fill)))
 
 
-#: The DreamBooth subject: a held-out (shape, colour) pair.
-DREAMBOOTH_SUBJECT = ("star", "green")
-#: Seen shape, colour and background, never together.
-COMPOSITIONAL_PROBE = Spec("triangle", "orange", "black")
+#: Seen shape, colour and background, never together: each shape once, each background at least once.
+COMPOSITIONAL_PROBES: tuple[Spec, ...] = (
+    Spec("triangle", "orange", "black"), Spec("square", "red", "gray"), Spec("circle", "yellow", "blue"),
+    Spec("cross", "purple", "white"), Spec("star", "blue", "black"),
+)
 
 HELD_OUT: tuple[HeldOut, ...] = (
-    HeldOut("green star", "DreamBooth subject ('a sks shape'), on every background",
-            shape=DREAMBOOTH_SUBJECT[0], color=DREAMBOOTH_SUBJECT[1]),
-    HeldOut("teal", "Textual Inversion: an unseen colour", color="teal"),
-    HeldOut("pink", "Textual Inversion: a second unseen colour", color="pink"),
-    HeldOut("striped", "LoRA style", fill="striped"),
-    HeldOut("dotted", "a second style, reserved", fill="dotted"),
-    HeldOut("orange triangle on a black background", "compositional probe: each part seen, never together",
-            shape=COMPOSITIONAL_PROBE.shape, color=COMPOSITIONAL_PROBE.color,
-            background=COMPOSITIONAL_PROBE.background, fill="solid"),
+    HeldOut("green star", "subject", "DreamBooth subject: a seen shape and a seen colour, never together",
+            shape="star", color="green"),
+    HeldOut("red heart", "subject", "DreamBooth subject: a shape the base never sees", shape="heart", color="red"),
+    HeldOut("yellow moon", "subject", "DreamBooth subject: a shape the base never sees", shape="moon",
+            color="yellow"),
+    HeldOut("heart", "shape", "never seen in any colour, so the red heart is new", shape="heart"),
+    HeldOut("moon", "shape", "never seen in any colour, so the yellow moon is new", shape="moon"),
+    HeldOut("teal", "colour", "Textual Inversion: an unseen colour", color="teal"),
+    HeldOut("pink", "colour", "Textual Inversion: a second unseen colour", color="pink"),
+    HeldOut("striped", "fill", "LoRA style", fill="striped"),
+    HeldOut("dotted", "fill", "a second LoRA style", fill="dotted"),
+    *(HeldOut(p.caption().removeprefix("a ").removeprefix("an "), "composition",
+              "compositional probe: each part seen, never together",
+              shape=p.shape, color=p.color, background=p.background, fill="solid") for p in COMPOSITIONAL_PROBES),
 )
+
+
+def concepts(kind: str) -> tuple[HeldOut, ...]:
+    """The held-out patterns of one ``kind``, in :data:`HELD_OUT` order: what the benchmark teaches and judges."""
+    found = tuple(h for h in HELD_OUT if h.kind == kind)
+    if not found:
+        raise ValueError(f"no held-out concept of kind {kind!r}; kinds: {sorted({h.kind for h in HELD_OUT})}")
+    return found
 
 
 def held_out_reasons(spec: Spec) -> list[str]:
@@ -202,12 +230,12 @@ def is_held_out(spec: Spec) -> bool:
 
 
 def training_specs() -> list[Spec]:
-    """The base model's world: every spec not held out (105)."""
+    """The base model's world: every spec not held out (101)."""
     return [s for s in all_specs() if not is_held_out(s)]
 
 
 def held_out_specs() -> list[Spec]:
-    """Every held-out spec (345)."""
+    """Every held-out spec (529)."""
     return [s for s in all_specs() if is_held_out(s)]
 
 
@@ -253,6 +281,19 @@ def _outline(shape: str) -> np.ndarray:
         L, W = 0.95, 0.3
         pts = np.array([[-W, -L], [W, -L], [W, -W], [L, -W], [L, W], [W, W], [W, L], [-W, L], [-W, W], [-L, W],
                         [-L, -W], [-W, -W]], dtype=float)
+    elif shape == "heart":
+        t = np.arange(96) * (2 * math.pi / 96)
+        pts = np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t)
+                                                - np.cos(4 * t))], 1) / 16.0
+    elif shape == "moon":
+        # a crescent opening to the right: the unit circle minus a circle of radius 0.8 centred at (0.5, 0);
+        # the two meet at x = 0.61, y = +-0.79
+        top = math.atan2(0.7906, 0.6100)
+        outer = np.linspace(top, 2 * math.pi - top, 64)
+        inner_top = math.atan2(0.7906, 0.1100)
+        inner = np.linspace(2 * math.pi - inner_top, inner_top, 48)
+        pts = np.concatenate([np.stack([np.cos(outer), np.sin(outer)], 1),
+                              np.stack([0.5 + 0.8 * np.cos(inner), 0.8 * np.sin(inner)], 1)])
     else:  # pragma: no cover - Spec validates
         raise ValueError(shape)
     return pts - (pts.min(0) + pts.max(0)) / 2

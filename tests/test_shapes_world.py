@@ -98,23 +98,34 @@ def test_spec_validation_and_forbidden_pairs():
 
 def test_held_out_split():
     everything, train, held = W.all_specs(), W.training_specs(), W.held_out_specs()
-    assert len(everything) == len(set(everything)) == 450
-    assert (len(train), len(held)) == (105, 345)
+    assert len(everything) == len(set(everything)) == 630
+    assert (len(train), len(held)) == (101, 529)
     assert set(train) | set(held) == set(everything) and not set(train) & set(held)
+    subjects = {(h.shape, h.color) for h in W.concepts("subject")}
     for spec in train:
         assert not W.is_held_out(spec) and not W.held_out_reasons(spec)
-        assert spec.fill == "solid" and spec.color in W.SEEN_COLORS
-        assert (spec.shape, spec.color) != W.DREAMBOOTH_SUBJECT
-        assert spec != W.COMPOSITIONAL_PROBE
+        assert spec.fill == "solid" and spec.color in W.SEEN_COLORS and spec.shape in W.SEEN_SHAPES
+        assert (spec.shape, spec.color) not in subjects and spec not in W.COMPOSITIONAL_PROBES
     assert all(W.is_held_out(s) for s in held)
     assert W.held_out_reasons(Spec("star", "green", "blue", "striped")) == ["green star", "striped"]
-    # everything the base model sees is seen in every part: each shape, seen colour and background occurs
-    assert {s.shape for s in train} == set(W.SHAPES)
+    assert W.held_out_reasons(Spec("heart", "red", "gray")) == ["red heart", "heart"]
+    # everything the base model sees is seen in every part: each seen shape, seen colour and background occurs
+    assert {s.shape for s in train} == set(W.SEEN_SHAPES)
     assert {s.color for s in train} == set(W.SEEN_COLORS)
     assert {s.background for s in train} == set(W.BACKGROUNDS)
     # seeds of different splits differ
     spec = train[0]
     assert len({W.example_seed(spec, 0, split) for split in ("train", "judge", "test")}) == 3
+    # what the issue asks of the held-out set: 3+ subjects (2 of them shapes never seen), 2+ unseen colours and
+    # fills, and combinations of seen attributes whose every part is in the training set
+    assert len(subjects) >= 3 and {s for s, _ in subjects} >= set(W.UNSEEN_SHAPES)
+    assert {h.color for h in W.concepts("colour")} == set(W.UNSEEN_COLORS) and len(W.UNSEEN_COLORS) >= 2
+    assert {h.fill for h in W.concepts("fill")} == set(W.STYLE_FILLS) and len(W.STYLE_FILLS) >= 2
+    for probe in W.COMPOSITIONAL_PROBES:
+        assert W.held_out_reasons(probe) == [probe.caption().removeprefix("a ").removeprefix("an ")]
+        assert any(s.shape == probe.shape for s in train) and any(s.color == probe.color for s in train)
+    with pytest.raises(ValueError, match="kinds"):
+        W.concepts("texture")
     assert list(W.examples([spec], 2)) == [(spec, W.example_seed(spec, 0)), (spec, W.example_seed(spec, 1))]
 
 

@@ -28,7 +28,8 @@ IDS = [t[0].NODE_ID for t in TRAINERS]
 # the validation widgets that are not TrainSettings fields: their defaults are the Sample settings'
 VALIDATION_DEFAULTS = {"validation_prompt": "", "validation_size": SampleSettings.width,
                        "validation_steps": SampleSettings.steps, "validation_sampler": SampleSettings.sampler,
-                       "validation_scheduler": SampleSettings.scheduler, "validation_cfg": SampleSettings.cfg}
+                       "validation_scheduler": SampleSettings.scheduler, "validation_cfg": SampleSettings.cfg,
+                       "recipe": "auto"}
 
 
 def _widgets(node) -> dict:
@@ -87,7 +88,8 @@ def test_default_widget_values_give_the_dataclass_defaults(node, spec_cls, modul
     sampled = validation_from({**values, "validation_prompt": "a test"})
     assert sampled == SampleSettings(prompt="a test", seed=TrainSettings.seed)
 
-    # The node's own run() builds exactly these from its default widget values.
+    # The node's own run() builds exactly these from its default widget values (recipe custom: the widgets as
+    # set; tests/test_recipes.py covers what a recipe changes).
     seen = {}
 
     class Stop(Exception):
@@ -100,7 +102,7 @@ def test_default_widget_values_give_the_dataclass_defaults(node, spec_cls, modul
     monkeypatch.setattr(module, fn, capture)
     monkeypatch.setattr(nodes_base, "check_link_values", lambda *a, **k: None)
     with pytest.raises(Stop):
-        node().run(pipe=None, dataset=None, **values)
+        node().run(pipe=None, dataset=None, **{**values, "recipe": "custom"})
     assert seen == {"settings": settings_from(values), "spec": expected_spec, "validation": None}
 
 

@@ -1,0 +1,92 @@
+"""Recipes: named sets of trainer inputs that work for a kind of model, shown in the README and in the run's log.
+
+A trainer node's ``recipe`` input picks one: ``auto`` (the default) takes the recipe of the model it trains
+(:func:`recipe_for`), ``custom`` takes none, and a name takes that one. A recipe sets only the inputs that are still
+at the node's default: an input you changed always wins. The values that applied are logged.
+
+Why recipes differ: a small model trained from scratch on a few thousand images (shapes-tiny) has a flat loss
+landscape and learns from few steps at learning rates a hundred times those that keep a billion-parameter model
+pretrained on billions of images from forgetting (SD 1.x, SDXL). The sd15 and sdxl values are the ones the common
+trainers ship for those models (diffusers' DreamBooth and textual-inversion examples, kohya's LoRA guides): LoRA at
+1e-4, full DreamBooth at 5e-6 (SD 1.x) or 2e-6 (SDXL), prior-loss weight 1.0, textual inversion at 5e-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+RECIPES = ("auto", "custom", "shapes-tiny", "sd15", "sdxl")
+#: The trainers a recipe has values for; DreamBooth's depend on its method.
+TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full")
+
+TABLE: dict[str, dict[str, dict[str, Any]]] = {
+    "shapes-tiny": {
+        "lora": {"steps": 300, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0},
+        "embedding": {"steps": 300, "learning_rate": 2e-2, "batch_size": 4, "num_vectors": 1,
+                      "initializer": "shape", "templates": "captions"},
+        "dreambooth_lora": {"steps": 250, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0,
+                            "num_class_images": 24, "class_cfg": 5.0},
+        "dreambooth_full": {"steps": 250, "learning_rate": 2e-4, "batch_size": 4, "num_class_images": 24,
+                            "class_cfg": 5.0},
+    },
+    "sd15": {
+        "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0},
+        "embedding": {"steps": 1000, "learning_rate": 5e-3, "num_vectors": 4},
+        "dreambooth_lora": {"steps": 400, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "num_class_images": 50},
+        "dreambooth_full": {"steps": 400, "learning_rate": 5e-6, "num_class_images": 100},
+    },
+    "sdxl": {
+        "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0},
+        "embedding": {"steps": 1000, "learning_rate": 5e-3, "num_vectors": 4},
+        "dreambooth_lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "num_class_images": 50},
+        "dreambooth_full": {"steps": 400, "learning_rate": 2e-6, "num_class_images": 100},
+    },
+}
+
+_FAMILY_RECIPE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl"}
+
+
+def recipe_for(handle: Any) -> str:
+    """The recipe ``auto`` means for ``handle``: ``shapes-tiny`` for the built-in model, else by family
+    (SD 1.x and 2.x: ``sd15``; SDXL: ``sdxl``); ``custom`` for a family without one."""
+    base = handle.base
+    if base.label == "shapes-tiny":
+        return "shapes-tiny"
+    return _FAMILY_RECIPE.get(base.family.value, "custom")
+
+
+def resolve(recipe: str, handle: Any) -> str:
+    """``recipe`` with ``auto`` resolved; a name not in :data:`RECIPES` raises ``ValueError``."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    return recipe_for(handle) if recipe == "auto" else recipe
+
+
+def apply(recipe: str, trainer: str, inputs: Mapping[str, Any], defaults: Mapping[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(inputs with the recipe's values, the values that applied)``: each value of ``TABLE[recipe][trainer]``
+    replaces an input that equals its node default (``defaults``); inputs the user changed stay."""
+    values = TABLE.get(recipe, {}).get(trainer, {})
+    out, applied = dict(inputs), {}
+    for name, value in values.items():
+        if name in defaults and out.get(name, defaults[name]) == defaults[name] and value != defaults[name]:
+            out[name] = value
+            applied[name] = value
+    return out, applied
+
+
+def describe(recipe: str, applied: Mapping[str, Any]) -> str:
+    """One line for the log: ``recipe shapes-tiny: steps 300, learning_rate 0.002``."""
+    if not applied:
+        return f"recipe {recipe}: node inputs as set"
+    return f"recipe {recipe}: " + ", ".join(f"{k} {v}" for k, v in applied.items())
+
+
+def markdown_table() -> str:
+    """The README's recipe table: one row per (recipe, trainer), the inputs it sets."""
+    lines = ["| recipe | trainer | inputs it sets (where left at the node's default) |", "|---|---|---|"]
+    for recipe, trainers in TABLE.items():
+        for trainer, values in trainers.items():
+            lines.append(f"| {recipe} | {trainer} | " + ", ".join(f"`{k}` {v}" for k, v in values.items()) + " |")
+    return "\n".join(lines)
