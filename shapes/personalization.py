@@ -84,8 +84,8 @@ class Budget:
 
 
 FULL = Budget()
-FAST = Budget(seeds=(0,), samples=4, sample_steps=12, db={"steps": 100, "num_class_images": 8},
-              ti={"steps": 150}, lora={"steps": 120})
+FAST = Budget(seeds=(0,), samples=4, sample_steps=12, db={"num_class_images": 8}, ti={"steps": 150},
+              lora={"steps": 300})
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -50,13 +50,14 @@ def test_shapes_tiny_is_sd1_with_world_tokenizer(pipe):
 
 
 def test_shapes_tiny_draws_what_prompts_name(pipe):
-    """Judge accuracy on a spread of the world's training prompts, far above chance (chance: shape 1 in 5,
-    colour 1 in 8, all three 1 in 160). The shipped model's full figures are in its metrics.json."""
-    specs = W.training_specs()[::3]  # 35 prompts across shapes, colours and backgrounds
+    """Judge accuracy on a spread of the world's training prompts, far above chance (chance: shape 1 in 7,
+    colour 1 in 8, all three 1 in 224). The shipped model's full figures are in its metrics.json."""
+    specs = W.training_specs()[::3]  # 34 prompts across shapes, colours and backgrounds
     acc = train_base.evaluate_base(pipe, per_spec=1, steps=20, specs=specs)
     assert acc["n"] == len(specs)
-    assert acc["shape"] >= 0.45 and acc["color"] >= 0.35, acc
-    assert acc["all"] >= 0.08, acc
+    # shipped: 98 / 100 / 100 % (all three 98 %) on the 101 training prompts; margins for other CPUs' rounding
+    assert acc["shape"] >= 0.85 and acc["color"] >= 0.9 and acc["background"] >= 0.95, acc
+    assert acc["all"] >= 0.8, acc
 
 
 def test_missing_builtin_model_is_a_clear_error(monkeypatch, tmp_path):

@@ -22,12 +22,12 @@ TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full")
 
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "shapes-tiny": {
-        "lora": {"steps": 300, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0},
+        "lora": {"steps": 600, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0},
         "embedding": {"steps": 300, "learning_rate": 2e-2, "batch_size": 4, "num_vectors": 1,
                       "initializer": "shape", "templates": "captions"},
         "dreambooth_lora": {"steps": 250, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0,
                             "num_class_images": 24, "class_cfg": 5.0},
-        "dreambooth_full": {"steps": 250, "learning_rate": 2e-4, "batch_size": 4, "num_class_images": 24,
+        "dreambooth_full": {"steps": 250, "learning_rate": 1e-3, "batch_size": 4, "num_class_images": 24,
                             "class_cfg": 5.0},
     },
     "sd15": {
