@@ -530,8 +530,10 @@ def test_nan_policy_setting_and_node_input():
     assert TrainSettings().nan_policy == "stop"
     for node in (TrainLoRA, LearnEmbedding, DreamBoothTrain):
         optional = node.INPUT_TYPES()["optional"]
-        # on_nan came last before the speed/memory options were appended (widget positions of older workflows)
-        assert list(optional)[-5:] == ["on_nan", "cache_to_disk", "compile", "channels_last", "offload_frozen"], node
+        # on_nan came last before the speed/memory options and then the recipe were appended (widget positions of
+        # older workflows)
+        assert list(optional)[-6:] == ["on_nan", "cache_to_disk", "compile", "channels_last", "offload_frozen",
+                                       "recipe"], node
         choices, opts = optional["on_nan"]
         assert choices == ["stop", "rollback"] and opts["default"] == "stop", node
     required = TrainLoRA.INPUT_TYPES()["required"]
