@@ -44,6 +44,7 @@ class DreamBoothTrain(FTNode):
     SPEC_INPUTS = ("instance_prompt", "class_prompt", "method", "prior_preservation", "prior_loss_weight",
                    "prior_mode", "num_class_images", "train_text_encoder", "text_learning_rate", "rank", "alpha")
     CLASS_SAMPLING_INPUTS = ("class_sample_steps", "class_cfg")  # optional, before the validation inputs
+    LATE_SPEC_INPUTS = ("targets",)  # optional, after the shared ones (added later)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -61,6 +62,8 @@ class DreamBoothTrain(FTNode):
                                                    "prompt."}),
             **widgets(cls.CLASS_SAMPLING_INPUTS, DreamBoothSpec, defaults=cls.DEFAULTS),
             **validation_inputs(),
+            # appended after the shared inputs so older workflows' widget values keep their positions
+            **widgets(cls.LATE_SPEC_INPUTS, DreamBoothSpec, defaults=cls.DEFAULTS),
         }
         return {"required": required, "optional": optional}
 

@@ -111,7 +111,10 @@ class DreamBoothSpec:
     class_cfg: float = node_input(7.0, min=0.0, max=100.0, step=0.1, tooltip="CFG for generated class images.")
     class_sampler: str = "euler"
     class_scheduler: str = "normal"
-    targets: str = "attention+feedforward"  # LoRA target preset (see settings.UNET_TARGETS)
+    targets: str = node_input("attention+feedforward", choices=UNET_TARGETS,
+                              tooltip="Which UNet layers get LoRA (method lora): attention only, + feed-forward and "
+                                      "projections (kohya default), + convolutions (LoCon: a new shape or outline "
+                                      "is drawn by the convolutions, so it learns one faster).")
 
     @property
     def uses_class_images(self) -> bool:

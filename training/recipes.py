@@ -9,6 +9,10 @@ landscape and learns from few steps at learning rates a hundred times those that
 pretrained on billions of images from forgetting (SD 1.x, SDXL). The sd15 and sdxl values are the ones the common
 trainers ship for those models (diffusers' DreamBooth and textual-inversion examples, kohya's LoRA guides): LoRA at
 1e-4, full DreamBooth at 5e-6 (SD 1.x) or 2e-6 (SDXL), prior-loss weight 1.0, textual inversion at 5e-3.
+
+shapes-tiny's DreamBooth LoRA also wraps the convolutions (LoCon): its subjects include outlines the base never drew
+(heart, moon), and outlines come from the convolutions; with attention and feed-forward only, the crescent was drawn
+in 38 % of samples, with the convolutions in 67 % (one seed, 6 samples a prompt), at no cost in class drift.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "embedding": {"steps": 300, "learning_rate": 2e-2, "batch_size": 4, "num_vectors": 1,
                       "initializer": "shape", "templates": "captions"},
         "dreambooth_lora": {"steps": 250, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0,
-                            "num_class_images": 24, "class_cfg": 5.0},
+                            "targets": "attention+feedforward+conv", "num_class_images": 24, "class_cfg": 5.0},
         "dreambooth_full": {"steps": 250, "learning_rate": 1e-3, "batch_size": 4, "num_class_images": 24,
                             "class_cfg": 5.0},
     },
