@@ -36,6 +36,7 @@ class LearnEmbedding(FTNode):
     DEFAULTS = {"token": "<my-concept>", "initializer": "object", "num_vectors": 4, "steps": 1000,
                 "learning_rate": 5e-3}
     SPEC_INPUTS = ("token", "initializer", "num_vectors", "templates")
+    LATE_SPEC_INPUTS = ("min_timestep",)  # optional, after the shared ones (added later)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -45,7 +46,9 @@ class LearnEmbedding(FTNode):
             **widgets(cls.SPEC_INPUTS, TISpec, defaults=cls.DEFAULTS),
             **settings_inputs(cls.DEFAULTS),
         }
-        return {"required": required, "optional": validation_inputs()}
+        # appended after the shared inputs so older workflows' widget values keep their positions
+        optional = {**validation_inputs(), **widgets(cls.LATE_SPEC_INPUTS, TISpec, defaults=cls.DEFAULTS)}
+        return {"required": required, "optional": optional}
 
     def run(self, pipe, dataset, token, initializer, num_vectors, templates, **kwargs):
         inputs = with_recipe(type(self), "embedding", pipe, node_inputs(locals()))

@@ -154,6 +154,8 @@ def test_initializer_without_tokens_is_an_error(tiny_handles, monkeypatch):
     (TISpec("embedding:x"), "token", "<my-concept>"),
     (TISpec("<ok>", num_vectors=0), "num_vectors", "1-8"),
     (TISpec("<ok>", templates="poems"), "templates", "object"),
+    (TISpec("<ok>", min_timestep=1000), "min_timestep", "600"),
+    (TISpec("<ok>", min_timestep=-1), "min_timestep", "600"),
 ])
 def test_bad_specs_are_clear_errors(tiny_handles, dataset, spec, input_name, fix):
     with pytest.raises(FinetuneError, match=rf"\[train_embedding\] input '{input_name}'") as err:
@@ -273,3 +275,27 @@ def test_cancel_keeps_a_checkpoint_and_resume_is_exact(tiny_handles, dataset):
     assert result.resumed_from == 2 and result.steps_done == 4
     assert torch.allclose(full.vectors["te1"], resumed.vectors["te1"], atol=1e-6)
     ckpt[0].unlink()
+
+
+def test_min_timestep_draws_only_high_noise_and_zero_keeps_every_timestep(tiny_handles):
+    from comfy_finetune.training.diffusion import NoiseSchedule, denoise_loss
+
+    base = tiny_handles["sd1"].base
+    schedule = NoiseSchedule(base.scheduler_config, base.prediction_type)
+    seen = []
+
+    class Recorder(torch.nn.Module):  # records the timesteps it is asked for
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, noisy, t, **kwargs):
+            seen.append(t.clone())
+            return type("Out", (), {"sample": noisy * self.w})()
+
+    latents, context = torch.randn(64, 4, 2, 2), torch.zeros(64, 3, 8)
+    for min_t in (0, 0, 600):
+        denoise_loss(Recorder(), latents, context, schedule, generator=torch.Generator().manual_seed(5),
+                     min_timestep=min_t)
+    assert torch.equal(seen[0], seen[1]) and int(seen[0].min()) < 600  # 0: the whole range, seeded
+    assert int(seen[2].min()) >= 600 and int(seen[2].max()) < schedule.num_timesteps

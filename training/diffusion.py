@@ -301,10 +301,12 @@ def dataset_captions(dataset: TrainingSet) -> list[str]:
 def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, *,
                  generator: torch.Generator, added: dict | None = None, noise_offset: float = 0.0,
                  min_snr_gamma: float = 0.0, timesteps: torch.Tensor | None = None,
-                 target_fn=None) -> torch.Tensor:
+                 target_fn=None, min_timestep: int = 0) -> torch.Tensor:
     """Per-sample diffusion loss ``[B]``: noise the latents at random timesteps and regress the model's target.
 
     ``target_fn(noisy, t)`` replaces the usual target (used by prior preservation against the frozen model).
+    ``min_timestep`` draws the random timesteps from ``[min_timestep, num_timesteps)`` only (0: all, the same draws
+    as before it existed).
     """
     b = latents.shape[0]
     device = latents.device
@@ -312,7 +314,7 @@ def denoise_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: N
     if noise_offset:
         noise = noise + noise_offset * distributed.randn((b, latents.shape[1], 1, 1), generator).to(device)
     if timesteps is None:
-        timesteps = distributed.randint(schedule.num_timesteps, b, generator).to(device)
+        timesteps = distributed.randint(schedule.num_timesteps - min_timestep, b, generator).to(device) + min_timestep
     noisy = schedule.scheduler.add_noise(latents, noise, timesteps)
     if target_fn is not None:
         target = target_fn(noisy, timesteps)
