@@ -36,11 +36,12 @@ def test_dreambooth_lora_teaches_a_shape_the_base_never_saw(pipe):
     assert f["class_drift_points"] <= 25, row
 
 
-def test_textual_inversion_token_leaves_other_prompts_alone(pipe):
+def test_textual_inversion_teaches_an_unseen_colour_and_leaves_other_prompts_alone(pipe):
     row = P.ti_row(pipe, W.concepts("colour")[0], 0, P.FAST)
     assert row.figures["no_token_identical"] == 1.0
-    # Known shortfall: the learned token draws teal as green (ti_fidelity ~0 on shapes-tiny v2, although an embedding
-    # between green and blue draws teal; see the README), so the guard here is that other prompts stay untouched.
+    # 75 % measured at this budget (teal, seed 0); trained at every timestep instead of the recipe's 800 and up, the
+    # token drew teal as green (0 %)
+    assert row.figures["ti_fidelity"] >= 0.3, row
 
 
 def test_lora_learns_a_style_that_transfers(pipe):
