@@ -154,8 +154,8 @@ def test_initializer_without_tokens_is_an_error(tiny_handles, monkeypatch):
     (TISpec("embedding:x"), "token", "<my-concept>"),
     (TISpec("<ok>", num_vectors=0), "num_vectors", "1-8"),
     (TISpec("<ok>", templates="poems"), "templates", "object"),
-    (TISpec("<ok>", min_timestep=1000), "min_timestep", "600"),
-    (TISpec("<ok>", min_timestep=-1), "min_timestep", "600"),
+    (TISpec("<ok>", min_timestep=1000), "min_timestep", "800"),
+    (TISpec("<ok>", min_timestep=-1), "min_timestep", "800"),
 ])
 def test_bad_specs_are_clear_errors(tiny_handles, dataset, spec, input_name, fix):
     with pytest.raises(FinetuneError, match=rf"\[train_embedding\] input '{input_name}'") as err:

@@ -79,8 +79,8 @@ class TISpec:
     min_timestep: int = node_input(0, min=0, max=999,
                                    tooltip="Train only at timesteps from this one up (0: all). Colour and layout are "
                                            "decided at high noise; the low-noise steps, which refine edges, carry "
-                                           "most of the loss and can pull the token away from the colour. 600 "
-                                           "teaches a colour on shapes-tiny.")
+                                           "most of the loss and can pull the token away from the colour (the "
+                                           "shapes-tiny recipe uses 800).")
 
 
 def embedding_name(token: str) -> str:
@@ -122,7 +122,8 @@ def check_spec(handle: ModelHandle, spec: TISpec, node: str) -> None:
     steps = int(handle.base.scheduler_config.get("num_train_timesteps", 1000))
     if not 0 <= int(spec.min_timestep) < steps:
         raise FinetuneError(f"min_timestep must be 0 to {steps - 1} (got {spec.min_timestep})", node=node,
-                            input="min_timestep", fix="use 0 to train at every timestep, or e.g. 600 for a colour")
+                            input="min_timestep",
+                            fix="use 0 to train at every timestep, or e.g. 800 to teach a colour")
     if spec.templates not in TEMPLATE_MODES:
         raise FinetuneError(f"unknown templates '{spec.templates}'", node=node, input="templates",
                             fix=f"use one of {', '.join(TEMPLATE_MODES)}")
