@@ -119,9 +119,9 @@ def check_spec(handle: ModelHandle, spec: TISpec, node: str) -> None:
     if int(spec.num_vectors) < 1:
         raise FinetuneError(f"num_vectors must be at least 1 (got {spec.num_vectors})", node=node,
                             input="num_vectors", fix="use 1-8 (more vectors learn more detail, but need more steps)")
-    steps = int(handle.base.scheduler_config.get("num_train_timesteps", 1000))
-    if not 0 <= int(spec.min_timestep) < steps:
-        raise FinetuneError(f"min_timestep must be 0 to {steps - 1} (got {spec.min_timestep})", node=node,
+    num_timesteps = int(handle.base.scheduler_config.get("num_train_timesteps", 1000))
+    if not 0 <= int(spec.min_timestep) < num_timesteps:
+        raise FinetuneError(f"min_timestep must be 0 to {num_timesteps - 1} (got {spec.min_timestep})", node=node,
                             input="min_timestep",
                             fix="use 0 to train at every timestep, or e.g. 800 to teach a colour")
     if spec.templates not in TEMPLATE_MODES:
