@@ -1,0 +1,1 @@
+"""Scoring: feature models, distribution metrics and the scorers trainers use to keep their best checkpoint."""
