@@ -26,7 +26,7 @@ import math
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -224,6 +224,14 @@ class TrainingSet:
             captions.append(self.caption(i, rng))
         return Batch(indices=list(indices), pixels=torch.stack(tiles).contiguous(), captions=captions,
                      flipped=flipped, step=step, epoch=epoch)
+
+
+def subset(dataset: TrainingSet, indices: Sequence[int]) -> TrainingSet:
+    """The examples ``indices`` of ``dataset`` (in that order) with the same settings and their buckets."""
+    where = {old: new for new, old in enumerate(indices)}
+    buckets = {size: [where[i] for i in members if i in where] for size, members in dataset.buckets.items()}
+    return replace(dataset, examples=tuple(dataset.examples[i] for i in indices),
+                   buckets={k: v for k, v in buckets.items() if v})
 
 
 def _check_batch_size(batch_size: int) -> int:

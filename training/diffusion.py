@@ -15,6 +15,7 @@ training frame configures them (disk, offload) and fills them before it offloads
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -360,15 +361,16 @@ def conditioning_for(handle: ModelHandle, text: TextCache, captions: list[str], 
 
 @torch.no_grad()
 def evaluation_loss(handle: ModelHandle, dataset: TrainingSet, *, seed: int = 1234,
-                    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
+                    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), apply_patches: bool = True) -> float:
     """Mean denoising loss of ``handle`` (patches applied) over every example at fixed timesteps and noise.
 
     Unlike the training loss (random timesteps), this is comparable between two models, so tests and
-    benchmarks use it to check that training taught something.
+    benchmarks use it to check that training taught something, and the held-out loss of in-loop scoring is it.
+    ``apply_patches=False``: the handle's LoRAs are already merged (inside training).
     """
     schedule = NoiseSchedule(handle.base.scheduler_config, handle.base.prediction_type)
     total, count = 0.0, 0
-    with handle.patched():
+    with handle.patched() if apply_patches else contextlib.nullcontext():
         text = TextCache(handle, "evaluation")
         cache = LatentCache(handle, dataset)
         for i, ex in enumerate(dataset.examples):

@@ -59,9 +59,10 @@ from ..core.fields import node_input
 from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from ..core.lora import LoraWeights
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
+from ..scoring.scorers import Scorer
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
 from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, conditioning_for, dataset_captions
-from .frame import Validation, check_dataset, run_training
+from .frame import Validation, check_dataset, run_training, scored
 from .loop import TrainResult, run_key
 from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .memory import RunShape
@@ -590,7 +591,7 @@ class FullObjective:
 # ---------------------------------------------------------------------------------------------- entry point
 def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec, *,
                      node: str = "train_dreambooth", class_dataset: TrainingSet | None = None,
-                     validation: Validation | None = None
+                     validation: Validation | None = None, scorer: Scorer | None = None
                      ) -> tuple[ModelHandle, LoraWeights | None, TrainResult]:
     """Train DreamBooth on ``handle`` and return ``(output handle, LoRA or None, TrainResult)``.
 
@@ -600,7 +601,8 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
 
     ``dataset`` holds the instance images (their captions are replaced by ``spec.instance_prompt``);
     ``class_dataset`` optionally supplies the class images (captioned with ``spec.class_prompt``) instead of
-    generating ``spec.num_class_images`` of them.
+    generating ``spec.num_class_images`` of them. With a ``scorer`` the result is the best-scoring checkpoint's
+    (the instance images are its references).
     """
     has_class_data = class_dataset is not None
     settings.validate(node)
@@ -610,6 +612,7 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
         raise FinetuneError("the class dataset is empty", node=node, input="class_dataset",
                             fix="connect a Training Data node with class images, or disconnect it to generate them")
 
+    dataset, score = scored(dataset, scorer, node)
     instance, ignored = with_prompt(dataset, spec.instance_prompt)
     if ignored:
         log.info("[%s] %d of %d instance images had their own caption; DreamBooth trains every instance image with "
@@ -649,12 +652,13 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
     if isinstance(inner, LoraObjective):
         metadata = {**common, "ft_targets": spec.targets}
         lora, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
-                                    validation=validation, finish=lambda: inner.extract(metadata, name="dreambooth"))
+                                    validation=validation, finish=lambda: inner.extract(metadata, name="dreambooth"),
+                                    score=score, metadata=metadata)
         return handle.with_patch(LoraPatch(lora)), lora, result
     assert isinstance(inner, FullObjective)
     label_key = run_key(kind, config, paired.signature(), asdict(settings))
     out, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
-                               validation=validation, finish=lambda: inner.result(label_key))
+                               validation=validation, finish=lambda: inner.result(label_key), score=score)
     return out, None, result
 
 

@@ -16,7 +16,14 @@ cancelled:
 6. the memory check (:func:`.memory.check`) from the objective's :meth:`~Objective.workload`;
 7. the loop (:func:`.loop.train`) over a :class:`Run`, which binds the prepared (maybe compiled) denoiser to
    the objective's loss; validation samples through the training handle with the offloaded encoders back;
-8. the result built by the trainer's ``finish()`` while everything is still attached.
+8. the result built by the trainer's ``finish()`` while everything is still attached: with a scorer, from the
+   best-scoring state (the loop loads it back at the end).
+
+In-loop scoring (:class:`Scored`, made by :func:`scored` before the objective so held-out images never train):
+the scorer is bound first (feature models loaded, reference features computed, bad inputs refused before any
+training); at every evaluation its prompts are sampled with fixed seeds through the validation settings (the same
+sampler, negative prompt, size, steps and cfg as the Sample node) with the offloaded encoders back, and the held-out
+loss is measured at fixed noise and timesteps, all without gradients.
 
 Nothing here probes an objective for optional attributes: :class:`Objective` is the whole contract.
 """
@@ -28,9 +35,9 @@ import ctypes
 import gc
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -39,9 +46,11 @@ from .. import host
 from ..core.errors import FinetuneError
 from ..core.handle import ModelHandle
 from ..core.sampling import SampleSettings, make_scheduler, sample_patched
+from ..scoring.scorers import Evaluation, Scorer, images_from
 from . import speed
-from .diffusion import Cache, LatentCache
-from .loop import TrainResult, checkpoint_path, run_key, train, training_mode
+from .data import TrainingSet, subset
+from .diffusion import Cache, LatentCache, evaluation_loss
+from .loop import Scoring, TrainResult, checkpoint_path, run_key, train, training_mode
 from .memory import RunShape
 from .memory import check as check_memory
 from .settings import TrainSettings
@@ -176,6 +185,34 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
         yield Run(objective, speed.maybe_compile(unet, settings.compile), offload)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A trainer's scorer with what it scores against: the instance images and the held-out set (or None)."""
+
+    scorer: Scorer
+    references: Sequence[Any]
+    heldout: TrainingSet | None = None
+
+
+def scored(dataset: TrainingSet, scorer: Scorer | None, node: str) -> tuple[TrainingSet, Scored | None]:
+    """``(training set, Scored)`` for ``scorer``: the images a held-out loss asks for are taken out of the training
+    set (the last ``holdout`` ones), or come from the scorer's own set. References are the training images."""
+    if scorer is None:
+        return dataset, None
+    heldout, n = scorer.heldout_set, scorer.holdout
+    if heldout is None and n:
+        if n >= len(dataset):
+            raise FinetuneError(f"the scorer holds out {n} of the {len(dataset)} training images, which leaves none "
+                                "to train on", node=node, input="scorer",
+                                fix=f"hold out fewer than {len(dataset)} images, or give the scorer a validation "
+                                    "dataset of its own")
+        keep = len(dataset) - n
+        dataset, heldout = subset(dataset, range(keep)), subset(dataset, range(keep, len(dataset)))
+        log.info("[%s] %d image(s) held out of training for the held-out loss: %s", node, n,
+                 ", ".join(ex.name for ex in heldout.examples))
+    return dataset, Scored(scorer, images_from([ex.pixels for ex in dataset.examples]), heldout)
+
+
 def check_validation(validation: Validation, handle: ModelHandle, node: str) -> None:
     """Refuse bad validation settings before training starts, naming the trainer's validation_* input."""
     inputs = {"sampler_name": "validation_sampler", "scheduler": "validation_scheduler", "width": "validation_size",
@@ -202,11 +239,23 @@ def check_dataset(dataset: Dataset, settings: TrainSettings, node: str) -> None:
 
 def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: TrainSettings, objective: Objective,
                  *, node: str, config: dict, validation: Validation | None = None,
-                 finish: Callable[[], Any]) -> tuple[Any, TrainResult]:
+                 finish: Callable[[], Any], score: Scored | None = None,
+                 metadata: dict[str, str] | None = None) -> tuple[Any, TrainResult]:
     """Train ``objective`` on ``handle`` over ``dataset`` (the module doc's sequence) and return
-    ``(finish(), TrainResult)``; ``finish`` builds the trainer's result while the objective is still attached."""
+    ``(finish(), TrainResult)``; ``finish`` builds the trainer's result while the objective is still attached.
+    With ``score`` (:func:`scored`) the result is built from the best-scoring state, and ``metadata`` (the dict
+    ``finish`` writes into the file) names the kept step and score (its ``ss_steps`` / ``steps`` become that step)."""
     settings.validate(node)
     check_dataset(dataset, settings, node)
+    bound = None
+    if score is not None:
+        validation = validation or Validation(prompt="")
+        check_validation(validation, handle, node)  # the scorer samples with the validation settings
+        bound = score.scorer.bind(score.references, node=node)
+        log.info("[%s] scoring: %s, every %d steps%s", node, score.scorer.describe(),
+                 score.scorer.interval(settings.steps),
+                 f", stopping after {score.scorer.patience} evaluations without a better score"
+                 if score.scorer.patience else "")
     key = run_key(kind, handle.signature(), dataset.signature(), config,
                   {k: v for k, v in asdict(settings).items()
                    if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy")})
@@ -224,11 +273,35 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
                     return sample_patched(objective.train_handle, validation, node=node,
                                           progress=lambda i, n: host.check_interrupt())
 
+            scoring = None
+            if bound is not None:
+                probes = score.scorer.probes()
+
+                def evaluate(step: int, first: dict | None) -> tuple[Any, Any]:
+                    images = {}
+                    with run.on_device():
+                        for probe in probes:
+                            settings_ = replace(validation, prompt=probe.prompt, seed=probe.seed,
+                                                batch_size=probe.samples)
+                            images[probe.prompt] = sample_patched(objective.train_handle, settings_, node=node,
+                                                                  progress=lambda i, n: host.check_interrupt())
+                        loss = (evaluation_loss(objective.train_handle, score.heldout, apply_patches=False)
+                                if score.heldout is not None else None)
+                    return (bound(Evaluation(step, images, first, loss)),
+                            images[probes[0].prompt] if probes else None)
+
+                scoring = Scoring(evaluate, score.scorer.interval(settings.steps), score.scorer.patience,
+                                  score.scorer.describe())
             check_memory(objective.workload(), objective.param_groups(), settings, node=node, device=device)
             result = train(run, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
-                           node=node, device=device, checkpoint=ckpt, validate=validate if validating else None)
-            if validating and (not result.validation or result.validation[-1][0] != settings.steps):
-                result.validation.append((settings.steps, validate(settings.steps)))
+                           node=node, device=device, checkpoint=ckpt, validate=validate if validating else None,
+                           scoring=scoring)
+            if validating and (not result.validation or result.validation[-1][0] != result.steps_done):
+                result.validation.append((result.steps_done, validate(result.steps_done)))
+            if metadata is not None and result.best_step is not None:
+                metadata.update({k: str(result.best_step) for k in ("ss_steps", "steps") if k in metadata})
+                metadata.update({"ft_kept_step": str(result.best_step), "ft_kept_score": f"{result.best_score:.6g}",
+                                 "ft_scorer": score.scorer.describe(), "ft_steps_run": str(result.steps_done)})
             output = finish()
     finally:
         gc.collect()

@@ -2,7 +2,8 @@
 
 The training frame (:mod:`.frame`) hands it a :class:`Trainable` (trainable parameters and a loss for one
 batch); this module owns the optimisation: optimizer and learning-rate schedule, mixed precision, gradient
-accumulation, progress with the loss, cancel, NaN checks, periodic validation and resumable checkpoints.
+accumulation, progress with the loss, cancel, NaN checks, periodic validation, in-loop scoring with the best
+checkpoint kept (:class:`Scoring`, :mod:`.selection`) and resumable checkpoints.
 
 Checkpoints hold the trainable tensors, the optimizer state, the step and the loss history. They
 are written atomically (:func:`~..core.atomic.atomic_write`: temp file + rename) on cancel, every ``save_every``
@@ -42,7 +43,9 @@ import torch
 from .. import host
 from ..core.atomic import atomic_write, temp_prefix
 from ..core.errors import FinetuneError
+from ..scoring.scorers import Score
 from . import distributed
+from .selection import Selection, best_path
 from .settings import MAX_ROLLBACKS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
@@ -70,6 +73,49 @@ class TrainResult:
     resumed_from: int = 0
     # nan_policy "rollback": (step whose loss was not finite, step restored, learning-rate factor from then on)
     rollbacks: list[tuple[int, int, float]] = field(default_factory=list)
+    # in-loop scoring (None without a scorer): the scores, the best step (whose state the result holds) and why
+    # the run ended before its last step
+    selection: Selection | None = None
+    stopped_early_at: int | None = None
+    training_seconds: float = 0.0
+
+    @property
+    def best_step(self) -> int | None:
+        return self.selection.best_step if self.selection is not None else None
+
+    @property
+    def best_score(self) -> float | None:
+        sel = self.selection
+        return sel.best.value if sel is not None and sel.best is not None else None
+
+    def score_summary(self) -> str:
+        """One line naming the kept step and its score, the last score, and what scoring cost."""
+        sel = self.selection
+        if sel is None or sel.best is None:
+            return ""
+        last_step, last = sel.history[-1]
+        text = f"kept step {sel.best_step} (score {sel.best.value:.4g})"
+        if sel.best.shortfall > 0:
+            text += f", below a floor by {sel.best.shortfall:.3g}"
+        if last_step != sel.best_step:
+            text += f"; last: step {last_step} (score {last.value:.4g})"
+        if self.stopped_early_at is not None:
+            text += f"; stopped early at step {self.stopped_early_at}"
+        text += f"; scoring {sel.seconds:.1f} s, training {self.training_seconds:.1f} s"
+        return text
+
+
+@dataclass
+class Scoring:
+    """In-loop scoring for :func:`train`: ``evaluate(step, first)`` scores the current trainables (``first``: the
+    first evaluation's metrics, None at the first) and returns the score and the images to preview (or None);
+    evaluated before the first step, every ``interval`` steps and at the last; ``patience`` evaluations without a
+    better score stop the run (0: never)."""
+
+    evaluate: Callable[[int, dict | None], tuple[Score, Any]]
+    interval: int
+    patience: int = 0
+    name: str = ""  # what scores, as the checkpoint records it
 
 
 def run_key(*parts: Any) -> str:
@@ -247,18 +293,20 @@ def training_mode() -> Iterator[None]:
 def train(objective: Trainable, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *, node: str,
           device: torch.device, checkpoint: Path | None = None,
           validate: Callable[[int], torch.Tensor] | None = None,
-          extra_state: Callable[[], dict] | None = None) -> TrainResult:
+          extra_state: Callable[[], dict] | None = None, scoring: Scoring | None = None) -> TrainResult:
     """Run ``settings.steps`` optimizer steps of ``objective`` over ``batches(first)``, an endless iterator
     starting at micro-batch ``first`` (so a resumed run sees the same data as an uninterrupted one).
 
     On cancel the state reached is written to ``checkpoint`` (if given) and the interrupt re-raised.
+    With ``scoring`` the trainables end as the best-scoring state (:mod:`.selection`); cancel also writes the best
+    state beside the checkpoint.
     Out of memory: the optimizer (and its state), the gradients and the autograd graph are released before a
     :class:`FinetuneError` (with no reference to the failed frames) is raised.
     """
     settings.validate(node)
     distributed.local_batch_size(settings.batch_size, node=node)  # data-parallel: the global batch splits evenly
     loop = _Loop(objective, batches, settings, node=node, device=device, checkpoint=checkpoint, validate=validate,
-                 extra_state=extra_state)
+                 extra_state=extra_state, scoring=scoring)
     failure: FinetuneError | None = None
     try:
         return loop.run()
@@ -299,10 +347,13 @@ class _Loop:
 
     def __init__(self, objective: Trainable, batches: Callable[[int], Iterator[Any]], settings: TrainSettings, *,
                  node: str, device: torch.device, checkpoint: Path | None,
-                 validate: Callable[[int], torch.Tensor] | None, extra_state: Callable[[], dict] | None) -> None:
+                 validate: Callable[[int], torch.Tensor] | None, extra_state: Callable[[], dict] | None,
+                 scoring: Scoring | None = None) -> None:
         self.objective, self.batches, self.settings, self.node = objective, batches, settings, node
         self.device, self.checkpoint, self.validate, self.extra_state = device, checkpoint, validate, extra_state
-        self.result = TrainResult(steps_done=0)
+        self.scoring = scoring
+        self.result = TrainResult(steps_done=0, selection=Selection(scorer=scoring.name) if scoring is not None
+                                  else None)
         self.done = 0  # optimizer steps reflected in the trainables
         self.saved_step: int | None = None  # step of the checkpoint on disk
         self.lr_scale = 1.0  # halved by every rollback
@@ -343,6 +394,10 @@ class _Loop:
             result.rollbacks = [tuple(r) for r in state.get("rollbacks", [])]
             self.lr_scale = float(state.get("lr_scale", 1.0))
             result.resumed_from = self.saved_step = start
+            if result.selection is not None:
+                warning = result.selection.load_state(state, best_path(self.checkpoint), load_checkpoint)
+                if warning:
+                    log.warning("[%s] %s", node, warning)
             log.info("[%s] resumed from %s at step %d", node, self.checkpoint, start)
         self.done = self.result.steps_done = start
         distributed.broadcast_(self.params)  # data-parallel: every rank starts from rank 0's trainables
@@ -362,10 +417,16 @@ class _Loop:
                  "lr_scale": self.lr_scale, "rollbacks": [list(r) for r in self.result.rollbacks]}
         if self.extra_state is not None:
             state.update(self.extra_state())
+        selection = self.result.selection
+        if selection is not None:
+            state.update(selection.to_state())
         folder = self.checkpoint.parent
         kept = (f"the checkpoint of step {self.saved_step} is kept; after that, run again with resume on to go on "
                 "from there" if self.saved_step is not None else "no checkpoint of this run was written before")
         try:
+            if selection is not None and selection.needs_write():  # the best first: the latest names its step
+                atomic_torch_save(selection.file_state(), best_path(self.checkpoint))
+                selection.written_step = selection.best_step
             atomic_torch_save(state, self.checkpoint)
         except FinetuneError as exc:  # the disk is full (atomic_write removed the partial file)
             raise FinetuneError(f"{exc.detail}; {kept}", node=self.node, input="save_every",
@@ -415,6 +476,8 @@ class _Loop:
         result.rollbacks.append((step, to, self.lr_scale))
         del result.losses[to:], result.lrs[to:]
         result.validation = [(s, img) for s, img in result.validation if s <= to]
+        if result.selection is not None:
+            result.selection.truncate(to)
         self.done = result.steps_done = to
         log.warning("[%s] the loss became %s at step %d: rolled back to step %d and halved the learning rate (x%g "
                     "now), rollback %d of %d", self.node, value, step, to, self.lr_scale, len(result.rollbacks),
@@ -434,6 +497,41 @@ class _Loop:
         self.optimizer = self.scaler = self.good = None
         self.params = []
 
+    # ------------------------------------------------------------------ scoring
+    def score(self, step: int, bar: Any) -> bool:
+        """Evaluate at ``step``, keep the state if it is the best so far, report; True: stop early."""
+        sel, scoring, node = self.result.selection, self.scoring, self.node
+        t0 = time.perf_counter()
+        score, images = scoring.evaluate(step, sel.first)
+        improved = sel.offer(step, score, self.objective.trainable_state)
+        spent = time.perf_counter() - t0
+        sel.seconds += spent
+        self.scoring_seconds += spent
+        best = sel.best
+        log.info("[%s] step %d: score %.4g (%s)%s; best %.4g at step %d", node, step, score.value,
+                 ", ".join(f"{k} {v:.4g}" for k, v in score.metrics.items()), " (new best)" if improved else "",
+                 best.value, sel.best_step)
+        _send_event("comfy_finetune.train_score", {
+            "node": node, "step": step, "steps": self.settings.steps, "score": score.value,
+            "metrics": dict(score.metrics), "shortfall": score.shortfall, "best_step": sel.best_step,
+            "best_score": best.value, "scoring_seconds": sel.seconds,
+            "training_seconds": self.elapsed() - self.scoring_seconds})
+        if images is not None and self.validate is None:  # the scorer's samples are the preview
+            bar.preview(images, node=node, step=step, steps=self.settings.steps)
+        return sel.should_stop(scoring.patience)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def keep_best(self) -> None:
+        """End of the run: the trainables become the best-scoring state (if it is not the last one)."""
+        sel = self.result.selection
+        if sel is None or sel.best_state is None:
+            return
+        if sel.best_step != self.done:
+            self.objective.load_trainable_state(sel.best_state)
+        log.info("[%s] %s", self.node, self.result.score_summary())
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         settings, node, result, objective = self.settings, self.node, self.result, self.objective
@@ -442,12 +540,17 @@ class _Loop:
         rollback = settings.nan_policy == "rollback"
         it = self.batches(start * settings.grad_accum)
         shown = start
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
+        self.scoring_seconds = 0.0
+        scoring, selection = self.scoring, result.selection
         with host.Progress(settings.steps, desc=node) if distributed.is_main() else contextlib.nullcontext(
                 _NoProgress()) as bar:
             if start:
                 bar.update(start)
             try:
+                if scoring is not None and (not selection.history or (  # before training: the baseline
+                        start % scoring.interval == 0 and selection.history[-1][0] != start)):  # a cancelled one
+                    self.score(start, bar)
                 step = start
                 while step < settings.steps:
                     for g, lr0 in zip(optimizer.param_groups, self.base_lrs):
@@ -487,6 +590,11 @@ class _Loop:
                                                          "loss": total, "lr": result.lrs[-1],
                                                          "images_per_second": rate * settings.batch_size
                                                          * settings.grad_accum, "eta_seconds": eta})
+                    if scoring is not None and (done % scoring.interval == 0 or done == settings.steps) \
+                            and self.score(done, bar):
+                        result.stopped_early_at = done
+                        log.info("[%s] stopped early at step %d: no better score for %d evaluations", node, done,
+                                 scoring.patience)
                     if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                         self.save(done)
                     if self.validate is not None and settings.validate_every and done % settings.validate_every == 0:
@@ -494,13 +602,17 @@ class _Loop:
                         bar.preview(result.validation[-1][1], node=node, step=done, steps=settings.steps)
                     bar.update(1 if done > shown else 0, loss=total, lr=result.lrs[-1])
                     shown = max(shown, done)
+                    if result.stopped_early_at is not None:
+                        break
             except host.interrupt_exception_types():
                 self.save(self.done)
                 if self.checkpoint is not None:
                     log.warning("[%s] cancelled at step %d; resumable checkpoint: %s", node, self.done,
                                 self.checkpoint)
                 raise
-        result.steps_done = settings.steps
+        result.steps_done = self.done
+        result.training_seconds = self.elapsed() - self.scoring_seconds
         if settings.save_every:
-            self.save(settings.steps)
+            self.save(self.done)
+        self.keep_best()
         return result

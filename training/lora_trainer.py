@@ -20,9 +20,10 @@ from ..core.errors import FinetuneError
 from ..core.fields import node_input
 from ..core.handle import ModelHandle
 from ..core.lora import LoraModule, LoraWeights
+from ..scoring.scorers import Scorer
 from .data import TrainingSet
 from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, dataset_captions
-from .frame import run_training
+from .frame import run_training, scored
 from .memory import RunShape
 from .settings import TEXT_TARGETS, UNET_TARGETS, TrainSettings
 
@@ -240,8 +241,10 @@ class LoraObjective:
 
 
 def train_lora(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: LoraSpec, *,
-               node: str = "train_lora", validation=None):
-    """Train a LoRA on ``handle`` (its own patches applied) and return ``(LoraWeights, TrainResult)``."""
+               node: str = "train_lora", validation=None, scorer: Scorer | None = None):
+    """Train a LoRA on ``handle`` (its own patches applied) and return ``(LoraWeights, TrainResult)``; with a
+    ``scorer`` the LoRA is the best-scoring checkpoint's."""
+    dataset, score = scored(dataset, scorer, node)
     objective = LoraObjective(handle, dataset, settings, spec, node=node)
     metadata = {"ss_training_comment": f"trained with comfyui-finetune {node}",
                 "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),
@@ -254,4 +257,5 @@ def train_lora(handle: ModelHandle, dataset: TrainingSet, settings: TrainSetting
     return run_training("lora", handle, dataset, settings, objective, node=node,
                         config={"rank": spec.rank, "alpha": spec.alpha, "targets": spec.targets,
                                 "te": spec.train_text_encoder, "te_lr": spec.text_learning_rate},
-                        validation=validation, finish=lambda: objective.extract(metadata))
+                        validation=validation, finish=lambda: objective.extract(metadata), score=score,
+                        metadata=metadata)

@@ -27,10 +27,11 @@ from ..core.embeddings import Embedding
 from ..core.errors import FinetuneError
 from ..core.fields import node_input
 from ..core.handle import EmbeddingPatch, ModelHandle
+from ..scoring.scorers import Scorer
 from . import distributed
 from .data import TrainingSet
 from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, conditioning_for, denoise_loss
-from .frame import run_training
+from .frame import run_training, scored
 from .memory import RunShape
 from .settings import TrainSettings
 
@@ -269,13 +270,14 @@ class TIObjective:
 
 
 def train_embedding(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: TISpec, *,
-                    node: str = "train_embedding", validation=None):
+                    node: str = "train_embedding", validation=None, scorer: Scorer | None = None):
     """Learn ``spec.num_vectors`` vectors for ``spec.token`` on ``handle`` (its patches applied, all frozen).
 
     Returns ``(Embedding, TrainResult)``; the embedding's ``token`` is set, so a handle carrying it in an
     :class:`~..core.handle.EmbeddingPatch` understands the token in ordinary prompts. Validation prompts may use
-    the token too.
+    the token too. With a ``scorer`` the embedding is the best-scoring checkpoint's.
     """
+    dataset, score = scored(dataset, scorer, node)
     objective = TIObjective(handle, dataset, settings, spec, node=node)
     metadata = {"token": spec.token, "initializer": spec.initializer, "num_vectors": str(int(spec.num_vectors)),
                 "templates": spec.templates, "steps": str(settings.steps),
@@ -287,4 +289,5 @@ def train_embedding(handle: ModelHandle, dataset: TrainingSet, settings: TrainSe
     return run_training("embedding", objective.train_handle, dataset, settings, objective, node=node,
                         config={"token": spec.token, "initializer": spec.initializer,
                                 "num_vectors": int(spec.num_vectors), "templates": spec.templates},
-                        validation=validation, finish=lambda: objective.extract(metadata))
+                        validation=validation, finish=lambda: objective.extract(metadata), score=score,
+                        metadata=metadata)
