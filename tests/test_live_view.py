@@ -11,8 +11,12 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +214,226 @@ def test_other_data_parallel_ranks_send_no_preview(sink, monkeypatch):
                         validate=lambda step: _images(b=1))
     assert [s for s, _ in result.validation] == [2, 4]
     assert sink == []
+
+
+# ---------------------------------------------------------------------------------------------- the JS view in Node
+# web/finetune_training_view.js is an ES module that reads window.comfyAPI when it loads. Node runs it with stand-ins
+# for ComfyUI's app and api (registerExtension, addEventListener, a graph with one training node) and a canvas context
+# that records what is drawn; the events go through the listeners the extension registers, as in the browser.
+VIEW_JS = Path(__file__).resolve().parents[1] / "web" / "finetune_training_view.js"
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="Node.js ('node') is not on PATH")
+
+_JS_HARNESS = r"""
+const listeners = {};
+const extensions = [];
+const nodes = [];
+const graph = { nodes, getNodeById: (id) => nodes.find((n) => String(n.id) === String(id)) ?? null,
+                setDirtyCanvas() {} };
+globalThis.window = { comfyAPI: {
+  app: { app: { rootGraph: graph, graph, registerExtension: (e) => extensions.push(e) } },
+  api: { api: { addEventListener: (name, fn) => (listeners[name] ??= []).push(fn) } },
+} };
+const mod = await import(process.argv[2]);
+class TrainNode {
+  constructor(id) {
+    Object.assign(this, { id, comfyClass: "FinetuneTrainLoRA", widgets: [], properties: {}, size: [420, 120] });
+  }
+  addCustomWidget(w) { this.widgets.push(w); }
+  computeSize() { return [300, 60 + this.widgets.reduce((h, w) => h + w.computeSize(this.size[0])[1], 0)]; }
+  setSize(size) { this.size = size; }
+  setDirtyCanvas() {}
+}
+await extensions[0].beforeRegisterNodeDef(TrainNode, { name: "FinetuneTrainLoRA", category: "finetune/training" });
+const send = (name, detail) =>
+  listeners[name].forEach((fn) => fn({ detail: { node: "FinetuneTrainLoRA", ...detail } }));
+const copy = (x) => JSON.parse(JSON.stringify(x));
+function draw(node) {
+  const widget = node.widgets.find((w) => w.name === "ft_training_view");
+  const ops = [];
+  const style = { fillStyle: "", strokeStyle: "", lineWidth: 1, font: "", textAlign: "left", dash: [] };
+  const saved = [];
+  let path = [];
+  const ctx = new Proxy({}, {
+    get(_, key) {
+      if (key in style) return style[key];
+      const record = (...args) => ops.push({ op: key, args, ...copy(style) });
+      return { save: () => saved.push({ ...style }), restore: () => Object.assign(style, saved.pop()),
+               setLineDash: (d) => (style.dash = d), measureText: (t) => ({ width: String(t).length * 5.5 }),
+               beginPath: () => (path = []), moveTo: (x, y) => path.push([x, y]), lineTo: (x, y) => path.push([x, y]),
+               stroke: () => ops.push({ op: "stroke", path: path.slice(), ...copy(style) }) }[key] ?? record;
+    },
+    set(_, key, value) { style[key] = value; return true; },
+  });
+  widget.draw(ctx, node, node.size[0], 0);
+  return { ops, height: widget.computeSize(node.size[0])[1], size: node.size.slice() };
+}
+const out = { exports: Object.keys(mod).sort() };
+const node = new TrainNode(5);
+nodes.push(node);
+node.onNodeCreated();
+out.before = draw(node);
+// run 1: 60 steps, scored before training and every 20 steps; the best is step 40
+const metrics = (s) => ({ subject: 0.2 + s / 100, prompt: 0.5 + s / 400, val_loss: 0.3 - s / 1000 });
+send("comfy_finetune.train_score", { display_node: "5", step: 0, steps: 60, score: 0.2, metrics: metrics(0),
+  best_step: 0, best_score: 0.2, scoring_seconds: 1.5, training_seconds: 0 });
+for (let s = 1; s <= 60; s++) {
+  send("comfy_finetune.train", { display_node: "5", step: s, steps: 60, loss: 0.2 + 0.3 * Math.exp(-s / 20), lr: 1e-4,
+    images_per_second: 2.5, eta_seconds: 60 - s });
+  if (s % 20 === 0) {
+    send("comfy_finetune.train_score", { display_node: "5", step: s, steps: 60, score: s === 40 ? 0.8 : 0.2 + s / 100,
+      metrics: { ...metrics(s), bogus: "x" }, best_step: s >= 40 ? 40 : s, best_score: s >= 40 ? 0.8 : 0.2 + s / 100,
+      scoring_seconds: 1.5 * (s / 20 + 1), training_seconds: s * 2 });
+  }
+}
+out.run1 = { saved: copy(node.properties.ft_training), ...draw(node) };
+// a workflow reload: a node configured from the saved properties draws the same, and saves the same
+const loaded = new TrainNode(6);
+nodes.push(loaded);
+loaded.properties = copy({ ft_training: out.run1.saved });
+loaded.onConfigure({});
+out.reloaded = draw(loaded);
+const serialized = {};
+loaded.onSerialize(serialized);
+out.reserialized = serialized.properties?.ft_training ?? null;
+send("comfy_finetune.train_rollback", { display_node: "6", step: 45, to_step: 30 });
+out.rolledBack = copy(loaded.__ftTraining.scores);
+// run 2 on node 5: its step-0 score clears the old run; its first loss step appends
+send("comfy_finetune.train_score", { display_node: "5", step: 0, steps: 30, score: 0.1, metrics: { subject: 0.05 },
+  best_step: 0, best_score: 0.1, scoring_seconds: 1, training_seconds: 0 });
+out.run2 = { saved: copy(node.properties.ft_training), ...draw(node) };
+send("comfy_finetune.train", { display_node: "5", step: 1, steps: 30, loss: 0.5, lr: 1e-4, images_per_second: 2,
+  eta_seconds: 29 });
+out.run2.step1 = copy({ points: node.__ftTraining.points, scores: node.__ftTraining.scores });
+// run 3 without a step-0 score: its loss events reset the run, scores included
+send("comfy_finetune.train", { display_node: "5", step: 1, steps: 30, loss: 0.4, lr: 1e-4, images_per_second: 2,
+  eta_seconds: 29 });
+out.run3 = copy({ points: node.__ftTraining.points, scores: node.__ftTraining.scores, height: draw(node).height });
+// the pure helpers
+const view = { points: [[1, 0.5], [2, 0.4]], scores: {} };
+mod.applyScore(view, { step: 10, score: 0.5, metrics: { a: 1, score: 99, nan: NaN, none: null } });
+const afterFirst = copy(view);
+mod.applyScore(view, { step: 10, score: 0.6, metrics: { a: 2 } });
+const replaced = copy(view.scores);
+mod.applyScore(view, { step: 5, score: 0.7, metrics: {}, best_step: null, best_score: null });
+const nulls = { points: [], scores: {} };
+mod.applyScore(nulls, { step: 3, score: null, metrics: { a: "0.25", b: true, c: "" }, best_step: "2" });
+const many = { points: [], scores: {} };
+mod.applyScore(many, { step: 1, score: 1,
+  metrics: Object.fromEntries([...Array(20).keys()].map((i) => [`m${i}`, i])) });
+out.pure = {
+  afterFirst, replaced, backwards: copy(view), nulls: copy(nulls),
+  many: Object.keys(many.scores).length,
+  bad: mod.applyScore({ points: [], scores: {} }, { step: "x", score: 1 }),
+  range: mod.stepRange([[1, 0.5], [50, 0.2]], { score: [[0, 0.1], [60, 0.3]] }, 40),
+  rangeNoScores: mod.stepRange([[3, 0.5], [50, 0.2]], null, 100),
+  colors: mod.scoreColors({ subject: [], score: [], prompt: [] }),
+  text: mod.scoreText({ score: 0.71234, best_step: 150, best_score: 0.8, scoring_seconds: 12.3,
+    training_seconds: 340 }),
+  noText: mod.scoreText(null),
+  read: [mod.readScores(null), mod.readScores([1, 2]), mod.readScores({ a: [[1, 2], [3], "x", [NaN, 1]], b: 5 })],
+  has: [mod.hasScores({}), mod.hasScores({ a: [] }), mod.hasScores({ a: [[1, 2]] })],
+  last: [mod.lastScoreStep({}), mod.lastScoreStep({ a: [[3, 1], [7, 1]], b: [[9, 0]] })],
+};
+console.log(JSON.stringify(out));
+"""
+
+
+def _run_view(tmp_path) -> dict:
+    module = tmp_path / "finetune_training_view.mjs"  # .mjs: Node loads it as an ES module
+    module.write_text(VIEW_JS.read_text(encoding="utf-8"), encoding="utf-8")
+    harness = tmp_path / "harness.mjs"
+    harness.write_text(_JS_HARNESS, encoding="utf-8")
+    proc = subprocess.run([NODE, str(harness), module.as_uri()], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@needs_node
+def test_view_js_is_valid_module_syntax(tmp_path):
+    module = tmp_path / "finetune_training_view.mjs"
+    module.write_text(VIEW_JS.read_text(encoding="utf-8"), encoding="utf-8")
+    proc = subprocess.run([NODE, "--check", str(module)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_node
+def test_view_js_pure_score_helpers(tmp_path):
+    out = _run_view(tmp_path)
+    assert {"decimate", "smooth", "applyScore", "stepRange", "scoreColors", "scoreText", "readScores",
+            "hasScores", "lastScoreStep"} <= set(out["exports"])
+    pure = out["pure"]
+    # the primary comes from `score` (a metric named "score" does not override it); non-finite metrics are skipped
+    assert pure["afterFirst"]["scores"] == {"score": [[10, 0.5]], "a": [[10, 1]]}
+    assert pure["afterFirst"]["points"] == [[1, 0.5], [2, 0.4]]  # a later score keeps the loss
+    assert pure["replaced"] == {"score": [[10, 0.6]], "a": [[10, 2]]}  # the same step again replaces the point
+    assert pure["backwards"]["scores"] == {"score": [[5, 0.7]]}  # a step back: a new run's scores
+    assert pure["backwards"]["scoreInfo"]["best_step"] is None  # null is no step (not step 0)
+    # null / true / "" are no values; numeric strings are
+    assert pure["nulls"]["scores"] == {"a": [[3, 0.25]]} and pure["nulls"]["scoreInfo"]["best_step"] == 2
+    assert pure["many"] == 12 and pure["bad"] is False
+    assert pure["range"] == [0, 60] and pure["rangeNoScores"] == [1, 100]
+    assert pure["colors"]["score"] == "#73d13d" and len(set(pure["colors"].values())) == 3
+    assert pure["text"] == "score 0.7123 (best 0.8 @ 150)  ·  scoring 12s / training 340s"
+    assert pure["noText"] == ""
+    assert pure["read"] == [{}, {}, {"a": [[1, 2]]}]
+    assert pure["has"] == [False, False, True]
+    assert pure["last"] == [None, 9]  # JSON writes -Infinity as null
+
+
+@needs_node
+def test_view_js_draws_and_saves_the_scores(tmp_path):
+    out = _run_view(tmp_path)
+    before, run1 = out["before"], out["run1"]
+    # the view grows by the score band once scores arrive, and the node with it
+    assert run1["height"] > before["height"] == 170
+    assert run1["size"][1] > before["size"][1]
+    saved = run1["saved"]
+    assert set(saved["scores"]) == {"score", "subject", "prompt", "val_loss"}  # "bogus" (not a number) is skipped
+    assert [s for s, _ in saved["scores"]["score"]] == [0, 20, 40, 60]
+    assert saved["scores"]["score"][2] == [40, 0.8]
+    assert saved["score_info"]["best_step"] == 40 and saved["score_info"]["scoring_seconds"] == 6
+    assert len(saved["points"]) == 60
+    texts = [op["args"][0] for op in run1["ops"] if op["op"] == "fillText"]
+    assert "score 0.8 (best 0.8 @ 40)  ·  scoring 6.0s / training 120s" in texts
+    assert {"score 0.8", "subject 0.8", "prompt 0.65", "val_loss 0.24"} <= set(texts)  # the legend
+    strokes = [op for op in run1["ops"] if op["op"] == "stroke"]
+    by_colour = {op["strokeStyle"]: op for op in strokes if len(op["path"]) == 4}  # the 4 scored steps
+    assert {"#73d13d", "#b37feb", "#36cfc9", "#ff85c0"} <= set(by_colour)
+    assert by_colour["#73d13d"]["lineWidth"] > by_colour["#b37feb"]["lineWidth"]  # the primary is bold
+    # the best marker: a dashed vertical line at the same x in both charts, where the scores put step 40
+    dashed = [op for op in strokes if op["dash"]]
+    assert len(dashed) == 2 and all(op["path"][0][0] == op["path"][1][0] for op in dashed)
+    assert dashed[0]["path"][0][0] == dashed[1]["path"][0][0] == by_colour["#73d13d"]["path"][2][0]
+    # x aligned: the loss chart's steps 1..60 sit where the score band puts them (its axis starts at step 0)
+    score_xs = [p[0] for p in by_colour["#73d13d"]["path"]]  # steps 0, 20, 40, 60
+    raw = [op["args"] for op in run1["ops"] if op["op"] == "fillRect" and op["fillStyle"].startswith("rgba(120")]
+    raw_xs = [x + size / 2 for x, _, size, _ in raw]  # one dot per loss step
+    per_step = (score_xs[-1] - score_xs[0]) / 60
+    assert len(raw_xs) == 60 and per_step > 0
+    for step, x in ((1, raw_xs[0]), (20, raw_xs[19]), (60, raw_xs[-1])):
+        assert x == pytest.approx(score_xs[0] + step * per_step)
+    # both charts have the same frame across, and steps 0..60 span it (4 px inside)
+    (loss_x, _, loss_w, _), (band_x, _, band_w, _) = [op["args"] for op in run1["ops"] if op["op"] == "rect"]
+    assert (loss_x, loss_w) == (band_x, band_w)
+    assert score_xs[0] == pytest.approx(band_x + 4) and score_xs[-1] == pytest.approx(band_x + band_w - 4)
+    # a reloaded workflow draws the same and saves the same; a rollback drops the later scores
+    assert out["reloaded"]["height"] == run1["height"] and len(out["reloaded"]["ops"]) == len(run1["ops"])
+    assert out["reserialized"] == saved
+    assert {name: [s for s, _ in pts] for name, pts in out["rolledBack"].items()} == {
+        name: [0, 20] for name in saved["scores"]}
+
+
+@needs_node
+def test_view_js_new_run_clears_the_old_scores(tmp_path):
+    out = _run_view(tmp_path)
+    run2 = out["run2"]
+    # the new run's score before training clears the old loss and scores and shows step 0 of the new run
+    assert run2["saved"]["points"] == []
+    assert run2["saved"]["scores"] == {"score": [[0, 0.1]], "subject": [[0, 0.05]]}
+    texts = [op["args"][0] for op in run2["ops"] if op["op"] == "fillText"]
+    assert texts[0].startswith("step 0/30") and texts[1].startswith("score 0.1 (best 0.1 @ 0)")
+    # its first loss step appends and keeps that score
+    assert run2["step1"] == {"points": [[1, 0.5]], "scores": {"score": [[0, 0.1]], "subject": [[0, 0.05]]}}
+    # a run without a score before training is reset by its loss events, scores included; the band goes
+    assert out["run3"]["points"] == [[1, 0.4]] and out["run3"]["scores"] == {} and out["run3"]["height"] == 170

@@ -112,3 +112,123 @@ def test_grid_odd_inputs():
 def test_grid_empty():
     img = image_grid([])
     assert img.shape[0] == 1 and img.shape[-1] == 3 and img.numel() > 0
+
+
+# ---------------------------------------------------------------------------------------------- score panel
+_LOSSES = [0.2 + 0.3 * math.exp(-i / 40) + 0.02 * math.sin(i) for i in range(120)]
+_SCORES = {
+    "score": [(s, 0.2 + 0.5 * (1 - math.exp(-s / 40))) for s in range(0, 121, 20)],
+    "subject": [(s, 0.1 + 0.7 * (1 - math.exp(-s / 30))) for s in range(0, 121, 20)],
+}
+
+
+def _colour_mask(region: torch.Tensor, rgb: tuple[int, int, int], tol: int = 12) -> torch.Tensor:
+    """Pixels of ``region`` ([H, W, 3] in 0..1) within ``tol`` (0..255) of ``rgb`` in every channel."""
+    target = torch.tensor(rgb, dtype=torch.float32) / 255.0
+    return ((region - target).abs() <= tol / 255.0).all(-1)
+
+
+def test_loss_plot_without_scores_is_the_plain_chart():
+    lrs = [1e-4] * len(_LOSSES)
+    for kwargs in ({}, {"lrs": lrs}, {"width": 320, "height": 200, "title": "x"}):
+        plain = loss_plot(_LOSSES, **kwargs)
+        assert torch.equal(loss_plot(_LOSSES, scores=None, primary=None, **kwargs), plain)
+        assert torch.equal(loss_plot(_LOSSES, scores={}, primary="score", **kwargs), plain)
+
+
+def test_loss_plot_with_scores_adds_a_panel_below():
+    plain = loss_plot(_LOSSES, width=600, height=300)
+    scored = loss_plot(_LOSSES, width=600, height=300, scores=_SCORES, primary="score")
+    _check_image(plain, 300, 600)
+    _check_image(scored, 300 + round(0.6 * 300), 600)
+    # the loss panel keeps its height; below it, the new panel has drawn something
+    assert _non_white(scored[:, 300:]) > 500
+
+
+def test_score_series_colours_are_in_the_lower_panel():
+    from comfy_finetune.training.plots import _SCORE_COLORS
+
+    scored = loss_plot(_LOSSES, scores=_SCORES, primary="score")[0]
+    plain = loss_plot(_LOSSES)[0]
+    for rgb in _SCORE_COLORS[:2]:  # one colour per series, in the order given
+        assert int(_colour_mask(scored[384:], rgb).sum()) > 100, rgb
+        assert int(_colour_mask(scored[:384], rgb).sum()) == 0, rgb  # not in the loss panel
+        assert int(_colour_mask(plain, rgb).sum()) == 0, rgb
+    # the third colour belongs to no series here
+    assert int(_colour_mask(scored, _SCORE_COLORS[2]).sum()) == 0
+    # the primary series is drawn thicker: more of its colour than when it is not the primary
+    one = {"score": _SCORES["score"]}
+    bold = loss_plot(_LOSSES, scores=one, primary="score")[0]
+    thin = loss_plot(_LOSSES, scores=one, primary="other")[0]
+    assert int(_colour_mask(bold, _SCORE_COLORS[0]).sum()) > 1.3 * int(_colour_mask(thin, _SCORE_COLORS[0]).sum())
+
+
+def test_best_marker_is_drawn_at_its_step_through_both_panels():
+    from comfy_finetune.training.plots import _BEST, _SCORE_COLORS
+
+    width, height = 768, 384
+    without = loss_plot(_LOSSES, scores=_SCORES, width=width, height=height)[0]
+    with_best = loss_plot(_LOSSES, scores=_SCORES, best=(60, 0.6), width=width, height=height)[0]
+    _check_image(with_best.unsqueeze(0), height + round(0.6 * height), width)
+    # x axis: steps 0..120 between the left (62 px) and right (16 px) margins
+    col = round(62 + 60 / 120 * (width - 62 - 16))
+    marker = _colour_mask(with_best[:, col - 1:col + 2], _BEST).any(-1)
+    assert int(_colour_mask(without[:, col - 1:col + 2], _BEST).any(-1).sum()) == 0
+    assert int(marker[:height].sum()) > 40 and int(marker[height:].sum()) > 40  # in both panels
+    # the label is in the score legend (top rows of the lower panel), right of the series entries
+    legend = slice(height, height + 24)
+    label = _colour_mask(with_best[legend, :], _BEST, tol=60)
+    assert int(label.sum()) > 20 and int(_colour_mask(without[legend, :], _BEST, tol=60).sum()) == 0
+    label_cols = label.any(0).nonzero().flatten()
+    for rgb in _SCORE_COLORS[:2]:
+        assert int(_colour_mask(with_best[legend, :], rgb).any(0).nonzero().max()) < int(label_cols.min())
+    # besides the marker and the label, nothing is red
+    rest = with_best.clone()
+    rest[:, col - 1:col + 2] = 1.0
+    rest[legend] = 1.0
+    assert int(_colour_mask(rest, _BEST, tol=60).sum()) == 0
+    assert not torch.equal(without, with_best)
+
+
+def test_scores_with_nan_and_odd_points_do_not_crash():
+    nan = float("nan")
+    odd = {
+        "score": [(0, nan), (10, 0.5), (20, nan), (30, 0.7)],
+        "all_nan": [(5, nan), (6, float("inf"))],
+        "empty": [],
+        "val_loss": [(nan, 0.3), (None, 0.2), (40, "0.1"), (50,)],
+    }
+    for losses in (_LOSSES, [], [nan] * 5):
+        for best in (None, (30, 0.7), (nan, nan), (1000, 0.1)):
+            img = loss_plot(losses, scores=odd, best=best, primary="score")
+            _check_image(img, 384 + round(0.6 * 384), 768)
+    _check_image(loss_plot(_LOSSES, scores={"only_nan": [(1, nan)]}), 384 + round(0.6 * 384), 768)
+    _check_image(loss_plot([0.5], scores={"score": [(0, 0.1)]}, best=(0, 0.1), width=10, height=10), 120 + 72, 160)
+    # best without scores: the marker on the loss chart, the label in the title line, the picture keeps its size
+    _check_image(loss_plot(_LOSSES, best=(60, 0.5)), 384, 768)
+    assert not torch.equal(loss_plot(_LOSSES, best=(60, 0.5)), loss_plot(_LOSSES))
+
+
+def test_best_without_scores_labels_the_title_line():
+    from comfy_finetune.training.plots import _BEST
+
+    title_row = slice(0, 20)
+    with_best = loss_plot(_LOSSES, best=(60, 0.5))[0, title_row]
+    plain = loss_plot(_LOSSES)[0, title_row]
+    assert int(_colour_mask(with_best, _BEST, tol=60).sum()) > 20
+    assert int(_colour_mask(plain, _BEST, tol=60).sum()) == 0
+
+
+def test_score_step_zero_widens_the_shared_step_axis():
+    """A score taken before training (step 0) moves the loss curve right: both panels share the step axis."""
+    from_one = {"score": [(s, 0.5) for s in (20, 40)]}
+    from_zero = {"score": [(s, 0.5) for s in (0, 20, 40)]}
+    a = loss_plot(_LOSSES[:40], scores=from_one)[0, :384]
+    b = loss_plot(_LOSSES[:40], scores=from_zero)[0, :384]
+    blue = (25 / 255, 85 / 255, 190 / 255)
+
+    def first_blue_column(img):
+        mask = _colour_mask(img, tuple(round(c * 255) for c in blue), tol=30).any(0)
+        return int(mask.nonzero()[0])
+
+    assert first_blue_column(b) > first_blue_column(a)
