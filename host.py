@@ -285,6 +285,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def show_text(text: str) -> None:
+    """A line of text on the running node in ComfyUI's frontend (e.g. which checkpoint a trainer kept); nothing
+    headless (the caller logs it)."""
+    if in_comfyui() and text:
+        _send_progress_text(text)
+
+
 def _send_progress_text(text: str) -> None:
     """Show a line of text (e.g. the loss) on the running node in ComfyUI's frontend."""
     try:

@@ -29,6 +29,8 @@ EMBEDDING = "FT_EMBEDDING"
 
 
 DATASET = "FT_DATASET"
+SCORER = "FT_SCORER"
+FEATURES = "FT_FEATURES"
 
 # What each link type must carry, and which nodes make it (for the error message).
 _LINK_TYPES = {
@@ -37,6 +39,9 @@ _LINK_TYPES = {
     NEGATIVE: ("..core.conditioning", "Negative", "NegativePrompt"),
     EMBEDDING: ("..core.embeddings", "Embedding", "LearnEmbedding"),
     DATASET: ("..training.data", "TrainingSet", "Training Data (Folder) or Training Data (Images)"),
+    SCORER: ("..scoring.scorers", "Scorer", "a Scorer node (Shapes Judge, DINO / CLIP, Held-out Loss) or Combine "
+                                            "Scorers"),
+    FEATURES: ("..scoring.features", "FeatureModel", "Load Feature Model"),
     "IMAGE": ("torch", "Tensor", "an image node such as LoadImage or Sample"),
 }
 

@@ -7,6 +7,7 @@ from ..training.dreambooth import DreamBoothSpec, train_dreambooth
 from .base import LORA, PIPE, FTNode, from_inputs, widgets
 from .training import (
     DATASET,
+    SCORER_INPUT,
     TRAIN_CATEGORY,
     node_inputs,
     outputs_for,
@@ -64,6 +65,7 @@ class DreamBoothTrain(FTNode):
             **validation_inputs(),
             # appended after the shared inputs so older workflows' widget values keep their positions
             **widgets(cls.LATE_SPEC_INPUTS, DreamBoothSpec, defaults=cls.DEFAULTS),
+            **SCORER_INPUT,
         }
         return {"required": required, "optional": optional}
 
@@ -74,7 +76,8 @@ class DreamBoothTrain(FTNode):
         spec = from_inputs(DreamBoothSpec, inputs, self.DEFAULTS)
         settings = settings_from(inputs, self.DEFAULTS)
         out, lora, result = train_dreambooth(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                             class_dataset=class_dataset, validation=validation_from(inputs))
+                                             class_dataset=class_dataset, validation=validation_from(inputs),
+                                             scorer=inputs.get("scorer"))
         if lora is None:  # method full: links cannot carry None, so an empty LoRA (SaveLoRA refuses it clearly)
             lora = LoraWeights(pipe.family, {}, {"ft_note": "DreamBooth full fine-tuning: the weights are in the "
                                                             "pipe output"}, "none")

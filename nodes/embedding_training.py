@@ -7,6 +7,7 @@ from ..training.ti_trainer import TISpec, train_embedding
 from .base import EMBEDDING, PIPE, FTNode, from_inputs, widgets
 from .training import (
     DATASET,
+    SCORER_INPUT,
     TRAIN_CATEGORY,
     node_inputs,
     outputs_for,
@@ -47,7 +48,8 @@ class LearnEmbedding(FTNode):
             **settings_inputs(cls.DEFAULTS),
         }
         # appended after the shared inputs so older workflows' widget values keep their positions
-        optional = {**validation_inputs(), **widgets(cls.LATE_SPEC_INPUTS, TISpec, defaults=cls.DEFAULTS)}
+        optional = {**validation_inputs(), **widgets(cls.LATE_SPEC_INPUTS, TISpec, defaults=cls.DEFAULTS),
+                    **SCORER_INPUT}
         return {"required": required, "optional": optional}
 
     def run(self, pipe, dataset, token, initializer, num_vectors, templates, **kwargs):
@@ -55,7 +57,7 @@ class LearnEmbedding(FTNode):
         spec = from_inputs(TISpec, inputs, self.DEFAULTS, token=str(token).strip())
         settings = settings_from(inputs, self.DEFAULTS)
         embedding, result = train_embedding(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                            validation=validation_from(inputs))
+                                            validation=validation_from(inputs), scorer=inputs.get("scorer"))
         plot, grid = outputs_for(result)
         return (embedding, pipe.with_patch(EmbeddingPatch(embedding)), plot, grid)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import host
 from ..core.errors import FinetuneError
 from ..core.handle import LoraPatch
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings
@@ -10,7 +11,7 @@ from ..training.frame import Validation
 from ..training.lora_trainer import LoraSpec, train_lora
 from ..training.plots import image_grid, loss_plot
 from ..training.settings import TrainSettings
-from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, from_inputs, input_defaults, log, widgets
+from .base import CATEGORY, LORA, NEGATIVE, PIPE, SCORER, FTNode, from_inputs, input_defaults, log, widgets
 
 DATASET = "FT_DATASET"
 TRAIN_CATEGORY = f"{CATEGORY}/training"
@@ -57,6 +58,13 @@ def validation_inputs() -> dict:
     return widgets(VALIDATION_INPUTS, VALIDATION_WIDGETS, TrainSettings)
 
 
+# The scorer link: optional, after every widget (a link takes no widget position).
+SCORER_INPUT = {"scorer": (SCORER, {"tooltip": "Score the model every N steps (a Scorer node) and keep the best "
+                                               "checkpoint: the outputs are then the best-scoring step's, named on "
+                                               "the node and in the loss plot. The validation_* settings are the "
+                                               "sampling settings it scores with."})}
+
+
 def settings_from(kwargs: dict, defaults: dict | None = None) -> TrainSettings:
     """TrainSettings from a trainer's inputs (by input name; a missing one takes the node's or the field's default)."""
     return from_inputs(TrainSettings, kwargs, defaults)
@@ -81,8 +89,9 @@ def node_inputs(params: dict) -> dict:
 
 
 def validation_from(kwargs: dict):
+    """The validation sampling settings; None without a validation prompt, unless a scorer samples with them."""
     prompt = str(kwargs.get("validation_prompt") or "")
-    if not prompt.strip():
+    if not prompt.strip() and kwargs.get("scorer") is None:
         return None
     negative = kwargs.get("negative")
     size = int(kwargs.get("validation_size", _SAMPLE.width))
@@ -95,10 +104,17 @@ def validation_from(kwargs: dict):
 
 
 def outputs_for(result) -> tuple:
-    """(loss plot, validation grid) IMAGEs from a TrainResult."""
+    """(loss plot, validation grid) IMAGEs from a TrainResult; with scores, their curves under the loss and the
+    kept step named on the node."""
     import torch  # noqa: PLC0415
 
-    plot = loss_plot(result.losses, lrs=result.lrs)
+    sel = result.selection
+    if sel is not None and sel.history:
+        host.show_text(result.score_summary())  # the loop logged it
+        plot = loss_plot(result.losses, lrs=result.lrs, scores=sel.curves(), primary="score",
+                         best=(sel.best_step, sel.best.value) if sel.best is not None else None)
+    else:
+        plot = loss_plot(result.losses, lrs=result.lrs)
     if result.validation:
         grid = image_grid([img for _, img in result.validation], labels=[f"step {s}" for s, _ in result.validation])
     else:
@@ -132,14 +148,14 @@ class TrainLoRA(FTNode):
             **widgets(cls.SPEC_INPUTS, LoraSpec, defaults=cls.DEFAULTS),
             **settings_inputs(cls.DEFAULTS),
         }
-        return {"required": required, "optional": validation_inputs()}
+        return {"required": required, "optional": {**validation_inputs(), **SCORER_INPUT}}
 
     def run(self, pipe, dataset, rank, alpha, targets, train_text_encoder, text_learning_rate, **kwargs):
         inputs = with_recipe(type(self), "lora", pipe, node_inputs(locals()))
         spec = from_inputs(LoraSpec, inputs, self.DEFAULTS)
         settings = settings_from(inputs, self.DEFAULTS)
         lora, result = train_lora(pipe, dataset, settings, spec, node=self.NODE_ID,
-                                  validation=validation_from(inputs))
+                                  validation=validation_from(inputs), scorer=inputs.get("scorer"))
         plot, grid = outputs_for(result)
         return (lora, pipe.with_patch(LoraPatch(lora)), plot, grid)
 

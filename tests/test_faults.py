@@ -533,6 +533,7 @@ def test_nan_policy_setting_and_node_input():
         # on_nan came last before the speed/memory options and then the recipe were appended (widget positions of
         # older workflows)
         late = {DreamBoothTrain: ["targets"], LearnEmbedding: ["min_timestep"]}.get(node, [])  # after the recipe
+        late = [*late, "scorer"]  # a link (no widget position), last
         assert list(optional)[-6 - len(late):] == ["on_nan", "cache_to_disk", "compile", "channels_last",
                                                    "offload_frozen", "recipe", *late], node
         choices, opts = optional["on_nan"]

@@ -67,7 +67,7 @@ def test_widget_defaults_are_the_dataclass_defaults(node, spec_cls, module, fn):
         elif name in VALIDATION_DEFAULTS:
             assert opts["default"] == VALIDATION_DEFAULTS[name], name
         else:
-            assert "default" not in opts and name in ("pipe", "dataset", "class_dataset", "negative"), name
+            assert "default" not in opts and name in ("pipe", "dataset", "class_dataset", "negative", "scorer"), name
     # run()'s own keyword defaults (for direct Python callers) are the widget defaults too
     for name, param in inspect.signature(node.run).parameters.items():
         if param.default is not inspect.Parameter.empty and param.default is not None:

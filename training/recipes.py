@@ -19,6 +19,9 @@ shapes-tiny's textual inversion trains only at timesteps 800 and up: a colour is
 low-noise steps carry most of the loss (three quarters of it below t=300 on the teal images) and pulled the token to
 a colour the UNet already drew (teal came out green in every sample; from 800 up, 77 %, one seed; over two seeds
 the benchmark measures 48 %).
+
+Validation samples (and a scorer's samples) are drawn at the model's native size: 64 px for shapes-tiny, 1024 for
+SDXL (the node's default, 512, is SD 1.x's).
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full")
 
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "shapes-tiny": {
-        "lora": {"steps": 600, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0},
+        "lora": {"steps": 600, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0,
+                 "validation_size": 64},
         "embedding": {"steps": 300, "learning_rate": 2e-2, "batch_size": 4, "num_vectors": 1,
-                      "initializer": "shape", "templates": "captions", "min_timestep": 800},
+                      "initializer": "shape", "templates": "captions", "min_timestep": 800, "validation_size": 64},
         "dreambooth_lora": {"steps": 250, "learning_rate": 2e-3, "batch_size": 4, "rank": 8, "alpha": 8.0,
-                            "targets": "attention+feedforward+conv", "num_class_images": 24, "class_cfg": 5.0},
+                            "targets": "attention+feedforward+conv", "num_class_images": 24, "class_cfg": 5.0,
+                            "validation_size": 64},
         "dreambooth_full": {"steps": 250, "learning_rate": 1e-3, "batch_size": 4, "num_class_images": 24,
-                            "class_cfg": 5.0},
+                            "class_cfg": 5.0, "validation_size": 64},
     },
     "sd15": {
         "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0},
@@ -47,10 +52,11 @@ TABLE: dict[str, dict[str, dict[str, Any]]] = {
         "dreambooth_full": {"steps": 400, "learning_rate": 5e-6, "num_class_images": 100},
     },
     "sdxl": {
-        "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0},
-        "embedding": {"steps": 1000, "learning_rate": 5e-3, "num_vectors": 4},
-        "dreambooth_lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "num_class_images": 50},
-        "dreambooth_full": {"steps": 400, "learning_rate": 2e-6, "num_class_images": 100},
+        "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "validation_size": 1024},
+        "embedding": {"steps": 1000, "learning_rate": 5e-3, "num_vectors": 4, "validation_size": 1024},
+        "dreambooth_lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "num_class_images": 50,
+                            "validation_size": 1024},
+        "dreambooth_full": {"steps": 400, "learning_rate": 2e-6, "num_class_images": 100, "validation_size": 1024},
     },
 }
 
