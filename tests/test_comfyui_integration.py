@@ -560,7 +560,8 @@ def test_cancelled_and_failed_training_give_their_memory_back(server, node_defs)
     base = {nid: n for nid, n in example.items() if n["class_type"] in keep}
     train_id = _node_id(base, "DreamBoothTrain")
     base["990"] = {"class_type": "PreviewImage", "inputs": {"images": [train_id, 2]}}  # the loss plot
-    base = apply_overrides(base, ["TrainingData.resolution=256", "TrainingData.repeats=4",
+    base = apply_overrides(base, ["FinetuneTrainingData.resolution=256",
+                                  "FinetuneTrainingData.repeats=4",
                                   f"{train_id}.method=full", f"{train_id}.prior_preservation=false",
                                   f"{train_id}.validate_every=0", f"{train_id}.validation_prompt=",
                                   f"{train_id}.batch_size=1", f"{train_id}.steps=2"], node_defs)
