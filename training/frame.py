@@ -296,8 +296,10 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
             result = train(run, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
                            node=node, device=device, checkpoint=ckpt, validate=validate if validating else None,
                            scoring=scoring)
-            if validating and (not result.validation or result.validation[-1][0] != result.steps_done):
-                result.validation.append((result.steps_done, validate(result.steps_done)))
+            final = result.best_step if result.best_step is not None else result.steps_done  # what the result holds
+            if validating and final not in [s for s, _ in result.validation]:
+                result.validation.append((final, validate(final)))
+                result.validation.sort(key=lambda sv: sv[0])
             if metadata is not None and result.best_step is not None:
                 metadata.update({k: str(result.best_step) for k in ("ss_steps", "steps") if k in metadata})
                 metadata.update({"ft_kept_step": str(result.best_step), "ft_kept_score": f"{result.best_score:.6g}",
