@@ -33,8 +33,9 @@ SCORE_CATEGORY = f"{CATEGORY}/scoring"
 NONE = "none"
 
 _EVERY = ("INT", {"default": 0, "min": 0, "max": 1_000_000,
-                  "tooltip": "Score every N training steps; 0 = ten times over the run. The model before training is "
-                             "always scored first."})
+                  "tooltip": "Score every N training steps; 0 = automatic: as often as keeps scoring within about "
+                             "15 % of the training time (timed on the first evaluation and steps). The model before "
+                             "training and the last step are always scored."})
 _PATIENCE = ("INT", {"default": 0, "min": 0, "max": 1000,
                      "tooltip": "Stop training when the score has not improved for this many evaluations; 0 = never."})
 _SAMPLES = ("INT", {"default": 4, "min": 1, "max": 64,

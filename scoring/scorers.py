@@ -102,15 +102,17 @@ def images_from(pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Scorer:
-    """Base: when to evaluate and when to stop. ``every`` 0 = ten evaluations over the run; ``patience`` 0 = never
-    stop early, K = stop when the score has not improved for K evaluations."""
+    """Base: when to evaluate and when to stop. ``every`` 0 = automatic (as often as keeps scoring within about 15 %
+    of the training time, see ``training.loop.Scoring``); ``patience`` 0 = never stop early, K = stop when the score
+    has not improved for K evaluations."""
 
     every: int = 0
     patience: int = 0
     node: str = "Scorer"
 
     def interval(self, steps: int) -> int:
-        return self.every if self.every > 0 else max(1, steps // 10)
+        """Steps between evaluations; 0: chosen by the loop."""
+        return max(0, min(int(self.every), steps))
 
     def probes(self) -> tuple[Probe, ...]:
         return ()

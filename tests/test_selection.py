@@ -217,3 +217,34 @@ def test_expected_attributes_read_the_target_and_the_prompt_in_world_words():
         "fill": "striped", "shape": "star", "color": "purple", "background": "white"}
     assert expected_attributes("", "a red shape on a blue background") == {"color": "red", "background": "blue"}
     assert expected_attributes("", "a photo of sks dog") == {}
+
+
+# ---------------------------------------------------------------------------------------------- automatic interval
+def test_the_automatic_interval_keeps_scoring_within_the_budget():
+    assert loop.auto_interval(1.0, 0.1, 500, 0.15) == 91  # room 7.5 - 2 s: 500 / 5.5
+    for e in (0.01, 0.2, 1.0, 3.0):
+        for t in (0.01, 0.1, 0.5):
+            for steps in (10, 100, 500, 2000):
+                every = loop.auto_interval(e, t, steps, 0.15)
+                evaluations = 1 + steps // every + (steps % every != 0)  # before, every interval, the last
+                if every < steps:  # when even the first and the last exceed the budget only those run
+                    assert e * evaluations <= 0.15 * steps * t * (1 + 1e-9), (e, t, steps, every)
+                assert 1 <= every <= steps
+    assert loop.auto_interval(10.0, 0.1, 100, 0.15) == 100  # too expensive: only before training and at the end
+
+
+def test_the_automatic_interval_is_chosen_once_and_kept_on_resume(tmp_path, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(loop, "auto_interval", lambda e, t, steps, budget: chosen.append((e, t, steps, budget)) or 7)
+    ckpt = tmp_path / "run.pt"
+    obj, calls = _Walk(), []
+    loop.train(obj, _batches, _settings(30, save_every=10), node="T", device=CPU, checkpoint=ckpt,
+               scoring=loop.Scoring(_peak_at(obj, 0.5, calls), 0, name="peak"))
+    assert [s for s, _ in calls] == [0, 7, 14, 21, 28, 30]
+    (e, t, steps, budget), = chosen  # chosen once, after the first AUTO_PROBE_STEPS steps were timed
+    assert e > 0 and t > 0 and steps == 30 and budget == 0.15
+    obj2, calls2 = _Walk(), []
+    chosen.clear()
+    loop.train(obj2, _batches, _settings(40, save_every=10, resume=True), node="T", device=CPU, checkpoint=ckpt,
+               scoring=loop.Scoring(_peak_at(obj2, 0.5, calls2), 0, name="peak"))
+    assert chosen == [] and [s for s, _ in calls2] == [35, 40]  # the stored interval, not a new choice

@@ -37,7 +37,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -45,7 +45,7 @@ import torch
 from .. import host
 from ..core.errors import FinetuneError
 from ..core.handle import ModelHandle
-from ..core.sampling import SampleSettings, make_scheduler, sample_patched
+from ..core.sampling import SampleSettings, make_scheduler, sample_patched, sample_prompts_patched
 from ..scoring.scorers import Evaluation, Scorer, images_from
 from . import speed
 from .data import TrainingSet, subset
@@ -213,6 +213,28 @@ def scored(dataset: TrainingSet, scorer: Scorer | None, node: str) -> tuple[Trai
     return dataset, Scored(scorer, images_from([ex.pixels for ex in dataset.examples]), heldout)
 
 
+#: Pixels sampled in one batch at an evaluation (4 Mpx: 4 images of 1024^2, 16 of 512^2, a thousand of 64^2).
+PROBE_BATCH_PIXELS = 4 * 1024 * 1024
+
+
+def probe_batches(probes: Sequence[Any], validation: Validation) -> list[list[Any]]:
+    """The scorer's prompts grouped into batches of at most :data:`PROBE_BATCH_PIXELS` (a prompt whose samples
+    alone exceed it gets a batch of its own): one UNet call a step for many small images, bounded memory for big
+    ones."""
+    per_image = validation.width * validation.height
+    groups: list[list[Any]] = []
+    size = 0
+    for probe in probes:
+        pixels = probe.samples * per_image
+        if groups and size + pixels <= PROBE_BATCH_PIXELS:
+            groups[-1].append(probe)
+            size += pixels
+        else:
+            groups.append([probe])
+            size = pixels
+    return groups
+
+
 def check_validation(validation: Validation, handle: ModelHandle, node: str) -> None:
     """Refuse bad validation settings before training starts, naming the trainer's validation_* input."""
     inputs = {"sampler_name": "validation_sampler", "scheduler": "validation_scheduler", "width": "validation_size",
@@ -252,8 +274,9 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
         validation = validation or Validation(prompt="")
         check_validation(validation, handle, node)  # the scorer samples with the validation settings
         bound = score.scorer.bind(score.references, node=node)
-        log.info("[%s] scoring: %s, every %d steps%s", node, score.scorer.describe(),
-                 score.scorer.interval(settings.steps),
+        every = score.scorer.interval(settings.steps)
+        log.info("[%s] scoring: %s, %s%s", node, score.scorer.describe(),
+                 f"every {every} steps" if every else "at an automatic interval",
                  f", stopping after {score.scorer.patience} evaluations without a better score"
                  if score.scorer.patience else "")
     key = run_key(kind, handle.signature(), dataset.signature(), config,
@@ -280,11 +303,11 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
                 def evaluate(step: int, first: dict | None) -> tuple[Any, Any]:
                     images = {}
                     with run.on_device():
-                        for probe in probes:
-                            settings_ = replace(validation, prompt=probe.prompt, seed=probe.seed,
-                                                batch_size=probe.samples)
-                            images[probe.prompt] = sample_patched(objective.train_handle, settings_, node=node,
-                                                                  progress=lambda i, n: host.check_interrupt())
+                        for group in probe_batches(probes, validation):  # several prompts a batch
+                            drawn = sample_prompts_patched(objective.train_handle, validation,
+                                                           [(p.prompt, p.samples, p.seed) for p in group], node=node,
+                                                           progress=lambda i, n: host.check_interrupt())
+                            images.update({p.prompt: x for p, x in zip(group, drawn)})
                         loss = (evaluation_loss(objective.train_handle, score.heldout, apply_patches=False)
                                 if score.heldout is not None else None)
                     return (bound(Evaluation(step, images, first, loss)),

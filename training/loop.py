@@ -110,12 +110,30 @@ class Scoring:
     """In-loop scoring for :func:`train`: ``evaluate(step, first)`` scores the current trainables (``first``: the
     first evaluation's metrics, None at the first) and returns the score and the images to preview (or None);
     evaluated before the first step, every ``interval`` steps and at the last; ``patience`` evaluations without a
-    better score stop the run (0: never)."""
+    better score stop the run (0: never).
+
+    ``interval`` 0 is automatic: as often as keeps the time spent scoring within ``budget`` of the training time.
+    The loop times the first evaluation (E) and the first :data:`AUTO_PROBE_STEPS` training steps (t each), then
+    scores every ``ceil(E * steps / (budget * steps * t - 2 E))`` steps (the 2 E: the evaluations before the first
+    step and at the last one), or only before the first step and at the last when even those exceed the budget.
+    The chosen interval rides in the checkpoint, so a resumed run scores at the same steps."""
 
     evaluate: Callable[[int, dict | None], tuple[Score, Any]]
     interval: int
     patience: int = 0
     name: str = ""  # what scores, as the checkpoint records it
+    budget: float = 0.15
+
+
+AUTO_PROBE_STEPS = 5  # training steps timed before an automatic scoring interval is chosen
+
+
+def auto_interval(evaluation_seconds: float, step_seconds: float, steps: int, budget: float) -> int:
+    """The scoring interval that keeps scoring within ``budget`` of the training time (see :class:`Scoring`)."""
+    room = budget * steps * step_seconds - 2.0 * evaluation_seconds
+    if room <= 0:
+        return max(1, steps)
+    return max(1, min(steps, math.ceil(evaluation_seconds * steps / room)))
 
 
 def run_key(*parts: Any) -> str:
@@ -506,6 +524,7 @@ class _Loop:
         improved = sel.offer(step, score, self.objective.trainable_state)
         spent = time.perf_counter() - t0
         sel.seconds += spent
+        sel.evaluation_seconds = spent
         self.scoring_seconds += spent
         best = sel.best
         log.info("[%s] step %d: score %.4g (%s)%s; best %.4g at step %d", node, step, score.value,
@@ -519,6 +538,20 @@ class _Loop:
         if images is not None and self.validate is None:  # the scorer's samples are the preview
             bar.preview(images, node=node, step=step, steps=self.settings.steps)
         return sel.should_stop(scoring.patience)
+
+    def due(self, done: int) -> bool:
+        """Whether to score after step ``done``: every interval (once chosen) and at the last step."""
+        return done == self.settings.steps or bool(self.interval and done % self.interval == 0)
+
+    def choose_interval(self, step_seconds: float) -> None:
+        """Automatic interval (:class:`Scoring`): from the first evaluation's and a training step's seconds."""
+        sel, settings = self.result.selection, self.settings
+        first = sel.evaluation_seconds or 0.0
+        self.interval = sel.interval = auto_interval(first, step_seconds, settings.steps, self.scoring.budget)
+        log.info("[%s] scoring every %d steps (automatic: an evaluation takes %.2f s, a training step %.3f s; "
+                 "scoring stays within about %d %% of the training time%s)", self.node, self.interval, first,
+                 step_seconds, round(100 * self.scoring.budget),
+                 "; set the scorer's every to score more often" if self.interval >= settings.steps else "")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -548,11 +581,16 @@ class _Loop:
             if start:
                 bar.update(start)
             try:
+                self.interval = scoring.interval if scoring is not None and scoring.interval > 0 else None
+                if scoring is not None and selection.interval and self.interval is None:
+                    self.interval = selection.interval  # chosen automatically before the cancel
                 if scoring is not None and (not selection.history or (  # before training: the baseline
-                        start % scoring.interval == 0 and selection.history[-1][0] != start)):  # a cancelled one
-                    self.score(start, bar)
+                        self.interval and start % self.interval == 0 and selection.history[-1][0] != start)):
+                    self.score(start, bar)  # (or an evaluation a cancel interrupted)
+                step_seconds = []
                 step = start
                 while step < settings.steps:
+                    t_step = time.perf_counter()
                     for g, lr0 in zip(optimizer.param_groups, self.base_lrs):
                         g["lr"] = lr0 * self.factor(step) * self.lr_scale
                     optimizer.zero_grad(set_to_none=True)
@@ -583,6 +621,10 @@ class _Loop:
                     result.lrs.append(optimizer.param_groups[0]["lr"])
                     step += 1
                     done = self.done = result.steps_done = step
+                    step_seconds.append(time.perf_counter() - t_step)
+                    if scoring is not None and self.interval is None and (
+                            len(step_seconds) >= AUTO_PROBE_STEPS or done == settings.steps):
+                        self.choose_interval(sorted(step_seconds)[len(step_seconds) // 2])
                     elapsed = time.perf_counter() - t0
                     rate = (done - start) / elapsed if elapsed > 0 else 0.0
                     eta = (settings.steps - done) / rate if rate > 0 else 0.0
@@ -590,8 +632,7 @@ class _Loop:
                                                          "loss": total, "lr": result.lrs[-1],
                                                          "images_per_second": rate * settings.batch_size
                                                          * settings.grad_accum, "eta_seconds": eta})
-                    if scoring is not None and (done % scoring.interval == 0 or done == settings.steps) \
-                            and self.score(done, bar):
+                    if scoring is not None and self.due(done) and self.score(done, bar):
                         result.stopped_early_at = done
                         log.info("[%s] stopped early at step %d: no better score for %d evaluations", node, done,
                                  scoring.patience)

@@ -44,6 +44,8 @@ class Selection:
     written_step: int | None = None  # the best step whose state is on disk
     seconds: float = 0.0  # spent scoring
     scorer: str = ""  # what scores (the scorer's description): a resumed run with another scorer starts afresh
+    interval: int | None = None  # the automatic interval once chosen
+    evaluation_seconds: float | None = None  # the last evaluation's
 
     @property
     def first(self) -> dict[str, float] | None:
@@ -87,7 +89,8 @@ class Selection:
     def to_state(self) -> dict[str, Any]:
         """What the resumable checkpoint carries (no weights)."""
         return {"selection": {"history": [[s, sc.value, dict(sc.metrics), sc.shortfall] for s, sc in self.history],
-                              "best_step": self.best_step, "seconds": self.seconds, "scorer": self.scorer}}
+                              "best_step": self.best_step, "seconds": self.seconds, "scorer": self.scorer,
+                              "interval": self.interval}}
 
     def load_state(self, state: dict[str, Any], best_file: Path | None,
                    load: Callable[[Path], dict]) -> str | None:
@@ -102,6 +105,7 @@ class Selection:
         self.history = [(int(s), Score(float(v), {str(k): float(x) for k, x in m.items()}, float(sh)))
                         for s, v, m, sh in sel["history"]]
         self.seconds = float(sel.get("seconds", 0.0))
+        self.interval = sel.get("interval")
         step = sel.get("best_step")
         if step is None:
             return None
