@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -144,32 +144,44 @@ def sample(handle: ModelHandle, s: SampleSettings, *, progress: Callable[[int, i
 def sample_patched(handle: ModelHandle, s: SampleSettings, *, progress: Callable[[int, int], None] | None = None,
                    node: str | None = None) -> torch.Tensor:
     """:func:`sample` for a handle whose patches are already applied (e.g. validation during training)."""
+    return sample_prompts_patched(handle, s, [(s.prompt, s.batch_size, s.seed)], progress=progress, node=node)[0]
+
+
+def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequence[tuple[str, int, int]], *,
+                           progress: Callable[[int, int], None] | None = None,
+                           node: str | None = None) -> list[torch.Tensor]:
+    """Several prompts in one batch (``s`` but for its prompt, seed and batch size): ``(prompt, count, seed)``
+    each, with the noise Sample draws for that seed and count; returns each prompt's images. One batch runs the
+    UNet once a step for all of them (in-loop scoring samples several prompts at every evaluation). Sampler noise
+    (ancestral samplers) comes from the first prompt's seed, so for one prompt this is exactly Sample."""
     import torch  # noqa: PLC0415
 
     base = handle.base
     scheduler = make_scheduler(base.scheduler_config, s.sampler, s.scheduler, node=node)
     device, dtype = base.device, base.dtype
+    counts = [int(n) for _, n, _ in prompts]
     with torch.inference_mode():
         encoder = PromptEncoder(handle, node=node)
-        pos = encoder.encode(s.prompt)
+        pos = [encoder.encode(p) for p, _, _ in prompts]
         neg = encoder.encode(s.negative or "")
-        cond, uncond = same_length([pos.cond, neg.cond])
+        *conds, uncond = same_length([c.cond for c in pos] + [neg.cond])
         use_cfg = s.cfg != 1.0
-        b = s.batch_size
-        context = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]) if use_cfg else cond.expand(b, -1, -1)
+        b = sum(counts)
+        cond = torch.cat([c.expand(n, -1, -1) for c, n in zip(conds, counts)])
+        context = torch.cat([uncond.expand(b, -1, -1), cond]) if use_cfg else cond
         added = None
         if base.family is Family.SDXL:
-            pooled = [pos.pooled.expand(b, -1)]
+            pooled = [torch.cat([c.pooled.expand(n, -1) for c, n in zip(pos, counts)])]
             if use_cfg:
                 pooled.insert(0, neg.pooled.expand(b, -1))
             added = sdxl_added(torch.cat(pooled), s.height, s.width, dtype, device)
         context = context.to(device=device, dtype=dtype)
 
         scheduler.set_timesteps(s.steps, device=device)
-        latents = comfy_noise(s.seed, (b, base.unet.config.in_channels, s.height // base.vae_scale_factor,
-                                      s.width // base.vae_scale_factor))
+        shape = (base.unet.config.in_channels, s.height // base.vae_scale_factor, s.width // base.vae_scale_factor)
+        latents = torch.cat([comfy_noise(seed, (n, *shape)) for (_, n, seed) in prompts])
         latents = latents.to(device) * scheduler.init_noise_sigma
-        step_gen = torch.Generator("cpu").manual_seed(int(s.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        step_gen = torch.Generator("cpu").manual_seed(int(prompts[0][2]) & 0xFFFF_FFFF_FFFF_FFFF)
         timesteps = scheduler.timesteps
         accepts_gen = "generator" in inspect.signature(scheduler.step).parameters
         for i, t in enumerate(timesteps):
@@ -183,7 +195,7 @@ def sample_patched(handle: ModelHandle, s: SampleSettings, *, progress: Callable
             latents = scheduler.step(pred, t, latents, **kwargs).prev_sample
             if progress is not None:
                 progress(i + 1, len(timesteps))
-        return decode(handle, latents)
+        return list(decode(handle, latents).split(counts))
 
 
 # The VAE decodes in overlapping tiles (diffusers' tiled decode, blended seams) when an image side is more than

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.sampling import SAMPLER_NAMES, SampleSettings, make_scheduler, sample
+from comfy_finetune.core.sampling import SAMPLER_NAMES, SampleSettings, make_scheduler, sample, sample_prompts_patched
 
 
 def _settings(**kw) -> SampleSettings:
@@ -74,3 +76,18 @@ def test_schedules_map_to_diffusers_options(tiny_handles):
 def test_v_prediction_family(tiny_handles):
     assert tiny_handles["sd2"].base.prediction_type == "v_prediction"
     assert tiny_handles["sd1"].base.prediction_type == "epsilon"
+
+
+def test_several_prompts_in_one_batch_draw_what_each_draws_alone(tiny_handles, family):
+    """In-loop scoring samples all its prompts in one batch: each prompt's images are those Sample draws for its
+    seed and count (to float tolerance: a bigger batch may take other kernel paths), and the prompts do not mix."""
+    h = tiny_handles[family]
+    s = _settings(cfg=5.0)
+    probes = [("a red circle", 2, 11), ("a blue square on a gray background, long prompt " * 8, 1, 12)]
+    with h.patched():
+        together = sample_prompts_patched(h, s, probes)
+    alone = [sample(h, replace(s, prompt=p, batch_size=n, seed=seed)) for p, n, seed in probes]
+    assert [x.shape[0] for x in together] == [2, 1]
+    for a, b in zip(together, alone):
+        assert torch.allclose(a, b, atol=2e-4), float((a - b).abs().max())
+    assert (together[0][:1] - together[1]).abs().max() > 1e-3  # different prompts and seeds, different images
