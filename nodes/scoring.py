@@ -27,7 +27,7 @@ from ..scoring.scorers import (
     ValidationLossScorer,
 )
 from ..training.plots import table_image
-from .base import CATEGORY, DATASET, FEATURES, SCORER, FTNode, file_signature
+from .base import CATEGORY, DATASET, FEATURES, SCORER, FTNode
 
 SCORE_CATEGORY = f"{CATEGORY}/scoring"
 NONE = "none"
@@ -100,7 +100,7 @@ class LoadFeatureModel(FTNode):
     @classmethod
     def IS_CHANGED(cls, model_name):
         try:
-            return file_signature(F.resolve_feature_model(model_name))
+            return repr(F.signature(F.resolve_feature_model(model_name)))  # a folder: each of its files
         except FinetuneError:
             return ""
 

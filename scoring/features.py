@@ -780,5 +780,6 @@ def resolve_feature_model(name: str, *, node: str | None = None, input: str | No
                         node=node, input=input, fix=FIX_PLACE)
 
 
+signature = _signature  # what changes when the model on disk changes (a folder: each of its files)
 roots = _roots  # the folders searched for a folder key (feature_models works inside ComfyUI too)
 resolve_under = _resolve_under

@@ -182,8 +182,9 @@ class JudgeScorer(Scorer):
                                 fix="write one prompt per line, e.g. 'a sks shape on a black background'")
         for p in self.prompts:
             if not expected_attributes("" if self.measure == CLASS_PRESERVATION else self.target, p):
+                blame = "target" if self.measure == FIDELITY and self.target == "" else "prompts"
                 raise FinetuneError(f"neither the target nor the prompt '{p}' names anything the judge can check",
-                                    node=self.node, input="target" if self.target == "" else "prompts",
+                                    node=self.node, input=blame,
                                     fix="name shapes-world words: a shape, colour, fill ('green star', 'striped') "
                                         "or 'on a black background'")
         if self.samples < 1:
