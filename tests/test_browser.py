@@ -4,7 +4,8 @@ A real ComfyUI (``tests/comfyui_harness.py``) serves its own frontend with this 
 by ``playwright-core`` from a small Node.js script (``tests/browser/drive.mjs``), loads the "Train a LoRA" example,
 queues it from the page, and the test checks that the loss chart drew every step on the right node, that validation
 previews reached the node (the host's progress preview and our own), that the series is saved in the workflow and
-redrawn after reloading it, and that the bridge nodes link to native nodes in the frontend. Screenshots are kept as
+redrawn after reloading it, that score curves (synthetic ``train_score`` events) are drawn in a score band, saved
+and redrawn, and that the bridge nodes link to native nodes in the frontend. Screenshots are kept as
 artefacts (``$FINETUNE_ARTIFACTS``, else pytest's temp folder).
 
 Needs (skipped with the reason otherwise):
@@ -59,6 +60,11 @@ BRIDGE_GRAPHS = REPO_ROOT / "tests" / "browser" / "bridge_graphs.json"
 STEPS = 40
 VALIDATE_EVERY = 10
 SMOOTH_RGB = (0xFF, 0xA9, 0x40)  # the smoothed line's colour in finetune_training_view.js
+# finetune_training_view.js: SCORE_COLORS (the primary "score", then the metrics in arrival order) and BEST_COLOR
+# (rgba(255, 90, 90, 0.9)) over the chart's #161616
+SCORE_RGB = (0x73, 0xD1, 0x3D)
+METRIC_RGB = {"judge fidelity": (0xB3, 0x7F, 0xEB), "judge class": (0x36, 0xCF, 0xC9)}
+BEST_RGB = (232, 83, 83)
 # startup settings of a fresh user folder: no first-run template dialog over the canvas, no minimap in the screenshots
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 
@@ -181,6 +187,106 @@ def test_training_view_routes_decimates_and_rolls_back(server, artifacts):
     assert result["saved_steps_increasing"]
     assert result["new_run_points"] == 1  # a new run replaces the old series
     assert result["ambiguous_ignored"] and result["single_node_fallback"] == 1
+
+
+def _scored_run(steps: int = 100, every: int = 10, best_at: int = 40) -> tuple[list, dict[str, list]]:
+    """Events of a scored run as the trainer sends them (without the node ids, which the driver adds): a score before
+    training, a loss event per step, a score every ``every`` steps; the score rises to its best at ``best_at`` and then
+    falls. Also the score series the view should keep: {name: [[step, value], ...]}."""
+    import math  # noqa: PLC0415
+
+    def metrics(s: int) -> dict[str, float]:
+        score = round(0.62 + 0.25 * (1 - ((s - best_at) / (steps - best_at)) ** 2), 6)
+        return {"score": score, "judge fidelity": round(0.55 + 0.35 * s / (s + 20), 6),
+                "judge class": round(0.92 - 0.0025 * s, 6)}
+
+    events, series = [], {"score": [], "judge fidelity": [], "judge class": []}
+    best_step, best_score, scoring_seconds = None, -math.inf, 0.0
+    for step in range(steps + 1):
+        if step:
+            loss = round(0.08 + 0.12 * math.exp(-step / 30) + 0.02 * math.sin(step), 6)
+            events.append(["comfy_finetune.train", {"step": step, "steps": steps, "loss": loss, "lr": 1e-4,
+                                                    "images_per_second": 2.5, "eta_seconds": (steps - step) * 0.4}])
+        if step % every == 0:
+            m = metrics(step)
+            if m["score"] > best_score:
+                best_step, best_score = step, m["score"]
+            scoring_seconds += 1.5
+            events.append(["comfy_finetune.train_score", {
+                "step": step, "steps": steps, "score": m["score"], "metrics": m, "shortfall": 0.0,
+                "best_step": best_step, "best_score": best_score, "scoring_seconds": scoring_seconds,
+                "training_seconds": step * 0.4}])
+            for name, value in m.items():
+                series[name].append([step, value])
+    return events, series
+
+
+def test_training_view_draws_score_curves_and_saves_them(server, artifacts):
+    _, workflow = _training_example()
+    events, series = _scored_run()
+    new_run = [["comfy_finetune.train_score", {"step": 0, "steps": 30, "score": 0.3,
+                                               "metrics": {"score": 0.3, "judge fidelity": 0.4, "judge class": 0.9},
+                                               "shortfall": 0.0, "best_step": 0, "best_score": 0.3,
+                                               "scoring_seconds": 1.0, "training_seconds": 0.0}],
+               ["comfy_finetune.train", {"step": 1, "steps": 30, "loss": 0.2, "lr": 1e-4, "images_per_second": 2.0,
+                                         "eta_seconds": 29.0}]]
+    result = _drive(server, artifacts, {"task": "scores", "workflow": workflow, "node_type": "FinetuneTrainLoRA",
+                                        "events": events, "new_run_events": new_run})
+    best = max(series["score"], key=lambda p: p[1])
+    assert best[0] == 40
+    header = f"score {series['score'][-1][1]:.4g} (best {best[1]:.4g} @ 40)"  # the view's fmt: 4 significant digits
+
+    def header_lines(texts):
+        return [t for t in texts if t.startswith("score ")]
+
+    before, first, run = result["before"], result["after_first_score"], result["after_run"]
+    assert before["stored"] is None and not before["view_scores"]  # the example carries no training data
+
+    # the first score grows the view by the score band, and the node grows so that the band fits in it
+    assert first["widget_height"] >= before["widget_height"] + 50, (before, first)
+    assert first["node_size"][1] >= before["node_size"][1]
+    for state in (first, run):
+        assert state["widget_y"] is not None
+        assert state["node_size"][1] >= state["widget_y"] + state["widget_height"], f"the view overflows: {state}"
+
+    # every score of every series reached the node and its saved properties; the loss too
+    assert run["view_scores"] == {name: len(points) for name, points in series.items()}
+    assert run["stored"]["scores"] == series and run["saved"]["scores"] == series
+    assert run["stored"]["score_info"]["best_step"] == 40 and run["stored"]["score_info"]["best_score"] == best[1]
+    assert run["view_score_info"]["best_step"] == 40 and run["view_points"] == 100
+    assert len(run["stored"]["points"]) == 100 and run["stored"]["info"]["step"] == 100
+    assert any(t.startswith(header) for t in header_lines(run["texts"])), header_lines(run["texts"])
+    assert any(t.startswith("step 100/100") for t in run["texts"])
+
+    # the score band is in the pixels: the primary line in its colour, none before the scores came
+    shots = {Path(p).name: Path(p) for p in result["screenshots"]}
+    assert {"scores-before.png", "scores-view.png", "scores-reloaded.png", "scores-new-run.png"} <= set(shots)
+    assert _count_colour(shots["scores-before.png"], SCORE_RGB) < 20
+    assert _count_colour(shots["scores-view.png"], SCORE_RGB) > 300, "no primary score line drawn"
+    for name, rgb in METRIC_RGB.items():
+        assert _count_colour(shots["scores-view.png"], rgb) > 100, f"no {name} line drawn"
+    assert _count_colour(shots["scores-before.png"], BEST_RGB) == 0
+    assert _count_colour(shots["scores-view.png"], BEST_RGB) > 40, "no best-step marker drawn"
+
+    # saved in the workflow, and redrawn from it after reloading
+    assert result["serialized"]["ft_training"]["scores"] == series
+    assert result["serialized"]["ft_training"]["score_info"]["best_step"] == 40
+    reloaded = result["reloaded"]
+    assert reloaded["stored"]["scores"] == series and reloaded["stored"]["score_info"]["best_step"] == 40
+    assert reloaded["view_scores"] == run["view_scores"] and reloaded["view_score_info"]["best_step"] == 40
+    assert reloaded["widget_height"] == run["widget_height"]
+    assert reloaded["node_size"][1] >= reloaded["widget_y"] + reloaded["widget_height"]
+    assert any(t.startswith(header) for t in header_lines(reloaded["texts"])), header_lines(reloaded["texts"])
+    assert _count_colour(shots["scores-reloaded.png"], SCORE_RGB) > 300, "the scores were not redrawn after reload"
+
+    # a new run: its score before training clears the old scores and loss; its first loss step appends
+    new = result["new_run"]
+    assert new["view_scores"] == {"score": 1, "judge fidelity": 1, "judge class": 1}
+    assert new["stored"]["scores"] == {"score": [[0, 0.3]], "judge fidelity": [[0, 0.4]], "judge class": [[0, 0.9]]}
+    assert new["stored"]["score_info"]["best_step"] == 0 and new["view_points"] == 1
+    assert new["saved"]["points"] == [[1, 0.2]] and new["saved"]["info"]["steps"] == 30
+    assert new["saved"]["scores"] == new["stored"]["scores"]
+    assert not any("@ 40" in t for t in header_lines(new["texts"])), header_lines(new["texts"])
 
 
 def test_bridge_graphs_link_to_native_nodes_in_the_frontend(server, artifacts):

@@ -3,11 +3,13 @@
 //
 //   node tests/browser/drive.mjs JOB.json
 //
-// JOB.json: {"url": "http://127.0.0.1:PORT", "task": "training" | "synthetic" | "graphs", "out_dir": "...",
+// JOB.json: {"url": "http://127.0.0.1:PORT", "task": "training" | "synthetic" | "scores" | "graphs", "out_dir": "...",
 //            "width"/"height": viewport (default 1400x900),
 //            training:  "workflow": {UI workflow}, "node_type": "FinetuneTrainLoRA", "widgets": {"steps": 12, ...},
 //                       "timeout_s": 240, "live_at_step": take the mid-run screenshot from this step on
 //            synthetic: "workflow", "node_type", "events": how many fake progress events to dispatch
+//            scores:    "workflow", "node_type", "events": [[type, detail], ...] (a scored run, dispatched in order,
+//                       the node's ids added), "new_run_events": the same, dispatched after the reload
 //            graphs:    "graphs": [{"name", "nodes", "links"}] as in tests/browser/bridge_graphs.json}
 // Environment: PLAYWRIGHT_CORE_DIR (default /work/browser-tools/node_modules/playwright-core), CHROMIUM
 // (default /usr/bin/chromium). Screenshots go to out_dir; the last line printed is a JSON result.
@@ -55,6 +57,7 @@ try {
   if (job.task === "training") await training(page);
   else if (job.task === "graphs") await graphs(page);
   else if (job.task === "synthetic") await synthetic(page);
+  else if (job.task === "scores") await scores(page);
   else throw new Error(`unknown task ${job.task}`);
 } catch (err) {
   result.error = String(err?.stack ?? err);
@@ -367,4 +370,110 @@ async function synthetic(page) {
       { workflow: job.workflow, nodeType: job.node_type, n: job.events ?? 1000 },
     ),
   );
+}
+
+// --------------------------------------------------------------------------------------------- synthetic scores
+// A scored run as the server sends it (loss events and comfy_finetune.train_score events), dispatched on the
+// frontend's api object: the score series reach the node and its saved properties, the view grows by the score band,
+// the header names the best step, the band is drawn, the series survive a save and reload, and a new run's step-0
+// score clears the old scores.
+async function scores(page) {
+  const setup = await page.evaluate(
+    async ({ workflow, nodeType }) => {
+      const app = window.comfyAPI.app.app;
+      await app.loadGraphData(workflow);
+      const node = app.graph.nodes.find((n) => n.type === nodeType);
+      if (!node) return { error: `no ${nodeType} node in the workflow` };
+      const copy = (v) => (v === undefined ? null : JSON.parse(JSON.stringify(v)));
+      // the node's view as laid out and drawn now
+      window.__ftLayout = (nodeId) => {
+        const node = app.graph.getNodeById(nodeId);
+        const widget = node.widgets?.find((w) => w.name === "ft_training_view");
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true); // lays the widgets out (their y) and reads a reloaded series back into the view
+        const view = node.__ftTraining;
+        const seriesLengths = (scores) =>
+          scores ? Object.fromEntries(Object.entries(scores).map(([k, v]) => [k, v.length])) : null;
+        return {
+          node_size: [...node.size],
+          widget_height: widget ? widget.computeSize(node.size[0])[1] : null,
+          widget_y: widget ? (widget.last_y ?? widget.y ?? null) : null,
+          view_points: view?.points?.length ?? 0,
+          view_scores: seriesLengths(view?.scores),
+          view_score_info: copy(view?.scoreInfo),
+          stored: copy(node.properties?.ft_training), // stored on the node (loss steps: at most once a second)
+          // as saved in the workflow
+          saved: copy(app.graph.serialize().nodes.find((n) => n.id === nodeId)?.properties?.ft_training),
+        };
+      };
+      // the texts the canvas draws in one frame (the view draws its header with fillText)
+      window.__ftDrawnTexts = () => {
+        const proto = CanvasRenderingContext2D.prototype;
+        const fillText = proto.fillText;
+        const texts = [];
+        proto.fillText = function (text, ...rest) {
+          texts.push(String(text));
+          return fillText.call(this, text, ...rest);
+        };
+        try {
+          app.canvas.setDirty(true, true);
+          app.canvas.draw(true, true);
+        } finally {
+          proto.fillText = fillText;
+        }
+        return texts;
+      };
+      // dispatch [type, detail] events as the server's, with the node's ids; the layout after the first score event
+      window.__ftDispatch = (nodeId, events) => {
+        const api = window.comfyAPI.api.api;
+        const node = app.graph.getNodeById(nodeId);
+        const ids = { node: node.type, node_id: String(nodeId), display_node: String(nodeId) };
+        let afterFirstScore = null;
+        for (const [type, detail] of events) {
+          api.dispatchCustomEvent(type, { ...ids, ...detail });
+          if (!afterFirstScore && type === "comfy_finetune.train_score") afterFirstScore = window.__ftLayout(nodeId);
+        }
+        return afterFirstScore;
+      };
+      return { node_id: node.id };
+    },
+    { workflow: job.workflow, nodeType: job.node_type },
+  );
+  Object.assign(result, setup);
+  if (setup.error) return;
+  const nodeId = setup.node_id;
+  const layout = () => page.evaluate((id) => window.__ftLayout(id), nodeId);
+
+  result.before = await layout();
+  await shoot(page, "scores-before.png", await focusView(page, nodeId));
+
+  result.after_first_score = await page.evaluate(({ id, events }) => window.__ftDispatch(id, events),
+                                                 { id: nodeId, events: job.events });
+  result.after_run = await layout();
+  await shoot(page, "scores-node.png", await focusNodes(page, [nodeId]));
+  const clip = await focusView(page, nodeId);
+  result.after_run.texts = await page.evaluate(() => window.__ftDrawnTexts());
+  await shoot(page, "scores-view.png", clip);
+
+  // save the workflow and load it again: the scores come back from the workflow alone
+  result.serialized = await page.evaluate(async (id) => {
+    const app = window.comfyAPI.app.app;
+    const saved = JSON.parse(JSON.stringify(app.graph.serialize()));
+    const node = saved.nodes.find((n) => n.id === id);
+    await app.loadGraphData({ ...saved });
+    await new Promise((r) => setTimeout(r, 300));
+    return { ft_training: node?.properties?.ft_training ?? null, size: node?.size ?? null };
+  }, nodeId);
+  result.reloaded = await layout();
+  await page.waitForTimeout(300);
+  const reloadedClip = await focusView(page, nodeId);
+  result.reloaded.texts = await page.evaluate(() => window.__ftDrawnTexts());
+  await shoot(page, "scores-reloaded.png", reloadedClip);
+
+  // a new run on the reloaded node: its score before training clears the old series
+  await page.evaluate(({ id, events }) => window.__ftDispatch(id, events), { id: nodeId, events: job.new_run_events });
+  result.new_run = await layout();
+  const newRunClip = await focusView(page, nodeId);
+  result.new_run.texts = await page.evaluate(() => window.__ftDrawnTexts());
+  await shoot(page, "scores-new-run.png", newRunClip);
 }
