@@ -34,6 +34,7 @@ from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dic
 from comfy_finetune.headless.executor import Executor, NodeExecutionError, PromptValidationError
 from comfy_finetune.headless.runner import node_classes
 from comfy_finetune.nodes.generation import Negative
+from comfy_finetune.scoring.scorers import JudgeScorer, ValidationLossScorer
 
 ROW_TIMEOUT_S = 60
 MAX_TENSOR_ELEMENTS = 100_000_000  # 400 MB of fp32: far beyond anything the tiny models need
@@ -99,6 +100,14 @@ DEFAULTS: dict[str, dict] = {
                                       overwrite=True),
     "NativeLoRAToFinetune": dict(lora={}, pipe=PIPE),
     "FinetuneImageGrid": dict(images_1=Ref("images"), label_1="before"),
+    "FinetuneScoreWithJudge": dict(measure="fidelity", target="green star", prompts="a sks shape", samples=2, every=0,
+                                   patience=0, seed=0),
+    "FinetuneLoadFeatureModel": dict(model_name="none"),
+    "FinetuneScoreWithFeatures": dict(features=Ref("features:none"), measure="subject_similarity",
+                                      prompts="a photo of sks dog", samples=2, every=0, patience=0, seed=0),
+    "FinetuneScoreHeldOutLoss": dict(holdout=1, every=0, patience=0),
+    "FinetuneCombineScorers": dict(scorer_a=Ref("scorer:judge"), weight_a=1.0, floor_a=0.0, every=0, patience=0),
+    "FinetuneEvaluateImages": dict(images=Ref("images")),
 }
 
 
@@ -427,6 +436,52 @@ ROWS: list[Row] = [
         error=PromptValidationError, match="missing", input="images_1", drop=("images_1",)),
     Row("FinetuneImageGrid-two-rows-ok", "FinetuneImageGrid", dict(images_2=Ref("images"), label_2="after"),
         error=None, check=lambda out, res: out[0].shape[0] == 1 and out[0].shape[-1] == 3),
+    # ------------------------------------------------------------------------------------------ scoring
+    Row("ScoreWithJudge-nothing-to-check", "FinetuneScoreWithJudge", dict(target="", prompts="a photo of a dog"),
+        match="judge can check", input="target"),
+    Row("ScoreWithJudge-no-prompts", "FinetuneScoreWithJudge", dict(prompts=" \n "), match="no prompts",
+        input="prompts"),
+    Row("ScoreWithJudge-measure-unknown-executor", "FinetuneScoreWithJudge", dict(measure="accuracy"),
+        via="executor", error=PromptValidationError, match="not one of the choices", input="measure"),
+    Row("ScoreWithJudge-ok", "FinetuneScoreWithJudge", dict(prompts="a sks shape\n\na sks shape on a black "
+                                                                   "background"), error=None,
+        check=lambda out, res: [p.prompt for p in out[0].probes()] == ["a sks shape",
+                                                                       "a sks shape on a black background"]),
+    Row("LoadFeatureModel-missing", "FinetuneLoadFeatureModel", dict(model_name="dinov2-small"), match="not found",
+        input="model_name"),
+    Row("LoadFeatureModel-escape", "FinetuneLoadFeatureModel", dict(model_name="../../etc"), match="not found",
+        input="model_name"),
+    Row("LoadFeatureModel-not-in-list-executor", "FinetuneLoadFeatureModel", dict(model_name="dinov2-small"),
+        via="executor", error=PromptValidationError, match="not one of the choices", input="model_name"),
+    Row("ScoreWithFeatures-features-STRING", "FinetuneScoreWithFeatures", dict(features="dinov2"),
+        match="FT_FEATURES", input="features"),
+    Row("ScoreWithFeatures-features-missing-executor", "FinetuneScoreWithFeatures", dict(), via="executor",
+        error=PromptValidationError, match="missing", input="features", drop=("features",)),
+    Row("ScoreHeldOutLoss-nothing-held-out", "FinetuneScoreHeldOutLoss", dict(holdout=0), match="nothing to hold out",
+        input="holdout"),
+    Row("ScoreHeldOutLoss-negative-executor", "FinetuneScoreHeldOutLoss", dict(holdout=-1), via="executor",
+        error=PromptValidationError, match="minimum", input="holdout"),
+    Row("ScoreHeldOutLoss-with-dataset-executor-ok", "FinetuneScoreHeldOutLoss", dict(holdout=0, dataset=DATASET),
+        via="executor", error=None, check=lambda out, res: out[0].holdout == 0 and out[0].heldout_set is not None),
+    Row("CombineScorers-scorer-STRING", "FinetuneCombineScorers", dict(scorer_a="judge"), match="FT_SCORER",
+        input="scorer_a"),
+    Row("CombineScorers-all-weights-zero", "FinetuneCombineScorers", dict(weight_a=0.0), match="every weight is 0",
+        input="weight_a"),
+    Row("CombineScorers-scorer-missing-executor", "FinetuneCombineScorers", dict(), via="executor",
+        error=PromptValidationError, match="missing", input="scorer_a", drop=("scorer_a",)),
+    Row("EvaluateImages-nothing-to-compute", "FinetuneEvaluateImages", dict(), match="nothing to compute",
+        input="references"),
+    Row("EvaluateImages-uneven-split", "FinetuneEvaluateImages", dict(scorer=Ref("scorer:judge2")),
+        match="split evenly", input="images"),
+    Row("EvaluateImages-images-STRING", "FinetuneEvaluateImages", dict(images="pictures"), match="IMAGE",
+        input="images"),
+    Row("EvaluateImages-inception-unknown-executor", "FinetuneEvaluateImages", dict(inception="pt_inception.pth"),
+        via="executor", error=PromptValidationError, match="not one of the choices", input="inception"),
+    Row("EvaluateImages-judge-ok", "FinetuneEvaluateImages", dict(scorer=Ref("scorer:judge")), error=None,
+        check=lambda out, res: 0.0 <= out[3] <= 1.0 and "score" in out[4] and out[5].shape[-1] == 3),
+    Row("TrainLoRA-scorer-STRING", "FinetuneTrainLoRA", dict(scorer="judge"), match="FT_SCORER", input="scorer"),
+    Row("TrainLoRA-scorer-holds-out-everything", "FinetuneTrainLoRA", dict(scorer=Ref("scorer:holdout-all")),
+        match="leaves none", input="scorer", before_training=True),
     # ------------------------------------------------------------------------------------------ FinetuneSaveLoRA
     Row("FinetuneSaveLoRA-name-empty", "FinetuneSaveLoRA", dict(name=""), match="empty", input="name"),
     Row("FinetuneSaveLoRA-name-blank", "FinetuneSaveLoRA", dict(name="  / "), match="name", input="name"),
@@ -634,6 +689,10 @@ class Resources:
             "images": torch.rand(3, 48, 40, 3),
             "images:empty": torch.zeros(0, 48, 40, 3),
             "images:chw": torch.rand(3, 48, 40),
+            "scorer:judge": JudgeScorer(target="green star", prompts=("a sks shape",), samples=1),
+            "scorer:judge2": JudgeScorer(target="green star", prompts=("a sks shape", "a sks shape on a black "
+                                                                       "background"), samples=1),
+            "scorer:holdout-all": ValidationLossScorer(holdout_count=6),  # the red-circle set has 6 images
         }
 
     def close(self) -> None:
