@@ -421,8 +421,8 @@ function drawChart(ctx, points, steps, x, y, w, h, range = null, best = null) {
   ctx.fillStyle = "#999";
   ctx.font = "10px sans-serif";
   ctx.textAlign = "left";
-  ctx.fillText(fmt(hi - pad, 3), x + 4, y + 12);
-  ctx.fillText(fmt(lo + pad, 3), x + 4, y + h - 5);
+  axisLabel(ctx, fmt(hi - pad, 3), x + 4, y + 12);
+  axisLabel(ctx, fmt(lo + pad, 3), x + 4, y + h - 5);
   ctx.textAlign = "right";
   ctx.fillText(`step ${x1}`, x + w - 4, y + h - 5);
   ctx.fillStyle = SMOOTH_COLOR;
@@ -430,6 +430,16 @@ function drawChart(ctx, points, steps, x, y, w, h, range = null, best = null) {
   const smoothedWidth = ctx.measureText("smoothed ").width;
   ctx.fillStyle = RAW_COLOR;
   ctx.fillText("raw", x + w - 4 - smoothedWidth, y + 12);
+}
+
+/** A y-axis label at the chart's left edge, on a dark backing so the points under it (step 0) stay readable. */
+function axisLabel(ctx, text, x, y) {
+  const width = ctx.measureText(text).width;
+  const fill = ctx.fillStyle;
+  ctx.fillStyle = "rgba(20, 20, 20, 0.7)";
+  ctx.fillRect(x - 2, y - 9, width + 4, 12);
+  ctx.fillStyle = fill;
+  ctx.fillText(text, x, y);
 }
 
 function drawScores(ctx, scores, range, best, x, y, w, h) {
@@ -481,8 +491,8 @@ function drawScores(ctx, scores, range, best, x, y, w, h) {
   ctx.font = "10px sans-serif";
   ctx.fillStyle = "#999";
   ctx.textAlign = "left";
-  ctx.fillText(fmt(hi - pad, 3), x + 4, y + 12);
-  ctx.fillText(fmt(lo + pad, 3), x + 4, y + h - 5);
+  axisLabel(ctx, fmt(hi - pad, 3), x + 4, y + 12);
+  axisLabel(ctx, fmt(lo + pad, 3), x + 4, y + h - 5);
   // legend on the top line, right-aligned: name and last value, the primary first; what does not fit is left out
   const legend = [entries[entries.length - 1], ...entries.slice(0, -1)].map(([name, pts]) => {
     ctx.font = name === PRIMARY_SCORE ? "bold 10px sans-serif" : "10px sans-serif";
