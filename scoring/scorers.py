@@ -64,7 +64,7 @@ class Score:
 
 
 def better(a: Score, b: Score | None) -> bool:
-    """Whether ``a`` beats ``b`` (strictly: ties keep the earlier checkpoint)."""
+    """Whether ``a`` beats ``b`` strictly (a tie is no improvement; the selection keeps the later of two ties)."""
     return b is None or a.key() > b.key()
 
 

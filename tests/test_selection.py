@@ -1,7 +1,7 @@
 """Keeping the best checkpoint in the loop: a toy objective, scripted scores (no models).
 
 The score of the toy is a function of its weight, so which state the loop ends with says which checkpoint it kept.
-Covered: the best state is returned (not the last), ties keep the earlier, early stop after ``patience``
+Covered: the best state is returned (not the last), ties keep the later, early stop after ``patience``
 evaluations, cancel writes the latest and the best, resume restores both, a NaN rollback truncates the scores,
 and a combination ranks checkpoints below their floors last.
 """
@@ -91,13 +91,14 @@ def test_patience_stops_early_and_keeps_the_best():
     assert float(obj.w.detach()) == pytest.approx(0.4, abs=0.05)
 
 
-def test_ties_keep_the_earlier_checkpoint_and_nan_ranks_last():
+def test_ties_keep_the_later_checkpoint_count_as_no_improvement_and_nan_ranks_last():
     sel = Selection()
     assert sel.offer(0, Score(0.5), lambda: {"w": torch.ones(1)})
-    assert not sel.offer(1, Score(0.5), lambda: {"w": torch.zeros(1)})
+    assert not sel.offer(1, Score(0.5), lambda: {"w": torch.full((1,), 2.0)})  # a tie: kept, but no improvement
     assert not sel.offer(2, Score(math.nan), lambda: {"w": torch.zeros(1)})
-    assert sel.best_step == 0 and float(sel.best_state["w"]) == 1.0
+    assert sel.best_step == 1 and float(sel.best_state["w"]) == 2.0
     assert sel.since_best == 2 and sel.should_stop(2) and not sel.should_stop(3) and not sel.should_stop(0)
+    assert sel.offer(3, Score(0.6), lambda: {"w": torch.zeros(1)}) and sel.since_best == 0
 
 
 def test_the_kept_state_is_a_copy_not_the_live_tensor():

@@ -4,7 +4,10 @@ The loop (:mod:`.loop`) evaluates the model before the first step and every ``in
 last step), offers each :class:`~..scoring.scorers.Score` here with a way to copy the trainable state, and asks
 :meth:`Selection.should_stop` whether ``patience`` evaluations have passed without a better score. Only an
 improvement copies the state (to the CPU; nothing aliases the live tensors), so at most one copy besides the live
-weights is ever held. Ties keep the earlier checkpoint.
+weights is ever held. A tie keeps the later checkpoint (when the scorer cannot tell two apart, the result is what
+training without a scorer would have given: the benchmark's Textual Inversion of pink scored 0 before training and
+after, and keeping the earlier one had kept the untrained token), but only a strictly better score counts as an
+improvement for ``patience``.
 
 What survives a cancel or a crash is split in two: the score history, the best step and its score ride in the
 resumable checkpoint (:meth:`to_state`), and the best weights go to a file of their own beside it
@@ -53,18 +56,20 @@ class Selection:
 
     @property
     def since_best(self) -> int:
-        """Evaluations after the best one."""
-        if self.best_step is None:
+        """Evaluations after the last strict improvement."""
+        if self.best is None:
             return 0
-        return sum(1 for s, _ in self.history if s > self.best_step)
+        improved = next(s for s, sc in self.history if sc.key() == self.best.key())  # the first with the best score
+        return sum(1 for s, _ in self.history if s > improved)
 
     def offer(self, step: int, score: Score, state: Callable[[], dict[str, torch.Tensor]]) -> bool:
-        """Record ``score`` at ``step``; copy ``state()`` if it is the best so far. Returns whether it was."""
+        """Record ``score`` at ``step``; copy ``state()`` if it is the best so far or ties it (the later one is kept).
+        Returns whether it is strictly better than every earlier one."""
         self.history.append((step, score))
-        if not better(score, self.best):
-            return False
-        self.best_step, self.best, self.best_state = step, score, _cpu_copy(state())
-        return True
+        improved = better(score, self.best)
+        if improved or score.key() == self.best.key():
+            self.best_step, self.best, self.best_state = step, score, _cpu_copy(state())
+        return improved
 
     def should_stop(self, patience: int) -> bool:
         return patience > 0 and self.since_best >= patience
