@@ -51,11 +51,18 @@ JUDGE_MEASURES = (FIDELITY, CLASS_PRESERVATION)
 FEATURE_MEASURES = (SUBJECT_SIMILARITY, PROMPT_ALIGNMENT, CLASS_PRESERVATION)
 
 
+# An earlier checkpoint is kept over a later one only when it scores higher by more than this many standard errors
+# of the difference of the two scores (see :func:`within_noise`).
+NOISE_Z = 1.0
+
+
 @dataclass(frozen=True)
 class Score:
     value: float
     metrics: Mapping[str, float] = field(default_factory=dict)
     shortfall: float = 0.0
+    # The standard error of ``value`` from the samples it was measured on (0: exact, or unknown).
+    stderr: float = 0.0
 
     def key(self) -> tuple:
         """Sort key: floors met, then a smaller shortfall, then a higher value (NaN ranks last)."""
@@ -66,6 +73,44 @@ class Score:
 def better(a: Score, b: Score | None) -> bool:
     """Whether ``a`` beats ``b`` strictly (a tie is no improvement; the selection keeps the later of two ties)."""
     return b is None or a.key() > b.key()
+
+
+def within_noise(later: Score, peak: Score | None, z: float = NOISE_Z) -> bool:
+    """Whether ``later`` cannot be told apart from the highest score so far, ``peak``: the same floors met (no
+    shortfall, or the same one) and a value at most ``z`` standard errors of the difference below it
+    (``sqrt(se_later² + se_peak²)``; with no standard errors this is a tie). Picking the highest of several noisy
+    scores favours a lucky one (a judge on 12 samples has a standard error near 0.14), so the selection keeps the
+    latest checkpoint within noise of the highest: an earlier one wins only when it is clearly better."""
+    if peak is None:
+        return True
+    if not (math.isfinite(later.value) and math.isfinite(peak.value)):
+        return later.key() == peak.key()
+    if (later.shortfall > 0.0 or peak.shortfall > 0.0) and later.shortfall != peak.shortfall:
+        return False
+    margin = z * math.sqrt(later.stderr ** 2 + peak.stderr ** 2)
+    return peak.value - later.value <= margin
+
+
+def proportion_stderr(shares: Sequence[tuple[int, int]]) -> float:
+    """The standard error of the mean of per-prompt shares ``hits / n``, each share's variance ``p (1 - p) / n`` with
+    ``p = (hits + 1) / (n + 2)`` (so an all-or-nothing share is not taken as certain)."""
+    var = 0.0
+    for hits, n in shares:
+        if n > 0:
+            p = (hits + 1) / (n + 2)
+            var += p * (1 - p) / n
+    return math.sqrt(var) / max(1, len(shares))
+
+
+def mean_stderr(groups: Sequence[torch.Tensor]) -> float:
+    """The standard error of the mean of per-group means (one per prompt) of per-sample values; 0 where a group has
+    fewer than two samples."""
+    var = 0.0
+    for g in groups:
+        g = g.double().flatten()
+        if g.numel() > 1:
+            var += float(g.var(unbiased=True)) / g.numel()
+    return math.sqrt(var) / max(1, len(groups))
 
 
 @dataclass(frozen=True)
@@ -203,23 +248,23 @@ class JudgeScorer(Scorer):
         expected = {p: expected_attributes(target, p) for p in self.prompts}
         name = self.name()
 
-        def shares(ev: Evaluation) -> list[float]:
+        def counts(ev: Evaluation) -> list[tuple[int, int]]:
             out = []
             for p in self.prompts:
                 verdicts = judge(ev.images[p])
                 want = expected[p]
-                out.append(sum(all(getattr(v, a) == x for a, x in want.items()) for v in verdicts)
-                           / max(1, len(verdicts)))
+                out.append((sum(all(getattr(v, a) == x for a, x in want.items()) for v in verdicts), len(verdicts)))
             return out
 
         def score(ev: Evaluation) -> Score:
-            values = shares(ev)
-            share = sum(values) / len(values)
+            hits = counts(ev)
+            share = sum(h / max(1, n) for h, n in hits) / len(hits)
+            se = proportion_stderr(hits)
             if self.measure == FIDELITY:
-                return Score(share, {name: share})
+                return Score(share, {name: share}, stderr=se)
             first = ev.first.get(name, share) if ev.first else share
             drop = 100.0 * (first - share)
-            return Score(0.0 - drop, {name: share, "class drift (points)": drop})  # 0.0 -: no -0.0
+            return Score(0.0 - drop, {name: share, "class drift (points)": drop}, stderr=100.0 * se)  # 0.0 -: no -0
 
         return score
 
@@ -286,18 +331,16 @@ class FeatureScorer(Scorer):
             text = torch.nn.functional.normalize(fm.text_features(list(self.prompts)).float(), dim=-1)
 
         def score(ev: Evaluation) -> Score:
-            per_prompt = []
+            per_sample = []  # per prompt: each sample's similarity (to the prompt, or its mean over the references)
             for i, p in enumerate(self.prompts):
                 feats = torch.nn.functional.normalize(fm.image_features(ev.images[p]).float(), dim=-1)
-                if text is not None:
-                    per_prompt.append(float((feats @ text[i]).mean()))
-                else:
-                    per_prompt.append(float((feats @ ref.T).mean()))
-            value = sum(per_prompt) / len(per_prompt)
+                per_sample.append(feats @ text[i] if text is not None else (feats @ ref.T).mean(dim=1))
+            value = sum(float(g.mean()) for g in per_sample) / len(per_sample)
+            se = mean_stderr(per_sample)
             if self.measure != CLASS_PRESERVATION:
-                return Score(value, {name: value})
+                return Score(value, {name: value}, stderr=se)
             first = ev.first.get(name, value) if ev.first else value
-            return Score(0.0 - (value - first), {name: value, f"{name} rise": value - first})
+            return Score(0.0 - (value - first), {name: value, f"{name} rise": value - first}, stderr=se)
 
         return score
 
@@ -380,7 +423,7 @@ class Combined(Scorer):
         sizes = {p.prompt: p.samples for p in self.probes()}
 
         def score(ev: Evaluation) -> Score:
-            total = weights = shortfall = 0.0
+            total = weights = shortfall = variance = 0.0
             metrics: dict[str, float] = {}
             for part, fn in bound:
                 own = {p.prompt: p.samples for p in part.scorer.probes()}
@@ -395,11 +438,12 @@ class Combined(Scorer):
                 if part.weight > 0:  # weight 0: reported only (its NaN or anything else never moves the value)
                     total += part.weight * s.value
                     weights += part.weight
+                    variance += (part.weight * s.stderr) ** 2  # the parts' samples taken as independent
                 shortfall += s.shortfall
                 if part.floor is not None and not s.value >= part.floor:
                     shortfall += (part.floor - s.value) if math.isfinite(s.value) else math.inf
             value = total / weights
-            return Score(value, {"score": value, **metrics}, shortfall)
+            return Score(value, {"score": value, **metrics}, shortfall, math.sqrt(variance) / weights)
 
         return score
 

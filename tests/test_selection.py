@@ -15,7 +15,18 @@ import torch
 
 from comfy_finetune import host
 from comfy_finetune.core.errors import Interrupted
-from comfy_finetune.scoring.scorers import Combined, Evaluation, Part, Score, Scorer, better, expected_attributes
+from comfy_finetune.scoring.scorers import (
+    Combined,
+    Evaluation,
+    Part,
+    Score,
+    Scorer,
+    better,
+    expected_attributes,
+    mean_stderr,
+    proportion_stderr,
+    within_noise,
+)
 from comfy_finetune.training import loop
 from comfy_finetune.training.selection import Selection, best_path
 from comfy_finetune.training.settings import TrainSettings
@@ -99,6 +110,60 @@ def test_ties_keep_the_later_checkpoint_count_as_no_improvement_and_nan_ranks_la
     assert sel.best_step == 1 and float(sel.best_state["w"]) == 2.0
     assert sel.since_best == 2 and sel.should_stop(2) and not sel.should_stop(3) and not sel.should_stop(0)
     assert sel.offer(3, Score(0.6), lambda: {"w": torch.zeros(1)}) and sel.since_best == 0
+
+
+def test_a_later_checkpoint_within_noise_of_the_highest_is_kept_and_a_clear_drop_is_not():
+    sel = Selection()
+    state = lambda v: (lambda: {"w": torch.full((1,), float(v))})  # noqa: E731
+    sel.offer(0, Score(0.2, stderr=0.1), state(0))
+    assert sel.offer(4, Score(0.67, stderr=0.1), state(4))  # the highest: kept
+    assert not sel.offer(8, Score(0.58, stderr=0.1), state(8))  # 0.09 below, noise sqrt(0.02) = 0.14: the later
+    assert sel.best_step == 8 and float(sel.best_state["w"]) == 8.0
+    assert sel.peak_step == 4 and sel.since_best == 1  # no improvement for patience
+    assert not sel.offer(12, Score(0.54, stderr=0.1), state(12))  # 0.13 below 0.67: still within noise
+    assert sel.best_step == 12
+    assert not sel.offer(16, Score(0.4, stderr=0.1), state(16))  # 0.27 below the highest: clearly worse
+    assert sel.best_step == 12 and float(sel.best_state["w"]) == 12.0
+    # no standard errors: only a tie keeps the later
+    exact = Selection()
+    exact.offer(0, Score(0.67), state(0))
+    exact.offer(1, Score(0.66), state(1))
+    assert exact.best_step == 0
+
+
+def test_within_noise_needs_the_same_floors_met():
+    assert within_noise(Score(0.5, stderr=0.2), Score(0.6, stderr=0.2))
+    assert not within_noise(Score(0.5, shortfall=0.1, stderr=0.2), Score(0.6, stderr=0.2))
+    assert not within_noise(Score(math.nan, stderr=0.2), Score(0.6, stderr=0.2))
+    assert within_noise(Score(0.6), None)
+
+
+def test_proportion_and_mean_standard_errors():
+    # one prompt, 12 samples, 8 right: p = 9/14, var p(1-p)/12
+    assert proportion_stderr([(8, 12)]) == pytest.approx(math.sqrt(9 / 14 * 5 / 14 / 12))
+    assert proportion_stderr([(12, 12)]) > 0  # all right is not certainty
+    two = proportion_stderr([(8, 12), (8, 12)])
+    assert two == pytest.approx(proportion_stderr([(8, 12)]) / math.sqrt(2))  # the mean of two prompts
+    g = torch.tensor([0.1, 0.3, 0.5, 0.7])
+    assert mean_stderr([g]) == pytest.approx(float(g.std()) / 2)
+    assert mean_stderr([torch.tensor([0.4])]) == 0.0
+
+
+class _Const(Scorer):
+    def __init__(self, score: Score) -> None:
+        super().__init__()
+        object.__setattr__(self, "score", score)
+
+    def bind(self, references, *, node):
+        return lambda ev: self.score
+
+
+def test_a_combination_weights_the_parts_standard_errors():
+    a, b, c = _Const(Score(0.6, stderr=0.1)), _Const(Score(0.2, stderr=0.2)), _Const(Score(0.9, stderr=5.0))
+    score = Combined(parts=(Part(a, 3.0), Part(b, 1.0), Part(c, 0.0))).bind([], node="C")
+    s = score(Evaluation(0, {}))
+    assert s.value == pytest.approx(0.5)
+    assert s.stderr == pytest.approx(math.sqrt(0.3 ** 2 + 0.2 ** 2) / 4)  # a weight-0 part adds no noise
 
 
 def test_the_kept_state_is_a_copy_not_the_live_tensor():

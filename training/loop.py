@@ -94,9 +94,12 @@ class TrainResult:
         if sel is None or sel.best is None:
             return ""
         last_step, last = sel.history[-1]
-        text = f"kept step {sel.best_step} (score {sel.best.value:.4g})"
+        se = f" ± {sel.best.stderr:.2g}" if sel.best.stderr > 0 else ""
+        text = f"kept step {sel.best_step} (score {sel.best.value:.4g}{se})"
         if sel.best.shortfall > 0:
             text += f", below a floor by {sel.best.shortfall:.3g}"
+        if sel.peak is not None and sel.peak_step != sel.best_step:
+            text += f", within noise of the highest: step {sel.peak_step} (score {sel.peak.value:.4g})"
         if last_step != sel.best_step:
             text += f"; last: step {last_step} (score {last.value:.4g})"
         if self.stopped_early_at is not None:
@@ -531,7 +534,7 @@ class _Loop:
         sel.evaluation_seconds = spent
         self.scoring_seconds += spent
         best = sel.best
-        log.info("[%s] step %d: score %.4g (%s)%s; best %.4g at step %d", node, step, score.value,
+        log.info("[%s] step %d: score %.4g (%s)%s; kept %.4g at step %d", node, step, score.value,
                  ", ".join(f"{k} {v:.4g}" for k, v in score.metrics.items()), " (new best)" if improved else "",
                  best.value, sel.best_step)
         _send_event("comfy_finetune.train_score", {

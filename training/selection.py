@@ -3,11 +3,17 @@
 The loop (:mod:`.loop`) evaluates the model before the first step and every ``interval`` steps after (and at the
 last step), offers each :class:`~..scoring.scorers.Score` here with a way to copy the trainable state, and asks
 :meth:`Selection.should_stop` whether ``patience`` evaluations have passed without a better score. Only an
-improvement copies the state (to the CPU; nothing aliases the live tensors), so at most one copy besides the live
-weights is ever held. A tie keeps the later checkpoint (when the scorer cannot tell two apart, the result is what
-training without a scorer would have given: the benchmark's Textual Inversion of pink scored 0 before training and
-after, and keeping the earlier one had kept the untrained token), but only a strictly better score counts as an
-improvement for ``patience``.
+checkpoint to keep copies the state (to the CPU; nothing aliases the live tensors), so at most one copy besides the
+live weights is ever held.
+
+Which checkpoint is kept: the latest one whose score is within noise of the highest so far
+(:func:`~..scoring.scorers.within_noise`: at most one standard error of the difference below it; a tie when the
+scorer reports no standard error). When the scorer cannot tell two checkpoints apart, the result is what training
+without a scorer would have given; an earlier checkpoint is kept only when it scored clearly higher. (The highest of
+several noisy scores is often a lucky one: in the selection benchmark at 5 evaluations, DreamBooth LoRA's judge
+scored 67 % at step 200 and 58 % at 250 on 12 samples, and the benchmark's own figure on 8 x more samples was 34 %
+at 200 and 44 % at 250; and the Textual Inversion of pink scored 0 before training and after, where keeping the
+earlier had kept the untrained token.) Only a strictly higher score counts as an improvement for ``patience``.
 
 What survives a cancel or a crash is split in two: the score history, the best step and its score ride in the
 resumable checkpoint (:meth:`to_state`), and the best weights go to a file of their own beside it
@@ -24,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..scoring.scorers import Score, better
+from ..scoring.scorers import Score, better, within_noise
 
 
 def best_path(checkpoint: Path) -> Path:
@@ -49,6 +55,8 @@ class Selection:
     scorer: str = ""  # what scores (the scorer's description): a resumed run with another scorer starts afresh
     interval: int | None = None  # the automatic interval once chosen
     evaluation_seconds: float | None = None  # the last evaluation's
+    peak_step: int | None = None  # the first step with the highest score (the kept one is it or a later one)
+    peak: Score | None = None
 
     @property
     def first(self) -> dict[str, float] | None:
@@ -57,19 +65,26 @@ class Selection:
     @property
     def since_best(self) -> int:
         """Evaluations after the last strict improvement."""
-        if self.best is None:
+        if self.peak_step is None:
             return 0
-        improved = next(s for s, sc in self.history if sc.key() == self.best.key())  # the first with the best score
-        return sum(1 for s, _ in self.history if s > improved)
+        return sum(1 for s, _ in self.history if s > self.peak_step)
 
     def offer(self, step: int, score: Score, state: Callable[[], dict[str, torch.Tensor]]) -> bool:
-        """Record ``score`` at ``step``; copy ``state()`` if it is the best so far or ties it (the later one is kept).
-        Returns whether it is strictly better than every earlier one."""
+        """Record ``score`` at ``step``; copy ``state()`` if it is the highest so far or within noise of it (the
+        later is kept). Returns whether it is strictly better than every earlier one."""
         self.history.append((step, score))
-        improved = better(score, self.best)
-        if improved or score.key() == self.best.key():
+        improved = better(score, self.peak)
+        if improved:
+            self.peak_step, self.peak = step, score
+        if improved or within_noise(score, self.peak):
             self.best_step, self.best, self.best_state = step, score, _cpu_copy(state())
         return improved
+
+    def _find_peak(self) -> None:
+        self.peak_step = self.peak = None
+        for step, score in self.history:
+            if better(score, self.peak):
+                self.peak_step, self.peak = step, score
 
     def should_stop(self, patience: int) -> bool:
         return patience > 0 and self.since_best >= patience
@@ -78,6 +93,7 @@ class Selection:
         """Forget evaluations after ``step`` (a NaN rollback went back there); the best state stays if it is later:
         it was a good state when it was scored."""
         self.history = [(s, sc) for s, sc in self.history if s <= step or s == self.best_step]
+        self._find_peak()
 
     # ------------------------------------------------------------------ curves
     def curves(self) -> dict[str, list[tuple[int, float]]]:
@@ -93,7 +109,8 @@ class Selection:
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:
         """What the resumable checkpoint carries (no weights)."""
-        return {"selection": {"history": [[s, sc.value, dict(sc.metrics), sc.shortfall] for s, sc in self.history],
+        return {"selection": {"history": [[s, sc.value, dict(sc.metrics), sc.shortfall, sc.stderr]
+                                          for s, sc in self.history],
                               "best_step": self.best_step, "seconds": self.seconds, "scorer": self.scorer,
                               "interval": self.interval}}
 
@@ -107,8 +124,10 @@ class Selection:
         if sel.get("scorer", "") != self.scorer:
             return (f"the checkpoint was scored by {sel.get('scorer') or 'another scorer'}, not {self.scorer}: its "
                     "scores are dropped and the best is chosen afresh from the next evaluation on")
-        self.history = [(int(s), Score(float(v), {str(k): float(x) for k, x in m.items()}, float(sh)))
-                        for s, v, m, sh in sel["history"]]
+        self.history = [(int(s), Score(float(v), {str(k): float(x) for k, x in m.items()}, float(sh),
+                                       float(rest[0]) if rest else 0.0))  # checkpoints before stderr: 0
+                        for s, v, m, sh, *rest in sel["history"]]
+        self._find_peak()
         self.seconds = float(sel.get("seconds", 0.0))
         self.interval = sel.get("interval")
         step = sel.get("best_step")
