@@ -404,7 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixes float summation order)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply step counts (e.g. 0.05 for a smoke run)")
-    p.add_argument("--eval-per-spec", type=int, default=None)
+    p.add_argument("--eval-per-spec", type=int, default=None,
+                   help="samples per prompt in the final judged evaluation (0: skip it)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between quick judged evaluations during UNet training (0: never; default 2000 x scale)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
 
@@ -424,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.per_spec = max(1, int(cfg.per_spec * args.scale))
     if args.eval_per_spec is not None:
         cfg.eval_per_spec = args.eval_per_spec
+    if args.eval_every is not None:
+        cfg.eval_every = args.eval_every
     out = Path(args.out)
     if out.exists() and not args.force:
         print(f"{out} exists: pass --force to replace it", file=sys.stderr)

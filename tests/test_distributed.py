@@ -204,12 +204,21 @@ def test_two_ranks_batch_1_equal_one_rank_batch_2_and_only_rank_0_writes(models_
     ups = [k for k in dp if k.endswith("lora_up.weight")]  # B starts at zero: its value is the step's update
     update = max(float(b2[k].abs().max()) for k in ups)
     assert update > 1e-4
-    # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) the all-reduce's rounding (~1e-11)
-    # shows as ~1e-6; everywhere else the results agree to float precision
-    diff = max(float((dp[k] - b2[k]).abs().max()) for k in dp)
+    # AdamW's first step is lr * g / (|g| + eps). Where |g| is well above eps (1e-8) the update is ~lr and the
+    # all-reduce's rounding of g (relative ~1e-7) cannot move it visibly. Where g nearly cancels (|g| ~ eps) the
+    # update is a fraction of lr and moves by lr * dg / eps: a rounding of ~1e-10 (summands ~1e-3, summed in another
+    # order) shows as ~1e-2 of lr there. So: tight where the update is large, loose and rare where it is small.
     n = sum(dp[k].numel() for k in ups)
-    off = sum(int(((dp[k] - b2[k]).abs() > 1e-8).sum()) for k in ups)
-    assert diff <= 5e-3 * update and off <= 0.01 * n, (diff, update, off, n)
+    large = [(dp[k] - b2[k])[b2[k].abs() >= 0.5 * update] for k in ups]
+    small = [(dp[k] - b2[k])[b2[k].abs() < 0.5 * update] for k in ups]
+    large_diff = max(float(d.abs().max()) if d.numel() else 0.0 for d in large)
+    small_diff = max(float(d.abs().max()) if d.numel() else 0.0 for d in small)
+    off = sum(int((d.abs() > 1e-8).sum()) for d in small)
+    assert sum(d.numel() for d in large) > 0.5 * n, "most of the step's updates must sit at ~lr (|g| >> eps)"
+    assert large_diff <= 1e-3 * update, (large_diff, update)
+    assert small_diff <= 5e-2 * update and off <= 0.01 * n, (small_diff, update, off, n)
+    rest = max((float((dp[k] - b2[k]).abs().max()) for k in dp if k not in ups), default=0.0)
+    assert rest <= 1e-3 * update, rest  # the A factors (no gradient while B is zero) and any alphas
     apart = sum(int(((b1[k] - b2[k]).abs() > 1e-5).sum()) for k in ups)
     assert apart > 0.1 * n, "a batch-1 step must differ widely (else the test could not see a missing all-reduce " \
                             "or a wrong shard)"
