@@ -1,7 +1,7 @@
 """In-loop checkpoint selection on the personalization benchmark: does the kept step beat the last one?
 
-    python benchmarks/selection.py [--out DIR] [--seeds 1] [--fast] [--only dreambooth,ti,lora]
-                                   [--overhead first|all|none]
+    python benchmarks/selection.py [--out DIR] [--seeds 1] [--fast] [--only dreambooth,ti,lora] [--threads N]
+                                   [--independent-samples N] [--evaluations K]
 
 Trains every personalization concept through the trainer nodes with a Shapes Judge scorer (what a user would wire)
 and a weight-0 independent part measuring the benchmark's own figure on other seeds; prints, per run, the
