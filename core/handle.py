@@ -143,11 +143,11 @@ class ModelHandle:
         out = []
         for p in self.patches:
             if isinstance(p, LoraPatch):
-                fp = sum(float(m.down.double().sum()) + 3.0 * float(m.up.double().sum())
+                fp = sum(float(m.down.detach().double().sum()) + 3.0 * float(m.up.detach().double().sum())
                          for m in p.lora.modules.values())
                 out.append(["lora", p.lora.name, p.strength_unet, p.strength_text, len(p.lora.modules), repr(fp)])
             elif isinstance(p, EmbeddingPatch):
-                fp = sum(float(v.double().sum()) for v in p.embedding.vectors.values())
+                fp = sum(float(v.detach().double().sum()) for v in p.embedding.vectors.values())
                 out.append(["embedding", p.embedding.name, repr(fp)])
         return out
 
