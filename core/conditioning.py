@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import kolors
 from .embeddings import Embedding, find_embedding_file, inject, load_embedding_file
 from .errors import FinetuneError
+from .families import Family
 from .prompt_syntax import Token, chunk_count_equalize, tokenize_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,6 +141,8 @@ class PromptEncoder:
     def encode(self, text: str) -> Conditioning:
         import torch  # noqa: PLC0415
 
+        if self.base.family is Family.KOLORS:
+            return self._encode_kolors(text)
         chunks_per_encoder = self.tokenize(text)
         conds, pooled = [], None
         for i, chunks in enumerate(chunks_per_encoder):
@@ -148,6 +152,20 @@ class PromptEncoder:
                 pooled = pool[:1]
         cond = torch.cat(conds, dim=-1) if len(conds) > 1 else conds[0]
         return Conditioning(cond=cond, pooled=pooled)
+
+    def _encode_kolors(self, text: str) -> Conditioning:
+        """Kolors: one ChatGLM3 prompt of at most 256 tokens, left-padded (:mod:`.kolors`)."""
+        te, tok = self.base.text_encoders[0], self.base.tokenizers[0]
+
+        def size(name: str) -> int | None:
+            emb = self.embedding(name)
+            vec = None if emb is None else emb.vectors.get("te1")
+            return None if vec is None else int(vec.shape[0])
+
+        tokens = kolors.tokenize(tok, substitute_tokens(text, self.handle.embeddings), embedding_size=size,
+                                 on_missing_embedding=self._missing, node=self.node, input=self.input)
+        hidden, pooled = kolors.encode(te, tok, tokens, lambda name, i: self.embedding(name).vectors["te1"][i])
+        return Conditioning(cond=hidden, pooled=pooled)
 
     def _encode_chunks(self, index: int, chunks: list[list[Token]]):
         import torch  # noqa: PLC0415
@@ -214,9 +232,9 @@ def stack_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def sdxl_added(pooled: torch.Tensor, height: int, width: int, dtype, device) -> dict:
-    """SDXL's extra conditioning (the UNet's ``added_cond_kwargs``) for a batch: the pooled bigG text embedding
-    ``[B, 1280]`` and per row the time ids ``(original height, width, crop top, left, target height, width)``,
-    here the image size, no crop and the image size again."""
+    """SDXL's and Kolors' extra conditioning (the UNet's ``added_cond_kwargs``) for a batch: the pooled text
+    embedding (SDXL bigG ``[B, 1280]``, Kolors ChatGLM3 ``[B, 4096]``) and per row the time ids ``(original height,
+    width, crop top, left, target height, width)``, here the image size, no crop and the image size again."""
     import torch  # noqa: PLC0415
 
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(pooled.shape[0], 1)

@@ -19,10 +19,11 @@ class Family(str, enum.Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    KOLORS = "kolors"
 
     @property
     def label(self) -> str:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.value]
+        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "kolors": "Kolors"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class FamilyInfo:
     te_pad_ids: tuple[str, ...]  # per encoder: "eos" pads with the end token, "zero" pads with id 0
     # The prediction type assumed where a caller does not know it: SD 2.x means its 768-v models (SD 2.0/2.1).
     v_default: bool
+    # SDXL-style added conditioning (pooled text embedding + size/crop time ids) into the UNet.
+    size_conditioning: bool = False
 
     @property
     def default_size(self) -> int:
@@ -45,7 +48,12 @@ class FamilyInfo:
 FAMILIES: dict[Family, FamilyInfo] = {
     Family.SD1: FamilyInfo(Family.SD1, 0.18215, (-1,), True, ("eos",), v_default=False),
     Family.SD2: FamilyInfo(Family.SD2, 0.18215, (-1,), True, ("zero",), v_default=True),
-    Family.SDXL: FamilyInfo(Family.SDXL, 0.13025, (-2, -2), False, ("eos", "zero"), v_default=False),
+    Family.SDXL: FamilyInfo(Family.SDXL, 0.13025, (-2, -2), False, ("eos", "zero"), v_default=False,
+                            size_conditioning=True),
+    # Kolors: the SDXL VAE and UNet layout; one ChatGLM3 encoder whose second-to-last hidden state conditions the
+    # UNet (through its encoder_hid_proj) and whose last state at the last position is the pooled embedding.
+    Family.KOLORS: FamilyInfo(Family.KOLORS, 0.13025, (-2,), False, ("zero",), v_default=False,
+                              size_conditioning=True),
 }
 
 
@@ -73,6 +81,10 @@ MODELSPECS: dict[tuple[Family, bool], Modelspec] = {
     (Family.SD2, True): Modelspec("stable-diffusion-v2-768-v", 768, "sd_v2_v"),
     (Family.SDXL, False): Modelspec("stable-diffusion-xl-v1-base", 1024, "sdxl_base_v1-0"),
     (Family.SDXL, True): Modelspec("stable-diffusion-xl-v1-base", 1024, "sdxl_base_v1-0"),
+    # ModelSpec defines no Kolors id and kohya does not train Kolors: both are named "kolors" (as the model's own
+    # repository and SimpleTuner's model family name it).
+    (Family.KOLORS, False): Modelspec("kolors", 1024, "kolors"),
+    (Family.KOLORS, True): Modelspec("kolors", 1024, "kolors"),
 }
 
 FileKind = Literal["checkpoint", "lora", "textual-inversion"]
@@ -97,7 +109,10 @@ def default_resolution(family: Family | str, v_prediction: bool | None = None) -
 
 def modelspec_implementation(family: Family | str, kind: FileKind) -> str:
     """``modelspec.implementation`` as the usual writers set it: ``sgm`` for checkpoints (ComfyUI's), the
-    generative-models URL for textual inversions and SDXL LoRAs, ``diffusers`` for SD 1.x/2.x LoRAs (kohya's)."""
+    generative-models URL for textual inversions and SDXL LoRAs, ``diffusers`` for SD 1.x/2.x LoRAs (kohya's) and
+    for every Kolors file (a diffusers-only model: no sgm implementation exists)."""
+    if Family(family) is Family.KOLORS:
+        return "diffusers"
     if kind == "checkpoint":
         return "sgm"
     if kind == "lora" and Family(family) is not Family.SDXL:
@@ -120,12 +135,13 @@ def modelspec_keys(family: Family | str, kind: FileKind, v_prediction: bool | No
 
 def default_scheduler_config(family: Family, prediction_type: str) -> dict:
     """The noise schedule every SD 1.x / 2.x / SDXL model was trained with: DDPM, betas 0.00085..0.012 on a
-    scaled_linear schedule, 1000 steps."""
+    scaled_linear schedule, 1000 steps; Kolors' (its scheduler_config.json): betas 0.00085..0.014, 1100 steps."""
+    kolors = Family(family) is Family.KOLORS
     return {
         "_class_name": "EulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
+        "num_train_timesteps": 1100 if kolors else 1000,
         "beta_start": 0.00085,
-        "beta_end": 0.012,
+        "beta_end": 0.014 if kolors else 0.012,
         "beta_schedule": "scaled_linear",
         "prediction_type": prediction_type,
         "timestep_spacing": "leading",
@@ -152,3 +168,12 @@ def check_family(what: str, have: Family | str | None, model: Family | str, *, w
     """Raise :func:`family_mismatch` unless ``have`` (None: unknown, accepted) is ``model``'s family."""
     if have is not None and Family(have) is not Family(model):
         raise family_mismatch(what, have, model, why=why, input=input, node=node)
+
+
+def refuse_on_kolors(family: Family | str | None, what: str, *, input: str, node: str | None = None) -> None:
+    """Kolors files are not written or read yet (their layouts for kohya, diffusers and the other Kolors trainers
+    come with Kolors training support): refuse ``what`` clearly instead of writing a file nothing reads."""
+    if family is not None and Family(family) is Family.KOLORS:
+        raise FinetuneError(f"{what} is not supported for Kolors yet", node=node, input=input,
+                            fix="keep the result in the graph: a LoRA or embedding trained here, connected to "
+                                "AddLoRA or Sample, works on Kolors without a file")

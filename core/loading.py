@@ -22,6 +22,7 @@ from .atomic import atomic_write
 from .errors import FinetuneError
 from .families import Family, default_scheduler_config, info
 from .handle import BaseModel, ModelHandle
+from .kolors import is_chatglm_folder, load_chatglm, load_chatglm_tokenizer
 from .ldm import ldm_to_diffusers
 from .safeio import load_weights  # the one place untrusted weight files are opened
 from .tiny import build_tiny_pipeline_folder
@@ -100,8 +101,8 @@ def _finish(base_kwargs: dict, dtype, device) -> BaseModel:
 
     family: Family = base_kwargs["family"]
     unet, vae, tes = base_kwargs["unet"], base_kwargs["vae"], base_kwargs["text_encoders"]
-    # The SDXL VAE overflows in fp16 (diffusers `force_upcast`): keep it in fp32 then.
-    vae_dtype = torch.float32 if (family is Family.SDXL and dtype == torch.float16) else dtype
+    # The SDXL VAE (Kolors uses it too) overflows in fp16 (diffusers `force_upcast`): keep it in fp32 then.
+    vae_dtype = torch.float32 if (family in (Family.SDXL, Family.KOLORS) and dtype == torch.float16) else dtype
     # nn.Module.to, not diffusers' override: it would warn about fp32-pinned modules these models do not have.
     for module, want in [(unet, dtype), (vae, vae_dtype), *[(te, dtype) for te in tes]]:
         first = next(module.parameters())
@@ -147,6 +148,9 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
 
     unet = part("unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True))
     vae = part("vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True))
+    kolors_unet = unet.config.get("encoder_hid_dim_type") == "text_proj"
+    if is_chatglm_folder(folder / "text_encoder") or kolors_unet:
+        return _finish_kolors(folder, index, unet, vae, part, dtype, device, label=label)
     tes = [part("text_encoder", lambda: CLIPTextModel.from_pretrained(folder / "text_encoder",
                                                                      local_files_only=True))]
     toks = [part("tokenizer", lambda: load_tokenizer(folder / "tokenizer"))]
@@ -164,6 +168,33 @@ def load_diffusers_folder(folder: str | os.PathLike, dtype, device, *, label: st
     sched = {**default_scheduler_config(family, prediction), **sched}
     return _finish(dict(family=family, prediction_type=prediction, unet=unet, vae=vae, text_encoders=tes,
                         tokenizers=toks, scheduler_config=sched, source=str(folder), label=label or folder.name),
+                   dtype, device)
+
+
+def _finish_kolors(folder: Path, index: dict, unet, vae, part, dtype, device, *, label: str) -> BaseModel:
+    """A Kolors folder (``KolorsPipeline``'s layout): the UNet projects ChatGLM3 states (``encoder_hid_proj``,
+    ``encoder_hid_dim_type: text_proj``), text_encoder/ is ChatGLM3 and tokenizer/ its SentencePiece model."""
+    if not is_chatglm_folder(folder / "text_encoder"):
+        raise FinetuneError(f"'{folder.name}' has a Kolors UNet (it projects ChatGLM3 text states) but its "
+                            "text_encoder/ is not ChatGLM3 (config.json model_type is not 'chatglm')",
+                            input="ckpt_name", fix="put Kolors' own text_encoder/ (ChatGLM3-6B) and tokenizer/ "
+                                                   "folders next to its unet/, as in the Kolors-diffusers layout")
+    if unet.config.get("encoder_hid_dim_type") != "text_proj":
+        raise FinetuneError(f"'{folder.name}' has a ChatGLM3 text encoder but its UNet has no text projection "
+                            "(encoder_hid_dim_type is not 'text_proj'): it is not a Kolors UNet",
+                            input="ckpt_name", fix="use Kolors' own unet/ folder with its text encoder")
+    te = part("text_encoder", lambda: load_chatglm(folder / "text_encoder"))
+    tok = load_chatglm_tokenizer(folder / "tokenizer")
+    if int(te.config.hidden_size) != int(unet.config.encoder_hid_dim):
+        raise FinetuneError(f"'{folder.name}': the text encoder is {te.config.hidden_size} wide but the UNet "
+                            f"projects {unet.config.encoder_hid_dim}-wide states", input="ckpt_name",
+                            fix="use the text encoder that belongs to this Kolors UNet")
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text()) if sched_path.exists() else {}
+    prediction = _prediction_from_scheduler(sched)
+    sched = {**default_scheduler_config(Family.KOLORS, prediction), **sched}
+    return _finish(dict(family=Family.KOLORS, prediction_type=prediction, unet=unet, vae=vae, text_encoders=[te],
+                        tokenizers=[tok], scheduler_config=sched, source=str(folder), label=label or folder.name),
                    dtype, device)
 
 

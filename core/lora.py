@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import FinetuneError
-from .families import Family, check_family, info, modelspec, modelspec_keys
+from .families import Family, check_family, info, modelspec, modelspec_keys, refuse_on_kolors
 from .ldm_names import unet_name_map
 from .lora_keys import (
     ModuleResolver,
@@ -240,6 +240,7 @@ def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapp
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    refuse_on_kolors(family, "loading a LoRA file", input=input or "lora_name")
     if not path.is_file():
         raise FinetuneError(f"LoRA file not found: {path}", input=input,
                             fix="put the file in models/loras and pick it from the list")

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from .conditioning import PromptEncoder, same_length, sdxl_added
 from .errors import FinetuneError
-from .families import Family
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -170,7 +169,7 @@ def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequ
         cond = torch.cat([c.expand(n, -1, -1) for c, n in zip(conds, counts)])
         context = torch.cat([uncond.expand(b, -1, -1), cond]) if use_cfg else cond
         added = None
-        if base.family is Family.SDXL:
+        if base.info.size_conditioning:
             pooled = [torch.cat([c.pooled.expand(n, -1) for c, n in zip(pos, counts)])]
             if use_cfg:
                 pooled.insert(0, neg.pooled.expand(b, -1))

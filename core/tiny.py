@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .families import Family, default_scheduler_config
+from .kolors import load_chatglm_tokenizer
 from .tokenizer import build_vocab, load_tokenizer, write_tokenizer
 
 TINY_WORDS = (
@@ -134,5 +135,81 @@ def build_tiny_pipeline_folder(folder: str | os.PathLike, family: Family | str =
         index["requires_safety_checker"] = False
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(family), indent=1))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- Kolors
+TINY_KOLORS_SENTENCES = (
+    "a photo of a dog", "一只狗的照片",
+    "a red star on a black background", "黑色背景上的红色星星",
+    "high quality, detailed", "高质量，细节丰富",
+    "a sks shape", "蓝色的圆形",
+    "a painting of a cat in the style of", "一幅猫的画",
+    "green triangle on white", "白色背景上的绿色三角形",
+    "blurry, ugly, low quality", "模糊，丑陋，低质量",
+)
+
+
+def _chatglm_config(vocab_size: int, hidden: int = 32):
+    """A two-layer ChatGLM3 (RMSNorm, multi-query attention, rotary positions, 256 positions as Kolors uses)."""
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig  # noqa: PLC0415
+
+    # original_rope=True: ChatGLMConfig's constructor fails without it.
+    return ChatGLMConfig(num_layers=2, padded_vocab_size=vocab_size, hidden_size=hidden, ffn_hidden_size=hidden * 2,
+                         kv_channels=hidden // 2, num_attention_heads=2, seq_length=256, multi_query_attention=True,
+                         multi_query_group_num=1, add_qkv_bias=True, original_rope=True, torch_dtype="float32")
+
+
+def build_tiny_kolors_folder(folder: str | os.PathLike, seed: int = 0,
+                             sentences: tuple[str, ...] = TINY_KOLORS_SENTENCES) -> Path:
+    """A tiny randomly initialised Kolors in the diffusers layout (``KolorsPipeline``'s folder): a SentencePiece
+    tokenizer trained on ``sentences`` (with byte fallback, so any text tokenizes), a two-layer ChatGLM3, the tiny
+    SDXL UNet with Kolors' text projection (``encoder_hid_proj``) and pooled-width added conditioning, the tiny
+    VAE and Kolors' noise schedule. Deterministic in ``seed``. Needs ``sentencepiece``."""
+    import io  # noqa: PLC0415
+
+    import sentencepiece as spm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel  # noqa: PLC0415
+
+    folder = Path(folder)
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences * 4), model_writer=model, vocab_size=400,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2, seed_sentencepiece_size=1000)
+    (folder / "tokenizer" / "tokenizer.model").write_bytes(model.getvalue())
+    tok = load_chatglm_tokenizer(folder / "tokenizer")
+    tok.save_pretrained(folder / "tokenizer")
+    vocab = -(-len(tok) // 16) * 16  # ChatGLM pads its vocabulary to a round size (65024 for the real one)
+
+    hidden = 32
+    torch.manual_seed(seed + 2)
+    te = ChatGLMModel(_chatglm_config(vocab, hidden), empty_init=False)
+    with torch.no_grad():  # RMSNorm weights start as torch.empty and its _init_weights does nothing
+        for name, p in te.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.ones_like(p) if name.endswith("layernorm.weight") else torch.zeros_like(p))
+            else:
+                p.normal_(0.0, 0.02 if "word_embeddings" not in name else 1.0)
+    te.save_pretrained(folder / "text_encoder")
+
+    cfg = unet_config(Family.SDXL)
+    cfg.update(encoder_hid_dim_type="text_proj", encoder_hid_dim=hidden,
+               projection_class_embeddings_input_dim=hidden + 6 * cfg["addition_time_embed_dim"])
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**cfg).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config())
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    vae.save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(Family.KOLORS), indent=1))
+    index = {"_class_name": "KolorsPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": False,
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["kolors", "ChatGLMModel"],
+             "tokenizer": ["kolors", "ChatGLMTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder

@@ -28,7 +28,6 @@ from .. import host
 from ..core.atomic import atomic_write
 from ..core.conditioning import PromptEncoder, sdxl_added, stack_conds
 from ..core.errors import FinetuneError
-from ..core.families import Family
 from ..core.handle import ModelHandle
 from ..core.safeio import load_safetensors
 from . import distributed
@@ -354,7 +353,7 @@ def conditioning_for(handle: ModelHandle, text: TextCache, captions: list[str], 
     base = handle.base
     cond = cond.to(device=base.device)
     added = None
-    if base.family is Family.SDXL:
+    if base.info.size_conditioning:
         added = sdxl_added(pooled, height, width, base.dtype, base.device)
     return cond, added
 

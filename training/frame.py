@@ -44,6 +44,7 @@ import torch
 
 from .. import host
 from ..core.errors import FinetuneError
+from ..core.families import Family
 from ..core.handle import ModelHandle
 from ..core.sampling import SampleSettings, make_scheduler, sample_patched, sample_prompts_patched
 from ..scoring.scorers import Evaluation, Scorer, images_from
@@ -154,6 +155,12 @@ def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
             sub.training = mode
 
 
+def offloads_frozen(settings: TrainSettings, family: Family, device: torch.device | str) -> bool:
+    """Whether the frozen modules wait on the CPU during training: ``offload_frozen``, and always for Kolors on a GPU
+    (ChatGLM3 is 6.2 B parameters, 12.5 GB in 16 bit, more than the UNet it conditions)."""
+    return settings.offload_frozen or (family is Family.KOLORS and torch.device(device).type == "cuda")
+
+
 @contextlib.contextmanager
 def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings, *, node: str) -> Iterator[Run]:
     """Steps 1-5 of the module doc for the block; everything undone after, in reverse order."""
@@ -170,7 +177,12 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
         if settings.gradient_checkpointing:
             stack.enter_context(speed.checkpointing(objective.trained_modules().values()))
         stack.enter_context(speed.channels_last(unet, settings.use_channels_last(device)))
-        offload = speed.Offload(objective.frozen_modules(), device) if settings.offload_frozen else None
+        offload = None
+        if offloads_frozen(settings, base.family, device):
+            if not settings.offload_frozen:
+                log.info("[%s] Kolors on a GPU: the text encoder and VAE wait on the CPU once their encodings are "
+                         "cached (offload_frozen)", node)
+            offload = speed.Offload(objective.frozen_modules(), device)
         caches = list({id(c): c for c in objective.caches()}.values())
         for cache in caches:
             cache.configure(disk=settings.cache_to_disk, offload=offload)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ..core.errors import FinetuneError
+from ..core.families import Family
 from ..core.fields import node_input
 from ..core.handle import ModelHandle
 from ..core.lora import LoraModule, LoraWeights
@@ -115,6 +116,12 @@ class LoraObjective:
 
     # ------------------------------------------------------------------ adapters
     def check(self) -> None:
+        if self.spec.train_text_encoder and self.handle.family is Family.KOLORS:
+            raise FinetuneError("training Kolors' ChatGLM3 text encoder is not supported yet (its layers are not "
+                                "CLIP's, and no LoRA file layout for them is settled)", node=self.node,
+                                input="train_text_encoder",
+                                fix="turn train_text_encoder off: the UNet LoRA trains Kolors, with the text "
+                                    "encoded once and cached")
         if self.spec.rank < 1:
             raise FinetuneError(f"rank must be at least 1 (got {self.spec.rank})", node=self.node, input="rank",
                                 fix="use 4-64")

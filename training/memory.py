@@ -13,9 +13,9 @@ so a run never starts just to die at step 1 (or, on Windows, to spill into share
 
 The peak is ``weights + trainable + grads + optimizer + activations + workspace`` (bytes):
 
-* **weights**: every parameter of the models the run holds (base UNet, VAE, text encoders, a full fine-tune's
-  trained copy), at their dtypes. They are already loaded when the check runs, so they count on both sides:
-  available = free memory + these weights.
+* **weights**: every parameter on the training device of the models the run holds (base UNet, VAE, text encoders,
+  a full fine-tune's trained copy; not what ``offload_frozen`` moved to the CPU), at their dtypes. They are
+  already loaded when the check runs, so they count on both sides: available = free memory + these weights.
 * **trainable / grads**: the trainable tensors not already in the weights (LoRA A/B, new embedding vectors) and
   one gradient per trainable value, at the trainables' dtype (fp32).
 * **optimizer**: AdamW 2 fp32 states per trainable value (8 B), 8-bit AdamW 2 one-byte states (~2 B with its
@@ -34,8 +34,9 @@ The peak is ``weights + trainable + grads + optimizer + activations + workspace`
   sum is multiplied by ``ACTIVATION_FACTOR`` = 1.6 (``CHECKPOINT_FACTOR`` = 2.5 with checkpointing): backward's
   gradient buffers, recomputed blocks and allocator slack, calibrated as the measured per-sample slope of peak
   memory over the saved bytes on the tiny models (1.67 and 2.6). Text encoders that train add
-  ``layers x 77 x width x 24`` values per sample (their blocks' saved tensors), and a second UNet pass (DreamBooth
-  prior preservation with class images) doubles the activations.
+  ``layers x tokens x width x 24`` values per sample (their blocks' saved tensors; 77 tokens for CLIP, 256 for
+  Kolors' ChatGLM3), and a second UNet pass (DreamBooth prior preservation with class images) doubles the
+  activations.
 * **workspace**: the UNet's largest single saved tensor twice (the gradient of the layer being differentiated).
 * **encode**: the VAE encoding of the first batches (latents not cached yet), about 6 tensors of the encoder's
   first level (``6 x 128 ch x H x W`` for the real VAE) per image (per batch with random crop). It happens before
@@ -80,6 +81,7 @@ CHECKPOINT_FACTOR = 2.5     # the same with gradient checkpointing (blocks re-al
 AUTOCAST_FACTOR = 0.55      # bf16/fp16 autocast over fp32 weights: most saved tensors in half precision
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0}  # per trainable value
 GB = 1e9
+KOLORS_TOKENS = 256         # Kolors' prompts are always left-padded to 256 ChatGLM3 positions
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Workload:
     mode: str                         # "lora" | "full" | "none": which UNet weights train
     trained_names: frozenset[str]     # UNet module names with LoRA layers that train ("lora")
     context_grad: bool                # the conditioning needs a gradient (text encoder or embedding trains)
-    text_encoder_values: int          # layers x 77 x width summed over the text encoders that train (0 if none)
+    text_encoder_values: int          # layers x tokens x width summed over the text encoders that train (0 if none)
     unet_passes: int                  # 2 with class-image prior preservation, else 1
     vae_channels: int                 # channels of the VAE encoder's first level
     encode_batches: bool              # random crop: latents are encoded per batch, not once per image
@@ -204,8 +206,9 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
     trainables = {id(p): p for g in param_groups for p in g["params"]}
     seen: dict[int, torch.nn.Parameter] = {}
     for m in (*shape.modules, unet):
-        for p in m.parameters():
-            seen.setdefault(id(p), p)
+        for p in m.parameters():  # what waits elsewhere (offload_frozen moved it off the device) takes no room
+            if p.device.type in (device.type, "meta"):
+                seen.setdefault(id(p), p)
     weight_bytes = sum(p.numel() * p.element_size() for p in seen.values())
     frozen_half = sum(p.numel() * p.element_size() // 2 for i, p in seen.items()
                       if i not in trainables and p.dtype == torch.float32)
@@ -222,8 +225,12 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
         mode = "none"
     te_values = 0
     for te in shape.grad_text_encoders:
-        cfg = te.config  # transformers text models: their blocks' saved tensors scale with layers x 77 x width
-        te_values += int(cfg.num_hidden_layers) * 77 * int(cfg.hidden_size)
+        # their blocks' saved tensors scale with layers x tokens x width: CLIP (transformers) reads 77 tokens,
+        # ChatGLM3 (Kolors; num_layers in its config) 256
+        cfg = te.config
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", 0)
+        tokens = 77 if hasattr(cfg, "num_hidden_layers") else KOLORS_TOKENS
+        te_values += int(layers) * tokens * int(cfg.hidden_size)
     width, height = max(shape.sizes, key=lambda s: s[0] * s[1])
     vae_ch = int(shape.vae.config.block_out_channels[0]) if shape.vae is not None else 128
     return Workload(unet=unet, weight_bytes=weight_bytes, frozen_half_saving=frozen_half,
@@ -323,7 +330,10 @@ def probe_activations(unet: torch.nn.Module, mode: str, trained: frozenset[str],
     sample = torch.empty((1, int(cfg.get("in_channels", 4)), lat_h, lat_w), device="meta", dtype=dtype)
     ctx_dim = cfg.get("cross_attention_dim", 768)
     ctx_dim = ctx_dim[0] if isinstance(ctx_dim, (list, tuple)) else ctx_dim
-    context = torch.empty((1, 77, int(ctx_dim)), device="meta", dtype=dtype, requires_grad=context_grad)
+    tokens = 77
+    if cfg.get("encoder_hid_dim_type") == "text_proj":  # Kolors: 256 ChatGLM3 states, projected inside the UNet
+        ctx_dim, tokens = cfg["encoder_hid_dim"], KOLORS_TOKENS
+    context = torch.empty((1, tokens, int(ctx_dim)), device="meta", dtype=dtype, requires_grad=context_grad)
     added = None
     if cfg.get("addition_embed_type") == "text_time":
         pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
@@ -535,6 +545,63 @@ def _meta_counts(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int, i
     return unet, sum(p.numel() for p in unet.parameters()), sum(p.numel() for m in others for p in m.parameters())
 
 
+# Kolors (from its diffusers folder's configs): the SDXL UNet with a 4096 -> 2048 text projection and 4096 + 6 x 256
+# wide added conditioning; the SDXL VAE; ChatGLM3-6B (28 layers, hidden 4096, FFN 13696, 32 heads of 128, multi-query
+# attention with 2 groups, vocabulary 65024).
+KOLORS_UNET = {"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 4096,
+               "projection_class_embeddings_input_dim": 5632}
+KOLORS_CHATGLM = {"num_layers": 28, "hidden_size": 4096, "ffn_hidden_size": 13696, "num_attention_heads": 32,
+                  "kv_channels": 128, "padded_vocab_size": 65024, "multi_query_attention": True,
+                  "multi_query_group_num": 2, "add_qkv_bias": True, "seq_length": KOLORS_TOKENS,
+                  "original_rope": True}
+
+
+def _meta_kolors(dtype: torch.dtype) -> tuple[torch.nn.Module, int, int, int]:
+    """(meta Kolors UNet, UNet, VAE and ChatGLM3 parameter counts)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel  # noqa: PLC0415
+
+    cfgs = load_configs("sdxl")
+    with _default_dtype(dtype), torch.device("meta"):
+        unet = UNet2DConditionModel.from_config({**cfgs["unet"], **KOLORS_UNET})
+        vae = AutoencoderKL.from_config(cfgs["vae"])
+        te = ChatGLMModel(ChatGLMConfig(**KOLORS_CHATGLM), empty_init=False)
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    return unet, count(unet), count(vae), count(te)
+
+
+def _lora_names(unet: torch.nn.Module) -> tuple[frozenset[str], int]:
+    """The UNet layers a rank-16 LoRA on the default targets trains, and its value count."""
+    targets = UNET_TARGETS["attention+feedforward"]
+    names = frozenset(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+                      and any(n == t or n.endswith("." + t) for t in targets))
+    rank = 16
+    return names, sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules() if n in names)
+
+
+def kolors_estimates() -> list[dict]:
+    """Kolors LoRA at 1024 px (bf16, rank 16, batch 1, AdamW): ChatGLM3 (12.5 GB in bf16) resident on the GPU
+    beside the UNet, against the trainer's default for Kolors on a GPU (``offload_frozen``: the captions and images
+    are encoded and cached first, then ChatGLM3 and the VAE wait on the CPU)."""
+    unet, n_unet, n_vae, n_te = _meta_kolors(torch.bfloat16)
+    names, lora = _lora_names(unet)
+    rows = []
+    for ckpt in (True, False):
+        for where, resident in (("text encoder on the GPU", n_unet + n_vae + n_te), ("offload_frozen", n_unet)):
+            work = Workload(unet=unet, weight_bytes=resident * 2, frozen_half_saving=0, extra_trainable_values=lora,
+                            trainable_values=lora, trainable_bytes_per_value=4, mode="lora", trained_names=names,
+                            context_grad=False, text_encoder_values=0, unet_passes=1, vae_channels=128,
+                            encode_batches=False, width=1024, height=1024, device=torch.device("cuda"))
+            est = estimate(work, Choice(1, ckpt, "bf16", "adamw", 1024, 1024))
+            rows.append({"model": "kolors", "kind": "lora", "resolution": 1024, "batch": 1, "checkpointing": ckpt,
+                         "precision": "bf16", "optimizer": "adamw", "peak_gb": est.total / GB, "parts": est.parts(),
+                         "where": where, "text_encoder_params": n_te})
+    return rows
+
+
 def real_size_estimates() -> list[dict]:
     """Estimated peaks of the target settings (README "Performance") on the real SD 1.5 / SDXL architectures
     (``configs/``, built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said
@@ -548,12 +615,8 @@ def real_size_estimates() -> list[dict]:
     ]
     for name, kind, res, batch, ckpt, precision, optimizer in cases:
         unet, n_unet, n_other = _meta_counts(name, torch.bfloat16)
-        targets = UNET_TARGETS["attention+feedforward"]
-        names = frozenset(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
-                          and any(n == t or n.endswith("." + t) for t in targets))
+        names, lora = _lora_names(unet)
         if kind == "lora":
-            rank = 16
-            lora = sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules() if n in names)
             weights, extra, values = (n_unet + n_other) * 2, lora, lora
         else:  # full: a fp32 trained copy of the UNet beside the bf16 base (FullObjective)
             weights, extra, values = (n_unet + n_other) * 2 + n_unet * 4, 0, n_unet
@@ -568,11 +631,12 @@ def real_size_estimates() -> list[dict]:
         rows.append({"model": name, "kind": kind, "resolution": res, "batch": batch, "checkpointing": ckpt,
                      "precision": precision, "optimizer": optimizer, "peak_gb": est.total / GB,
                      "parts": est.parts()})
-    return rows
+    return rows + kolors_estimates()
 
 
 if __name__ == "__main__":  # python -m comfy_finetune.training.memory: the real-size table
     for row in real_size_estimates():
-        print(f"{row['model']:5} {row['kind']:4} {row['resolution']:5} px  batch {row['batch']}  "
+        where = f"  [{row['where']}]" if "where" in row else ""
+        print(f"{row['model']:6} {row['kind']:4} {row['resolution']:5} px  batch {row['batch']}  "
               f"ckpt {'on ' if row['checkpointing'] else 'off'}  {row['precision']}  {row['optimizer']:9}  "
-              f"peak {row['peak_gb']:5.1f} GB  ({row['parts']})")
+              f"peak {row['peak_gb']:5.1f} GB  ({row['parts']}){where}")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
-from ..core.families import Family, check_family, modelspec_keys
+from ..core.families import Family, check_family, modelspec_keys, refuse_on_kolors
 from ..core.ldm import diffusers_to_ldm
 from ..core.lora import to_diffusers_state_dict, to_kohya_state_dict
 
@@ -320,6 +320,7 @@ def save_lora(lora: LoraWeights, path: str | os.PathLike, *, family: Family | st
         raise FinetuneError("the LoRA has no modules (nothing was trained or loaded)", input="lora",
                             fix="connect a trained LoRA")
     check_family("LoRA", lora.family, family, input="lora")
+    refuse_on_kolors(family, "saving a LoRA file", input="lora")
     try:
         sd, meta = to_kohya_state_dict(lora, family=family, unet_config=unet_config, v_prediction=v_prediction)
         if layout == "diffusers":
@@ -480,6 +481,7 @@ def save_checkpoint(handle: ModelHandle, path: str | os.PathLike, *,
                             fix=f"use one of {', '.join(CHECKPOINT_FORMATS)}")
     torch_dtype = _torch_dtype(dtype)
     base = handle.base
+    refuse_on_kolors(base.family, "saving a checkpoint", input="pipe")
     title = path.stem if format == "single_file" else path.name
     with base.lock:  # nobody patches or trains these weights while we read them
         unet, vae, tes = _snapshot(handle, torch_dtype)
