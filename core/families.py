@@ -170,10 +170,16 @@ def check_family(what: str, have: Family | str | None, model: Family | str, *, w
         raise family_mismatch(what, have, model, why=why, input=input, node=node)
 
 
+def sgm_unet_names(family: Family | str) -> bool:
+    """Whether kohya-layout files name this family's UNet modules by SGM (``input_blocks_4_1_...``): SDXL, and
+    Kolors, whose UNet is SDXL's."""
+    return Family(family) in (Family.SDXL, Family.KOLORS)
+
+
 def refuse_on_kolors(family: Family | str | None, what: str, *, input: str, node: str | None = None) -> None:
-    """Kolors files are not written or read yet (their layouts for kohya, diffusers and the other Kolors trainers
-    come with Kolors training support): refuse ``what`` clearly instead of writing a file nothing reads."""
+    """What is not written for Kolors yet (a checkpoint file: no loader in ComfyUI, A1111 or kohya reads one) is
+    refused clearly instead of writing a file nothing reads."""
     if family is not None and Family(family) is Family.KOLORS:
         raise FinetuneError(f"{what} is not supported for Kolors yet", node=node, input=input,
-                            fix="keep the result in the graph: a LoRA or embedding trained here, connected to "
-                                "AddLoRA or Sample, works on Kolors without a file")
+                            fix="keep the result in the graph: connect the trained pipe to Sample (a LoRA or an "
+                                "embedding trained on Kolors saves as a file)")

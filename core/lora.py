@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from .errors import FinetuneError
-from .families import Family, check_family, info, modelspec, modelspec_keys, refuse_on_kolors
+from .families import Family, check_family, info, modelspec, modelspec_keys, sgm_unet_names
 from .ldm_names import unet_name_map
 from .lora_keys import (
     ModuleResolver,
     canonical_te_path,
     detect_lora_family,
+    family_from_metadata,
     split_part,
     te_target_name,
 )
@@ -162,6 +163,11 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
     """
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     lora_family, why = detect_lora_family({k: v for k, v in state_dict.items() if isinstance(v, Tensor)}, metadata)
+    if (family is not None and Family(family) is Family.KOLORS and lora_family is Family.SDXL
+            and family_from_metadata(metadata) is None and why.startswith("its cross-attention")):
+        # Kolors' UNet has SDXL's shapes: a file that says nothing else (no metadata naming SDXL, no second text
+        # encoder) cannot be told apart and is taken as Kolors; one whose metadata names SDXL is refused below
+        lora_family = Family.KOLORS
     if family is not None:
         check_family("LoRA", lora_family, family, why=why, input=input)
 
@@ -240,7 +246,6 @@ def lora_from_file(path: str | Path, *, family: Family | None, unet_config: Mapp
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    refuse_on_kolors(family, "loading a LoRA file", input=input or "lora_name")
     if not path.is_file():
         raise FinetuneError(f"LoRA file not found: {path}", input=input,
                             fix="put the file in models/loras and pick it from the list")
@@ -264,8 +269,10 @@ def _alpha(module: LoraModule) -> float:
 
 def _kohya_module_name(comp: str, path: str, family: Family, ldm_map: Mapping[str, str]) -> str:
     if comp == "unet":
-        name = ldm_map[path] if family is Family.SDXL else path
+        name = ldm_map[path] if sgm_unet_names(family) else path
         return "lora_unet_" + name.replace(".", "_")
+    if family is Family.KOLORS:
+        raise ValueError(f"a Kolors LoRA adapts the UNet only (ChatGLM3 does not train here); got a module for {comp}")
     prefix = {"te1": "lora_te1_", "te2": "lora_te2_"}[comp] if family is Family.SDXL else "lora_te_"
     if family is not Family.SDXL and comp != "te1":
         raise ValueError(f"{family.label} has one text encoder; got a module for {comp}")
@@ -283,7 +290,7 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     ``stable-diffusion-v2-768-v`` at 768 vs ``-v2-512`` at 512); None follows the family's usual prediction.
     """
     family = Family(family)
-    ldm_map = unet_name_map(unet_config) if family is Family.SDXL else {}
+    ldm_map = unet_name_map(unet_config) if sgm_unet_names(family) else {}
     sd: dict[str, Tensor] = {}
     for (comp, path), module in sorted(lora.modules.items()):
         if module.mid is not None and module.down.ndim != 4:

@@ -162,13 +162,15 @@ _WIDTH_FAMILY = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}
 def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
     """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
     version = str(metadata.get("ss_base_model_version", "")).lower()
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if version.startswith("kolors") or arch.startswith("kolors"):
+        return Family.KOLORS
     if version.startswith("sdxl"):
         return Family.SDXL
     if version.startswith("sd_v2"):
         return Family.SD2
     if version.startswith("sd_v1"):
         return Family.SD1
-    arch = str(metadata.get("modelspec.architecture", "")).lower()
     if arch.startswith("stable-diffusion-xl"):
         return Family.SDXL
     if arch.startswith("stable-diffusion-v2"):
@@ -195,6 +197,8 @@ def detect_lora_family(state_dict: Mapping[str, Tensor], metadata: Mapping[str, 
         module = split[0]
         if re.search(r"attn2[._]to_k$", module) or re.search(r"attn2[._]processor[._]to_k$", module):
             family = _WIDTH_FAMILY.get(int(tensor.shape[1]))
+            if family is Family.SDXL and family_from_metadata(metadata) is Family.KOLORS:
+                return Family.KOLORS, "its metadata says Kolors (whose cross-attention is SDXL's 2048)"
             if family is not None:
                 return family, f"its cross-attention input width is {int(tensor.shape[1])}"
         if module.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):

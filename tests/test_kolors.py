@@ -234,31 +234,104 @@ def test_each_trainer_lowers_a_fixed_noise_loss_on_kolors(handle, shapes, method
     assert handle.patches == ()  # the input handle is untouched
 
 
-def test_kolors_refusals_name_the_node_input_and_fix(handle, shapes, models_dir):
-    from safetensors.torch import save_file
-
-    stray = models_dir / "loras" / "for-kolors.safetensors"
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(stray))
+def test_kolors_refusals_name_the_node_input_and_fix(handle, shapes):
     data = _data(shapes, "一只红色的星星")
     with pytest.raises(FinetuneError, match=r"\[FinetuneTrainLoRA\] input 'train_text_encoder': training Kolors' "
                                             r"ChatGLM3 text encoder is not supported yet.*Fix: turn "
                                             r"train_text_encoder off"):
         _node("FinetuneTrainLoRA", pipe=handle, dataset=data, recipe="custom", steps=2, train_text_encoder=True,
               validation_size=64)
-    lora, *_ = _node("FinetuneTrainLoRA", pipe=handle, dataset=data, recipe="custom", steps=1, validation_size=64)
-    with pytest.raises(FinetuneError, match=r"input 'lora': saving a LoRA file is not supported for Kolors yet"):
-        _node("FinetuneSaveLoRA", lora=lora, pipe=handle, name="kolors-lora")
-    with pytest.raises(FinetuneError, match=r"input 'pipe': saving a checkpoint is not supported for Kolors yet"):
+    with pytest.raises(FinetuneError, match=r"input 'pipe': saving a checkpoint is not supported for Kolors yet.*"
+                                            r"Fix: keep the result in the graph"):
         _node("FinetuneSaveCheckpoint", pipe=handle, name="kolors-model")
-    with pytest.raises(FinetuneError, match=r"\[AddLoRA\] input 'lora_name': loading a LoRA file is not supported for "
-                                            r"Kolors yet.*Fix: keep the result in the graph"):
-        try:
-            _node("AddLoRA", pipe=handle, lora_name=stray.name, strength_unet=1.0, strength_text=1.0)
-        finally:
-            stray.unlink()  # the models folder is the whole session's
-    # a LoRA trained in the graph applies without a file
-    patched = _node("AddLoRA", pipe=handle, lora_name="None", strength_unet=1.0, strength_text=1.0, lora=lora)[0]
-    assert len(patched.patches) == 1
+
+
+@pytest.fixture(scope="module")
+def kolors_lora(handle, shapes):
+    """A UNet LoRA trained a few steps on Kolors (B away from zero, so it changes the image)."""
+    data = _data(shapes, "黑色背景上的红色星星")
+    lora, *_ = _node("FinetuneTrainLoRA", pipe=handle, dataset=data, recipe="custom", steps=4, learning_rate=2e-2,
+                     rank=4, validation_size=64)
+    return lora
+
+
+def _lora_sample(pipe):
+    return sample(pipe, SampleSettings(prompt="黑色背景上的红色星星", seed=5, steps=3, cfg=5.0, width=64, height=64))
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_a_kolors_lora_saves_and_loads_back_through_add_lora(handle, kolors_lora, layout, models_dir):
+    """SaveLoRA writes the kohya layout (SGM UNet names as for SDXL) or the diffusers/PEFT one, named Kolors in the
+    metadata; AddLoRA reads the file back to the same images as the LoRA connected in the graph."""
+    from safetensors import safe_open
+
+    name = f"kolors-test/{layout}"
+    _node("FinetuneSaveLoRA", lora=kolors_lora, pipe=handle, name=name, layout=layout, overwrite=True)
+    path = models_dir / "loras" / f"{name}.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert meta["modelspec.architecture"] == "kolors/lora" and meta["ss_base_model_version"] == "kolors"
+        if layout == "kohya":
+            assert keys and all(k.startswith("lora_unet_") for k in keys)
+            assert any(k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"))
+                       for k in keys)
+        else:
+            assert keys and all(k.startswith("unet.") for k in keys)
+        in_graph = _node("AddLoRA", pipe=handle, lora_name="None", strength_unet=1.0, strength_text=1.0,
+                         lora=kolors_lora)[0]
+        from_file = _node("AddLoRA", pipe=handle, lora_name=f"{name}.safetensors", strength_unet=1.0,
+                          strength_text=1.0)[0]
+        expected, got = _lora_sample(in_graph), _lora_sample(from_file)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert (got - _lora_sample(handle)).abs().max() > 1e-3  # the LoRA does change the image
+        assert handle.patches == ()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_diffusers_kolors_pipeline_reads_the_diffusers_layout(kolors_dir, handle, kolors_lora, models_dir):
+    """KolorsPipeline.load_lora_weights on the file SaveLoRA wrote draws what Sample draws with the LoRA."""
+    name = "kolors-test/for-diffusers"
+    _node("FinetuneSaveLoRA", lora=kolors_lora, pipe=handle, name=name, layout="diffusers", overwrite=True)
+    path = models_dir / "loras" / f"{name}.safetensors"
+    try:
+        ref = _reference_pipeline(kolors_dir)
+        ref.load_lora_weights(str(path))
+        prompt = "黑色背景上的红色星星"
+        theirs = ref(prompt, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                     latents=comfy_noise(5, (1, 4, 8, 8)), output_type="pt").images.permute(0, 2, 3, 1)
+        patched = _node("AddLoRA", pipe=handle, lora_name="None", strength_unet=1.0, strength_text=1.0,
+                        lora=kolors_lora)[0]
+        assert torch.allclose(_lora_sample(patched), theirs, atol=2e-4)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_lora_family_is_read_from_the_metadata_between_sdxl_and_kolors(handle, kolors_lora, models_dir, tmp_path):
+    """Kolors' UNet has SDXL's shapes, so the file's metadata decides: an SDXL LoRA is refused on Kolors and a
+    Kolors LoRA on SDXL; a file that names no family is taken as fitting."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from comfy_finetune.core.lora import lora_from_file
+    from comfy_finetune.training.saving import save_lora
+
+    kohya = save_lora(kolors_lora, tmp_path / "k.safetensors", family=Family.KOLORS,
+                      unet_config=dict(handle.base.unet.config))
+    with safe_open(str(kohya), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    names = dict(unet_config=dict(handle.base.unet.config), unet_modules=None, te_modules=None)
+    sdxl = {**meta, "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"), metadata=sdxl)
+    with pytest.raises(FinetuneError, match=r"input 'lora_name': this LoRA is for SDXL but the model is Kolors"):
+        lora_from_file(tmp_path / "sdxl.safetensors", family=Family.KOLORS, **names)
+    with pytest.raises(FinetuneError, match=r"this LoRA is for Kolors but the model is SDXL"):
+        lora_from_file(kohya, family=Family.SDXL, **names)
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    weights, unmatched = lora_from_file(tmp_path / "bare.safetensors", family=Family.KOLORS, **names)
+    assert weights.family is Family.KOLORS and unmatched == [] and weights.modules.keys() == kolors_lora.modules.keys()
 
 
 def test_a_kolors_embedding_saves_and_loads_back_by_name(handle):

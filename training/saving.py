@@ -320,7 +320,6 @@ def save_lora(lora: LoraWeights, path: str | os.PathLike, *, family: Family | st
         raise FinetuneError("the LoRA has no modules (nothing was trained or loaded)", input="lora",
                             fix="connect a trained LoRA")
     check_family("LoRA", lora.family, family, input="lora")
-    refuse_on_kolors(family, "saving a LoRA file", input="lora")
     try:
         sd, meta = to_kohya_state_dict(lora, family=family, unet_config=unet_config, v_prediction=v_prediction)
         if layout == "diffusers":
