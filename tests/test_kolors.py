@@ -380,3 +380,16 @@ def test_real_size_kolors_memory_estimates():
         assert 12.4 < saved < 12.9, saved  # ChatGLM3 and the VAE in bf16
     assert by[("offload_frozen", True)] < 10 < by[("text encoder on the GPU", True)]
     assert all(r["resolution"] == 1024 and r["kind"] == "lora" for r in rows) and GB == 1e9
+
+
+def test_auto_recipe_on_kolors_is_kolors_with_its_prior_loss_weight(handle):
+    """``auto`` picks the kolors recipe; DreamBooth takes Kolors' reference prior-loss weight 0.7 where left at the
+    node default (1.0), and an input the user set wins."""
+    from comfy_finetune.training import recipes
+
+    assert recipes.resolve("auto", handle) == "kolors"
+    defaults = {"prior_loss_weight": 1.0, "learning_rate": 1e-4, "rank": 16}
+    out, applied = recipes.apply("kolors", "dreambooth_lora", dict(defaults), defaults)
+    assert applied["prior_loss_weight"] == 0.7 and out["rank"] == 4
+    out, applied = recipes.apply("kolors", "dreambooth_full", {**defaults, "prior_loss_weight": 0.5}, defaults)
+    assert out["prior_loss_weight"] == 0.5 and "prior_loss_weight" not in applied

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-RECIPES = ("auto", "custom", "shapes-tiny", "sd15", "sdxl")
+RECIPES = ("auto", "custom", "shapes-tiny", "sd15", "sdxl", "kolors")
 #: The trainers a recipe has values for; DreamBooth's depend on its method.
 TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full")
 
@@ -58,14 +58,24 @@ TABLE: dict[str, dict[str, dict[str, Any]]] = {
                             "validation_size": 1024},
         "dreambooth_full": {"steps": 400, "learning_rate": 2e-6, "num_class_images": 100, "validation_size": 1024},
     },
+    # Kolors' own DreamBooth-LoRA script (diffusers-derived): rank 4, learning rate 2e-5, prior-loss weight 0.7,
+    # 100 class images at 1024 px; the other trainers take the SDXL values (same UNet).
+    "kolors": {
+        "lora": {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "validation_size": 1024},
+        "embedding": {"steps": 1000, "learning_rate": 5e-3, "num_vectors": 4, "validation_size": 1024},
+        "dreambooth_lora": {"steps": 500, "learning_rate": 2e-5, "rank": 4, "alpha": 4.0, "prior_loss_weight": 0.7,
+                            "num_class_images": 100, "validation_size": 1024},
+        "dreambooth_full": {"steps": 400, "learning_rate": 2e-6, "prior_loss_weight": 0.7, "num_class_images": 100,
+                            "validation_size": 1024},
+    },
 }
 
-_FAMILY_RECIPE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl"}
+_FAMILY_RECIPE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl", "kolors": "kolors"}
 
 
 def recipe_for(handle: Any) -> str:
     """The recipe ``auto`` means for ``handle``: ``shapes-tiny`` for the built-in model, else by family
-    (SD 1.x and 2.x: ``sd15``; SDXL: ``sdxl``); ``custom`` for a family without one."""
+    (SD 1.x and 2.x: ``sd15``; SDXL: ``sdxl``; Kolors: ``kolors``); ``custom`` for a family without one."""
     base = handle.base
     if base.label == "shapes-tiny":
         return "shapes-tiny"
