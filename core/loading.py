@@ -25,7 +25,7 @@ from .handle import BaseModel, ModelHandle
 from .kolors import is_chatglm_folder, load_chatglm, load_chatglm_tokenizer
 from .ldm import ldm_to_diffusers
 from .safeio import load_weights  # the one place untrusted weight files are opened
-from .tiny import build_tiny_pipeline_folder
+from .tiny import build_tiny_kolors_folder, build_tiny_pipeline_folder
 from .tokenizer import find_clip_tokenizer, load_tokenizer
 
 log = logging.getLogger("comfy_finetune")
@@ -34,6 +34,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEMO_NAME = "[built-in] demo-tiny (untrained, for trying the pack)"
 SHAPES_NAME = "[built-in] shapes-tiny"
+KOLORS_DEMO_NAME = "[built-in] kolors-tiny (untrained, Kolors layout)"
 #: The pretrained tiny SD 1.x model of the shapes world that ships with the pack (see shapes/train_base.py).
 SHAPES_FOLDER = Path(__file__).resolve().parent.parent / "shapes" / "shapes-tiny"
 DEFAULT_MODEL = SHAPES_NAME
@@ -289,23 +290,32 @@ def load_hub(repo_id: str, dtype, device) -> BaseModel:
     return load_diffusers_folder(folder, dtype, device, label=repo_id)
 
 
-def demo_folder() -> Path:
-    """The untrained built-in demo model, built locally on first use (no download)."""
-
-    folder = host.cache_dir() / "demo-tiny-sd1"
+def _built_in(name: str, build) -> Path:
+    """A built-in model folder in the cache, built locally on first use (no download)."""
+    folder = host.cache_dir() / name
     if not (folder / "model_index.json").exists():
         try:  # every data-parallel process loads it, so every process may build it
-            atomic_write(folder, lambda tmp: build_tiny_pipeline_folder(tmp, Family.SD1, seed=0), folder=True,
-                         overwrite=False, every_process=True)
+            atomic_write(folder, build, folder=True, overwrite=False, every_process=True)
         except FileExistsError:  # another process won the race: use theirs (the same seed, the same weights)
             pass
     return folder
 
 
+def demo_folder() -> Path:
+    """The untrained built-in demo model (tiny SD 1.x)."""
+    return _built_in("demo-tiny-sd1", lambda tmp: build_tiny_pipeline_folder(tmp, Family.SD1, seed=0))
+
+
+def kolors_demo_folder() -> Path:
+    """The untrained built-in tiny Kolors (ChatGLM3 of two layers, SentencePiece tokenizer): Kolors end to end on
+    any machine."""
+    return _built_in("kolors-tiny", lambda tmp: build_tiny_kolors_folder(tmp, seed=0))
+
+
 def available_models() -> list[str]:
     """Names LoadBase offers: the built-in models, checkpoints files, diffusers folders."""
 
-    names = [SHAPES_NAME, DEMO_NAME]
+    names = [SHAPES_NAME, DEMO_NAME, KOLORS_DEMO_NAME]
     names += host.list_files("checkpoints")
     names += [f"diffusers/{n}" for n in host.list_diffusers_folders()]
     return names
@@ -331,6 +341,10 @@ def load_base(name: str, dtype: str = "auto", device: str = "auto", hub_id: str 
         folder = demo_folder()
         key = ("demo", str(folder), str(dt), str(dev))
         loader = lambda: load_diffusers_folder(folder, dt, dev, label="demo-tiny (untrained)")  # noqa: E731
+    elif name == KOLORS_DEMO_NAME:
+        folder = kolors_demo_folder()
+        key = ("kolors-demo", str(folder), str(dt), str(dev))
+        loader = lambda: load_diffusers_folder(folder, dt, dev, label="kolors-tiny (untrained)")  # noqa: E731
     else:
         if name.startswith("diffusers/"):
             path = host.resolve_model("diffusers", name[len("diffusers/"):])

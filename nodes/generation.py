@@ -20,10 +20,11 @@ class LoadBase(FTNode):
     NODE_ID = "LoadBase"
     DISPLAY_NAME = "Load Base Model (Finetune)"
     CATEGORY = f"{CATEGORY}/models"
-    DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x or SDXL base model: a single-file checkpoint from "
+    DESCRIPTION = ("Loads a Stable Diffusion 1.x, 2.x, SDXL or Kolors base model: a single-file checkpoint from "
                    "models/checkpoints, a diffusers folder from models/diffusers, a Hugging Face hub id, or the "
                    "built-in models (shapes-tiny: a small pretrained model of a world of coloured shapes, 64x64 px; "
-                   "demo-tiny: untrained). Loading the same model twice reuses the weights in memory.")
+                   "demo-tiny and kolors-tiny: untrained). Loading the same model twice reuses the weights in "
+                   "memory.")
     RETURN_TYPES = (PIPE,)
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The model handle: base weights plus the LoRAs and embeddings added downstream.",)
@@ -35,8 +36,8 @@ class LoadBase(FTNode):
                 "ckpt_name": (available_models(), {
                     "default": DEFAULT_MODEL,
                     "tooltip": "Checkpoint file (models/checkpoints), diffusers folder (models/diffusers) or a "
-                               "built-in model: shapes-tiny (pretrained on coloured shapes; sample at 64x64) or "
-                               "demo-tiny (untrained).",
+                               "built-in model: shapes-tiny (pretrained on coloured shapes; sample at 64x64), "
+                               "demo-tiny (untrained) or kolors-tiny (an untrained Kolors, to try Kolors graphs).",
                 }),
                 "dtype": (list(DTYPES), {"default": "auto",
                                          "tooltip": "Weight precision. auto: bf16/fp16 on GPU, fp32 on CPU."}),

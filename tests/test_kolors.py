@@ -393,3 +393,38 @@ def test_auto_recipe_on_kolors_is_kolors_with_its_prior_loss_weight(handle):
     assert applied["prior_loss_weight"] == 0.7 and out["rank"] == 4
     out, applied = recipes.apply("kolors", "dreambooth_full", {**defaults, "prior_loss_weight": 0.5}, defaults)
     assert out["prior_loss_weight"] == 0.5 and "prior_loss_weight" not in applied
+
+
+def test_the_kolors_example_workflow_trains_saves_and_samples_headless(models_dir, tmp_path, capsys):
+    """examples/Train a Kolors LoRA (tiny).json (UI format) on the built-in kolors-tiny, shortened to 3 steps: the
+    runner trains, samples from a Chinese prompt and saves a LoRA named Kolors."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    import comfy_finetune
+    from comfy_finetune import host
+    from comfy_finetune.headless.runner import main, node_classes
+    from comfy_finetune.headless.workflow import load_workflow
+
+    path = Path(comfy_finetune.__file__).parent / "examples" / "Train a Kolors LoRA (tiny).json"
+    api = load_workflow(json.loads(path.read_text(encoding="utf-8")), node_classes())
+    (train,) = [n for n in api.values() if n["class_type"] == "FinetuneTrainLoRA"]
+    (sampler,) = [n for n in api.values() if n["class_type"] == "Sample"]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in sampler["inputs"]["prompt"])  # a Chinese prompt
+    train["inputs"].update(steps=3, validate_every=0)
+    sampler["inputs"].update(steps=2)
+    quick = tmp_path / "kolors.api.json"
+    quick.write_text(json.dumps(api, ensure_ascii=False), encoding="utf-8")
+    out, before = tmp_path / "out", host.output_dir()
+    saved = models_dir / "loras" / "finetune" / "kolors-striped.safetensors"
+    try:
+        assert main(["run", str(quick), "--quiet", "--models", str(models_dir), "--output", str(out)]) == 0, \
+            capsys.readouterr().err
+        assert list(out.rglob("kolors_lora_*.png"))
+        with safe_open(str(saved), "pt") as f:
+            assert f.metadata()["modelspec.architecture"] == "kolors/lora" and list(f.keys())
+    finally:
+        saved.unlink(missing_ok=True)
+        host.configure(output_dir=before)  # the session's output folder, as before the run
