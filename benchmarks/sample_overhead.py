@@ -47,7 +47,8 @@ PROMPT = "a photo of a red circle, high quality, detailed"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1", help="tiny model family")
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl", "kolors"), default="sd1",
+                   help="tiny model family (kolors: against KolorsPipeline; no single-file checkpoint)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--size", type=int, default=64, help="image width and height in pixels (multiple of 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
@@ -113,15 +114,15 @@ def quiet():
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def setup_models(root: Path, family: str) -> tuple[Path, Path]:
-    """Temp models dir with the tiny diffusers folder and a single-file copy of it."""
+def setup_models(root: Path, family: str) -> tuple[Path, Path | None]:
+    """Temp models dir with the tiny diffusers folder and a single-file copy of it (None for Kolors)."""
     import torch
     from safetensors.torch import save_file
 
     from comfy_finetune import host
     from comfy_finetune.core.ldm import diffusers_to_ldm
     from comfy_finetune.core.loading import load_diffusers_folder
-    from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+    from comfy_finetune.core.tiny import build_tiny_kolors_folder, build_tiny_pipeline_folder
 
     models = root / "models"
     for sub in ("checkpoints", "loras", "embeddings", "diffusers"):
@@ -129,6 +130,8 @@ def setup_models(root: Path, family: str) -> tuple[Path, Path]:
     (root / "output").mkdir(exist_ok=True)
     os.environ["COMFY_FINETUNE_CACHE"] = str(root / "cache")
     host.configure(models_dir=models, output_dir=root / "output", progress=False)
+    if family == "kolors":  # Kolors ships as a diffusers folder only
+        return build_tiny_kolors_folder(models / "diffusers" / "tiny-kolors", seed=0), None
     folder = build_tiny_pipeline_folder(models / "diffusers" / f"tiny-{family}", family, seed=0)
     base = load_diffusers_folder(folder, torch.float32, torch.device("cpu"))
     sd = diffusers_to_ldm(base.family, base.unet.state_dict(), base.vae.state_dict(),
@@ -140,14 +143,14 @@ def setup_models(root: Path, family: str) -> tuple[Path, Path]:
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import KolorsPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return {"sdxl": StableDiffusionXLPipeline, "kolors": KolorsPipeline}.get(family, StableDiffusionPipeline)
 
 
 def _pipeline_kwargs(family: str) -> dict:
-    # The XL pipeline has no safety checker argument; passing it only triggers a warning.
-    return {} if family == "sdxl" else {"safety_checker": None}
+    # The XL and Kolors pipelines have no safety checker argument; passing it only triggers a warning.
+    return {} if family in ("sdxl", "kolors") else {"safety_checker": None}
 
 
 # ------------------------------------------------------------------------------------------------ 1. Sample
@@ -201,6 +204,8 @@ def align_padding(pipe, handle) -> list[str]:
     so the comparison stays like for like. Returns the tokenizers changed, for the report.
     """
     changed = []
+    if handle.base.family.value == "kolors":  # one ChatGLM tokenizer: both sides pad with its own pad id
+        return changed
     names = ["tokenizer", "tokenizer_2"]
     for name, kind in zip(names, handle.base.info.te_pad_ids):
         tok = getattr(pipe, name, None)
@@ -421,7 +426,8 @@ def main(argv=None) -> int:
         sample_row = bench_sample(args, folder, device)
         rows.append(sample_row)
         if not args.skip_load:
-            rows.append(bench_single_file(args, folder, ckpt))
+            if ckpt is not None:
+                rows.append(bench_single_file(args, folder, ckpt))
             rows.append(bench_folder(args, folder))
     print_report(env, settings, rows, sample_row.get("sections"))
     if args.json:
