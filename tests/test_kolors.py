@@ -428,3 +428,20 @@ def test_the_kolors_example_workflow_trains_saves_and_samples_headless(models_di
     finally:
         saved.unlink(missing_ok=True)
         host.configure(output_dir=before)  # the session's output folder, as before the run
+
+
+def test_sharded_text_encoder_weights_load(kolors_dir, handle, tmp_path):
+    """ChatGLM3-6B ships in shards (an index and several safetensors files): the same weights in shards load to the
+    same conditioning."""
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(kolors_dir, sharded, ignore=shutil.ignore_patterns("text_encoder"))
+    te = ChatGLMModel.from_pretrained(kolors_dir / "text_encoder")
+    te.save_pretrained(sharded / "text_encoder", max_shard_size="20KB")
+    files = sorted(p.name for p in (sharded / "text_encoder").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1, files
+    other = ModelHandle(load_diffusers_folder(sharded, torch.float32, CPU))
+    with handle.patched(), other.patched():
+        a, b = encode_prompt(handle, PROMPTS[0]), encode_prompt(other, PROMPTS[0])
+    assert torch.equal(a.cond, b.cond) and torch.equal(a.pooled, b.pooled)
