@@ -174,12 +174,3 @@ def sgm_unet_names(family: Family | str) -> bool:
     """Whether kohya-layout files name this family's UNet modules by SGM (``input_blocks_4_1_...``): SDXL, and
     Kolors, whose UNet is SDXL's."""
     return Family(family) in (Family.SDXL, Family.KOLORS)
-
-
-def refuse_on_kolors(family: Family | str | None, what: str, *, input: str, node: str | None = None) -> None:
-    """What is not written for Kolors yet (a checkpoint file: no loader in ComfyUI, A1111 or kohya reads one) is
-    refused clearly instead of writing a file nothing reads."""
-    if family is not None and Family(family) is Family.KOLORS:
-        raise FinetuneError(f"{what} is not supported for Kolors yet", node=node, input=input,
-                            fix="keep the result in the graph: connect the trained pipe to Sample (a LoRA or an "
-                                "embedding trained on Kolors saves as a file)")

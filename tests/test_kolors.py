@@ -4,6 +4,7 @@ KolorsPipeline, and the clear errors (tokenizer missing, wrong text encoder, pro
 from __future__ import annotations
 
 import builtins
+import json
 import shutil
 
 import pytest
@@ -241,9 +242,33 @@ def test_kolors_refusals_name_the_node_input_and_fix(handle, shapes):
                                             r"train_text_encoder off"):
         _node("FinetuneTrainLoRA", pipe=handle, dataset=data, recipe="custom", steps=2, train_text_encoder=True,
               validation_size=64)
-    with pytest.raises(FinetuneError, match=r"input 'pipe': saving a checkpoint is not supported for Kolors yet.*"
-                                            r"Fix: keep the result in the graph"):
+    with pytest.raises(FinetuneError, match=r"\[FinetuneSaveCheckpoint\] input 'format': a Kolors model cannot be "
+                                            r"saved as a single file.*Fix: set format to diffusers"):
         _node("FinetuneSaveCheckpoint", pipe=handle, name="kolors-model")
+
+
+def test_a_fine_tuned_kolors_saves_as_a_diffusers_folder_that_both_loaders_read(kolors_dir, handle, kolors_lora,
+                                                                                models_dir):
+    """SaveCheckpoint (format diffusers, fp32) writes the model with its LoRA merged: Load Base Model and diffusers'
+    KolorsPipeline read the folder back and draw what the LoRA-patched pipe draws."""
+    patched = _node("AddLoRA", pipe=handle, lora_name="None", strength_unet=1.0, strength_text=1.0,
+                    lora=kolors_lora)[0]
+    name = "kolors-test/merged"
+    _node("FinetuneSaveCheckpoint", pipe=patched, name=name, format="diffusers", dtype="fp32", overwrite=True)
+    folder = models_dir / "diffusers" / name
+    try:
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "KolorsPipeline"
+        assert (folder / "tokenizer" / "tokenizer.model").is_file()
+        expected = _lora_sample(patched)
+        reloaded = _node("LoadBase", ckpt_name=f"diffusers/{name}", dtype="fp32", device="cpu")[0]
+        assert reloaded.base.family is Family.KOLORS
+        assert torch.allclose(_lora_sample(reloaded), expected, atol=1e-5)
+        ref = _reference_pipeline(folder)
+        theirs = ref("黑色背景上的红色星星", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                     latents=comfy_noise(5, (1, 4, 8, 8)), output_type="pt").images.permute(0, 2, 3, 1)
+        assert torch.allclose(theirs, expected, atol=2e-4)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +423,6 @@ def test_auto_recipe_on_kolors_is_kolors_with_its_prior_loss_weight(handle):
 def test_the_kolors_example_workflow_trains_saves_and_samples_headless(models_dir, tmp_path, capsys):
     """examples/Train a Kolors LoRA (tiny).json (UI format) on the built-in kolors-tiny, shortened to 3 steps: the
     runner trains, samples from a Chinese prompt and saves a LoRA named Kolors."""
-    import json
     from pathlib import Path
 
     from safetensors import safe_open

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
-from ..core.families import Family, check_family, modelspec_keys, refuse_on_kolors
+from ..core.families import Family, check_family, modelspec_keys
 from ..core.ldm import diffusers_to_ldm
 from ..core.lora import to_diffusers_state_dict, to_kohya_state_dict
 
@@ -480,7 +480,11 @@ def save_checkpoint(handle: ModelHandle, path: str | os.PathLike, *,
                             fix=f"use one of {', '.join(CHECKPOINT_FORMATS)}")
     torch_dtype = _torch_dtype(dtype)
     base = handle.base
-    refuse_on_kolors(base.family, "saving a checkpoint", input="pipe")
+    if base.family is Family.KOLORS and format == "single_file":
+        raise FinetuneError("a Kolors model cannot be saved as a single file: ComfyUI's checkpoint loader, A1111 and "
+                            "kohya read no Kolors checkpoint", input="format",
+                            fix="set format to diffusers: a folder in models/diffusers that diffusers' KolorsPipeline "
+                                "and Load Base Model read")
     title = path.stem if format == "single_file" else path.name
     with base.lock:  # nobody patches or trains these weights while we read them
         unet, vae, tes = _snapshot(handle, torch_dtype)
@@ -515,6 +519,9 @@ def _write_diffusers_folder(handle: ModelHandle, folder: Path, unet: dict, vae: 
         (folder / name).mkdir()
         model.save_config(folder / name)
         save_file(sd, str(folder / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if base.family is Family.KOLORS:
+        _write_kolors_rest(base, folder, tes[0], torch_dtype, meta)
+        return
     te_names = ("text_encoder", "text_encoder_2")
     tok_names = ("tokenizer", "tokenizer_2")
     for i, (te, sd) in enumerate(zip(base.text_encoders, tes)):
@@ -558,6 +565,34 @@ def _write_diffusers_folder(handle: ModelHandle, folder: Path, unet: dict, vae: 
         index["feature_extractor"] = [None, None]
         index["requires_safety_checker"] = False
     index["_comfyui_finetune"] = {k.removeprefix("modelspec."): v for k, v in meta.items()}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_kolors_rest(base, folder: Path, te_sd: dict, torch_dtype, meta: dict[str, str]) -> None:
+    """The rest of a Kolors folder as ``KolorsPipeline`` reads it: ChatGLM3 (its own config class and key names, one
+    safetensors file), its SentencePiece tokenizer, the scheduler and ``model_index.json``."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    te = base.text_encoders[0]
+    (folder / "text_encoder").mkdir()
+    cfg = copy.deepcopy(te.config)
+    cfg.architectures = [type(te).__name__]
+    cfg.torch_dtype = str(torch_dtype).removeprefix("torch.")
+    cfg.save_pretrained(folder / "text_encoder")
+    save_file(te_sd, str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    base.tokenizers[0].save_pretrained(str(folder / "tokenizer"))  # tokenizer.model + tokenizer_config.json
+    sched = dict(base.scheduler_config)
+    sched.setdefault("_class_name", "EulerDiscreteScheduler")
+    sched["prediction_type"] = base.prediction_type
+    sched["_diffusers_version"] = _diffusers_version()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
+    index = {"_class_name": "KolorsPipeline", "_diffusers_version": _diffusers_version(),
+             "force_zeros_for_empty_prompt": _source_index(base).get("force_zeros_for_empty_prompt", False),
+             "scheduler": ["diffusers", sched["_class_name"]], "text_encoder": ["kolors", "ChatGLMModel"],
+             "tokenizer": ["kolors", "ChatGLMTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             "_comfyui_finetune": {k.removeprefix("modelspec."): v for k, v in meta.items()}}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
