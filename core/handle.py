@@ -143,8 +143,7 @@ class ModelHandle:
         out = []
         for p in self.patches:
             if isinstance(p, LoraPatch):
-                fp = sum(float(m.down.detach().double().sum()) + 3.0 * float(m.up.detach().double().sum())
-                         for m in p.lora.modules.values())
+                fp = sum(m.fingerprint() for m in p.lora.modules.values())
                 out.append(["lora", p.lora.name, p.strength_unet, p.strength_text, len(p.lora.modules), repr(fp)])
             elif isinstance(p, EmbeddingPatch):
                 fp = sum(float(v.detach().double().sum()) for v in p.embedding.vectors.values())
@@ -190,9 +189,13 @@ class ModelHandle:
                     model = self.base.component(component)
                 except KeyError:
                     continue
-                param = model.get_submodule(path).weight
-                delta = module.delta(strength).reshape(param.shape)
-                key = (component, path)
-                totals[key] = delta if key not in totals else totals[key] + delta
-        for (component, path), delta in totals.items():
-            yield self.base.component(component).get_submodule(path).weight, delta
+                layer = model.get_submodule(path)
+                for name, delta in (("weight", module.delta(strength)), ("bias", module.bias_delta(strength))):
+                    if delta is None:  # a LoRA changes no bias; a bias difference may leave the weight alone
+                        continue
+                    param = getattr(layer, name)
+                    key = (component, path, name)
+                    delta = delta.reshape(param.shape)
+                    totals[key] = delta if key not in totals else totals[key] + delta
+        for (component, path, name), delta in totals.items():
+            yield getattr(self.base.component(component).get_submodule(path), name), delta

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import adapters
 from .errors import FinetuneError
 from .families import Family, check_family, info, modelspec, modelspec_keys, sgm_unet_names
 from .ldm_names import unet_name_map
@@ -84,13 +85,25 @@ class LoraModule:
             return (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
         return (int(self.up.shape[0]), *self.down.shape[1:])
 
+    kind = "lora"
+
+    def bias_delta(self, strength: float = 1.0) -> Tensor | None:
+        return None
+
+    def fingerprint(self) -> float:
+        return float(self.down.detach().double().sum()) + 3.0 * float(self.up.detach().double().sum())
+
+
+#: Any module a LoRA file carries: LoRA / LoCon / Tucker, or a LoHa, LoKr or full difference (core/adapters.py).
+Adapter = LoraModule | adapters.LohaModule | adapters.LokrModule | adapters.DiffModule
+
 
 @dataclass
 class LoraWeights:
     """A LoRA as modules keyed by ``(component, module path)``, plus the file's metadata and a display name."""
 
     family: Family | None
-    modules: dict[tuple[str, str], LoraModule]
+    modules: dict[tuple[str, str], Adapter]
     metadata: dict[str, str] = field(default_factory=dict)
     name: str = "lora"
 
@@ -192,23 +205,38 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
     misfits: list[str] = []
     placed: set[str] = set()
     for module_key, parts in groups.items():
-        target = resolver.resolve(module_key) if "down" in parts and "up" in parts else None
+        lora_pair = "down" in parts and "up" in parts
+        other = None
+        if not lora_pair:
+            try:
+                other = adapters.build(parts, float(parts["alpha"].float().item()) if "alpha" in parts else None)
+            except ValueError as exc:
+                raise FinetuneError(f"module '{module_key}' cannot be read: {exc}", input=input,
+                                    fix="the file is damaged or of a layout this pack does not read; re-export it "
+                                        "from its trainer") from exc
+        target = resolver.resolve(module_key) if lora_pair or other is not None else None
         if target is None or target in modules:
             unmatched.extend(group_keys[module_key])
             continue
         comp, path = target
-        rank = int(parts["down"].shape[0])
-        if "alpha" in parts:
-            alpha: float | None = float(parts["alpha"].float().item())
+        if lora_pair:
+            rank = int(parts["down"].shape[0])
+            if "alpha" in parts:
+                alpha: float | None = float(parts["alpha"].float().item())
+            else:
+                alpha = _metadata_alpha(adapter_cfg.get(_DIFFUSERS_COMPONENT[comp], {}), path, rank)
+                alpha = float(rank) if alpha is None else alpha
+            module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"))
         else:
-            alpha = _metadata_alpha(adapter_cfg.get(_DIFFUSERS_COMPONENT[comp], {}), path, rank)
-            alpha = float(rank) if alpha is None else alpha
-        module = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"))
+            module = other
         want = resolver.shape(comp, path)
         have = module.target_shape()
+        bias = module.bias_delta()
         # Same output width and element count: a Linear [o, i] and a 1x1 conv [o, i, 1, 1] are interchangeable.
-        if want is not None and (have[0] != want[0] or _numel(have) != _numel(want)):
-            misfits.append(f"{module_key}: LoRA {list(have)} vs model {list(want)}")
+        if want is not None and ((have is not None and (have[0] != want[0] or _numel(have) != _numel(want)))
+                                 or (bias is not None and tuple(bias.shape) != (want[0],))):
+            shown = list(have) if have is not None else f"bias {list(bias.shape)}"
+            misfits.append(f"{module_key}: {module.kind} {shown} vs model {list(want)}")
             unmatched.extend(group_keys[module_key])
             continue
         modules[target] = module
@@ -216,7 +244,8 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
 
     # Structural family check (works for any width, e.g. tiny test models): a LoRA made for this model places
     # (nearly) all of its modules; one made for another family places few of them or with the wrong shapes.
-    pairs = [k for k, parts in groups.items() if "down" in parts and "up" in parts]
+    pairs = [k for k, parts in groups.items() if ("down" in parts and "up" in parts)
+             or any(p in parts for p in (*adapters.LOHA_PARTS, *adapters.LOKR_PARTS, *adapters.DIFF_PARTS))]
     if pairs and 2 * len(modules) < len(pairs):
         target_label = Family(family).label if family is not None else "loaded"
         example = misfits[0] if misfits else next(k for k in pairs if k not in placed)
@@ -293,17 +322,24 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     ldm_map = unet_name_map(unet_config) if sgm_unet_names(family) else {}
     sd: dict[str, Tensor] = {}
     for (comp, path), module in sorted(lora.modules.items()):
+        base = _kohya_module_name(comp, path, family, ldm_map)
+        if not isinstance(module, LoraModule):  # LoHa, LoKr, full differences: the keys they were read from
+            sd.update({f"{base}.{part}": t.contiguous() for part, t in module.tensors().items()})
+            if module.alpha is not None:
+                sd[f"{base}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+            continue
         if module.mid is not None and module.down.ndim != 4:
             raise ValueError(f"{comp}:{path}: lora_mid needs conv factors")
-        base = _kohya_module_name(comp, path, family, ldm_map)
         sd[f"{base}.lora_down.weight"] = module.down.contiguous()
         sd[f"{base}.lora_up.weight"] = module.up.contiguous()
         if module.mid is not None:
             sd[f"{base}.lora_mid.weight"] = module.mid.contiguous()
         sd[f"{base}.alpha"] = torch.tensor(_alpha(module), dtype=torch.float32)
 
-    linear = [m for m in lora.modules.values() if not (m.down.ndim == 4 and m.down.shape[-1] > 1)]
-    convs = [m for m in lora.modules.values() if m.down.ndim == 4 and m.down.shape[-1] > 1]
+    plain = [m for m in lora.modules.values() if isinstance(m, LoraModule)]
+    linear = [m for m in plain if not (m.down.ndim == 4 and m.down.shape[-1] > 1)]
+    convs = [m for m in plain if m.down.ndim == 4 and m.down.shape[-1] > 1]
+    kinds = sorted({m.kind for m in lora.modules.values()} - {"lora"})
     rank = _most_common([m.rank for m in linear], _most_common([m.rank for m in convs], 0))
     alpha = _most_common([_alpha(m) for m in linear], _most_common([_alpha(m) for m in convs], 0.0))
     v = info(family).v_default if v_prediction is None else bool(v_prediction)
@@ -320,6 +356,9 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     if convs:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(_most_common([m.rank for m in convs], 0)),
                                               "conv_alpha": _num(_most_common([_alpha(m) for m in convs], 0.0))})
+    if {"loha", "lokr"} & set(kinds):  # LyCORIS' own network module and algorithm name
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps({"algo": "+".join(k for k in kinds if k != "diff")})
     if v:
         meta["modelspec.prediction_type"] = "v"
     return sd, meta
@@ -342,6 +381,8 @@ def to_diffusers_state_dict(lora: LoraWeights, *, family: Family,
     sd: dict[str, Tensor] = {}
     per_comp: dict[str, list[tuple[str, LoraModule]]] = {}
     for (comp, path), module in sorted(lora.modules.items()):
+        if not isinstance(module, LoraModule):
+            raise ValueError(f"{comp}:{path}: a {module.kind} module has no diffusers/PEFT LoRA form; write kohya")
         if module.mid is not None:
             raise ValueError(f"{comp}:{path}: LyCORIS Tucker (lora_mid) has no diffusers/PEFT form; write kohya")
         if comp == "te2" and family is not Family.SDXL:

@@ -29,6 +29,10 @@ PART_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # old attention processors: to_q_lora.down.weight
     (".alpha", "alpha"),
+    # LyCORIS LoHa / LoKr and full differences (core/adapters.py); each name ends differently from the others
+    *((f".{p}", p) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
+                            "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff",
+                            "diff_b")),
 )
 
 #: kohya prefix -> component index (lora_te_ is the only/first text encoder).

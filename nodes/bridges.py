@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from .. import host
 from ..core.errors import FinetuneError
@@ -133,9 +134,9 @@ def native_lora_to_weights(lora_sd, pipe, *, node: str = "NativeLoRAToFinetune",
 
     Keys are read with :func:`core.lora.parse_lora` (ComfyUI-generic ``diffusion_model.<LDM path>`` names, and any
     other layout it knows). Conv factors stored flat (ComfyUI trains ``down [r, in*k*k]``, ``up [out, r]``) are
-    reshaped to the kohya LoCon form (``[r, in, k, k]`` / ``[out, r, 1, 1]``). ``notes`` lists what was not taken:
-    ComfyUI's full-weight ``.diff``/``.diff_b`` deltas (norm weights and biases, which a low-rank LoRA cannot hold)
-    and keys that match no module.
+    reshaped to the kohya LoCon form (``[r, in, k, k]`` / ``[out, r, 1, 1]``). LoHa / LoKr factors and ComfyUI's
+    full-weight ``.diff``/``.diff_b`` deltas (its trainer's norm weights and biases) come along as those modules.
+    ``notes`` says what was converted and lists the keys that were not (OFT parts, keys that match no module).
     """
     import torch  # noqa: PLC0415
 
@@ -160,26 +161,24 @@ def native_lora_to_weights(lora_sd, pipe, *, node: str = "NativeLoRAToFinetune",
     if not weights.modules:
         raise FinetuneError(f"none of the LoRA's {len(lora_sd)} keys matches a layer of this {pipe.family.label} "
                             f"model (e.g. {', '.join(unmatched[:3])})", node=node, input=input,
-                            fix="use ComfyUI's Train LoRA with algorithm 'LoRA' on the same checkpoint as the pipe "
-                                "(LoHa, LoKr and OFT cannot be converted)")
+                            fix="use ComfyUI's Train LoRA (algorithm LoRA, LoHa or LoKr; OFT cannot be converted) "
+                                "on the same checkpoint as the pipe")
     shapes = {"unet": unet_modules, **{f"te{i + 1}": m for i, m in enumerate(te_modules)}}
     for key, module in list(weights.modules.items()):
         target = tuple(shapes.get(key[0], {}).get(key[1]) or ())
-        if len(target) == 4 and module.down.ndim == 2 and module.mid is None:
+        if isinstance(module, LoraModule) and len(target) == 4 and module.down.ndim == 2 and module.mid is None:
             rank = module.rank
             weights.modules[key] = LoraModule(module.down.reshape(rank, *target[1:]),
                                               module.up.reshape(module.up.shape[0], rank, 1, 1), module.alpha)
     weights.family = pipe.family
 
-    notes = [f"converted {len(weights.modules)} LoRA layers"]
-    deltas = [k for k in unmatched if k.endswith((".diff", ".diff_b"))]
-    others = [k for k in unmatched if k not in set(deltas)]
-    if deltas:
-        peak = max((float(tensors[k].abs().max()) for k in deltas if k in tensors and tensors[k].numel()),
-                   default=0.0)
-        effect = "all zero, so nothing is lost" if peak == 0 else f"largest change {peak:.3g}"
-        notes.append(f"not converted: {len(deltas)} full-weight deltas of norm weights/biases (.diff/.diff_b; "
-                     f"{effect}); a LoRA holds only low-rank layers")
+    kinds = Counter(m.kind for m in weights.modules.values())
+    done = [f"{kinds.pop('lora', 0)} LoRA layers"] + [f"{n} {k} layers" for k, n in sorted(kinds.items())
+                                                      if k != "diff"]
+    if kinds.get("diff"):
+        done.append(f"{kinds['diff']} full-weight/bias deltas (.diff/.diff_b)")
+    notes = ["converted " + ", ".join(done)]
+    others = list(unmatched)
     if others:
         notes.append(f"not converted: {len(others)} keys that match no layer of this model: "
                      + ", ".join(others[:8]) + (" ..." if len(others) > 8 else ""))
@@ -191,9 +190,9 @@ class NativeLoRAToFinetune(FTNode):
     DISPLAY_NAME = "ComfyUI LoRA → Finetune LoRA"
     CATEGORY = BRIDGE_CATEGORY
     DESCRIPTION = ("Converts a LoRA trained by ComfyUI's own Train LoRA node (LORA_MODEL) into this pack's LoRA "
-                   "(FT_LORA), for Add LoRA, Save LoRA and the rest of the pack. Its layers are matched against the "
-                   "pipe's model; keys that do not convert (ComfyUI's norm/bias deltas, LoHa/LoKr/OFT parts, other "
-                   "models' layers) are listed on the node.")
+                   "(FT_LORA), for Add LoRA, Save LoRA and the rest of the pack. Its layers (LoRA, LoHa, LoKr and "
+                   "the norm/bias deltas) are matched against the pipe's model; keys that do not convert (OFT "
+                   "parts, other models' layers) are listed on the node.")
     RETURN_TYPES = (LORA,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = ("The LoRA as FT_LORA: connect it to Add LoRA's 'lora' input (or Save LoRA).",)

@@ -214,10 +214,13 @@ def test_native_lora_reports_what_it_leaves_out(tiny_handles):
     native["diffusion_model.no_such_block.0.lora_down.weight"] = torch.zeros(2, 4)
     out = NativeLoRAToFinetune().run(lora=native, pipe=handle)
     (converted,) = _result(out)
+    norm = ("unet", "conv_norm_out")  # LDM out.0: the UNet's last GroupNorm
+    deltas = converted.modules.pop(norm)
     _assert_same_modules(ours, converted)
+    assert deltas.kind == "diff" and torch.equal(deltas.diff, torch.zeros(32))
+    assert torch.equal(deltas.bias_delta(0.5), torch.full((32,), 0.125))  # the strength scales it
     notes = _ui(out)
-    assert notes[0] == f"converted {len(ours.modules)} LoRA layers"
-    assert any("2 full-weight deltas" in n and "0.25" in n for n in notes), notes
+    assert notes[0] == f"converted {len(ours.modules)} LoRA layers, 1 full-weight/bias deltas (.diff/.diff_b)", notes
     assert any("no_such_block" in n and "2 keys" in n for n in notes), notes
 
 
