@@ -50,6 +50,7 @@ class LohaModule:
     alpha: float | None
     t1: Tensor | None = None
     t2: Tensor | None = None
+    bias: Tensor | None = None  # a full bias difference beside the factors (.diff_b)
     kind = "loha"
 
     @property
@@ -70,7 +71,7 @@ class LohaModule:
         return full.reshape(tuple(shape)) if shape is not None else full
 
     def bias_delta(self, strength: float = 1.0) -> Tensor | None:
-        return None
+        return None if self.bias is None else self.bias.float() * strength
 
     def target_shape(self) -> tuple[int, ...]:
         if self.t1 is not None:
@@ -82,10 +83,12 @@ class LohaModule:
         out = {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b}
         if self.t1 is not None and self.t2 is not None:
             out.update(hada_t1=self.t1, hada_t2=self.t2)
+        if self.bias is not None:
+            out["diff_b"] = self.bias
         return out
 
     def fingerprint(self) -> float:
-        return _fingerprint([self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2])
+        return _fingerprint([self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2, self.bias])
 
 
 @dataclass
@@ -98,6 +101,7 @@ class LokrModule:
     w2_a: Tensor | None = None
     w2_b: Tensor | None = None
     t2: Tensor | None = None
+    bias: Tensor | None = None  # a full bias difference beside the factors (.diff_b)
     kind = "lokr"
 
     def __post_init__(self) -> None:
@@ -140,7 +144,7 @@ class LokrModule:
         return full.reshape(tuple(shape)) if shape is not None else full
 
     def bias_delta(self, strength: float = 1.0) -> Tensor | None:
-        return None
+        return None if self.bias is None else self.bias.float() * strength
 
     def target_shape(self) -> tuple[int, ...]:
         def dims(full, a, b):
@@ -157,10 +161,13 @@ class LokrModule:
 
     def tensors(self) -> dict[str, Tensor]:
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
-        return {f"lokr_{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
+        out = {f"lokr_{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.bias is not None:
+            out["diff_b"] = self.bias
+        return out
 
     def fingerprint(self) -> float:
-        return _fingerprint([self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2])
+        return _fingerprint([self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2, self.bias])
 
 
 @dataclass
@@ -197,9 +204,10 @@ def build(parts: dict[str, Tensor], alpha: float | None):
     Raises ValueError on factors that cannot make a delta."""
     if all(p in parts for p in LOHA_PARTS[:4]):
         return LohaModule(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"], alpha,
-                          parts.get("hada_t1"), parts.get("hada_t2"))
+                          parts.get("hada_t1"), parts.get("hada_t2"), parts.get("diff_b"))
     if any(p in parts for p in LOKR_PARTS):
-        return LokrModule(alpha, **{p.removeprefix("lokr_"): parts[p] for p in LOKR_PARTS if p in parts})
+        return LokrModule(alpha, **{p.removeprefix("lokr_"): parts[p] for p in LOKR_PARTS if p in parts},
+                          bias=parts.get("diff_b"))
     if any(p in parts for p in DIFF_PARTS):
         return DiffModule(parts.get("diff"), parts.get("diff_b"))
     return None

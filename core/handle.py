@@ -194,6 +194,8 @@ class ModelHandle:
                     if delta is None:  # a LoRA changes no bias; a bias difference may leave the weight alone
                         continue
                     param = getattr(layer, name)
+                    if param is None:  # a bias difference for a layer built without a bias: nothing to change
+                        continue
                     key = (component, path, name)
                     delta = delta.reshape(param.shape)
                     totals[key] = delta if key not in totals else totals[key] + delta

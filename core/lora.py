@@ -40,6 +40,11 @@ __all__ = [
     "detect_lora_family", "ADAPTER_METADATA_KEY",
 ]
 
+#: The parts each module kind reads (the rest of a group is reported as not applied).
+_READS = {"lora": {"down", "up", "mid", "alpha", "diff_b"},
+          "loha": {*adapters.LOHA_PARTS, "alpha", "diff_b"},
+          "lokr": {*adapters.LOKR_PARTS, "alpha", "diff_b"},
+          "diff": set(adapters.DIFF_PARTS)}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the PEFT config diffusers >= 0.34 writes into LoRA files
 _DIFFUSERS_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 _SAFE_SUFFIXES = (".safetensors", ".sft")
@@ -60,6 +65,7 @@ class LoraModule:
     up: Tensor
     alpha: float | None
     mid: Tensor | None = None
+    bias: Tensor | None = None  # a full bias difference beside the low-rank weight (ComfyUI's trainer: .diff_b)
 
     @property
     def rank(self) -> int:
@@ -88,10 +94,11 @@ class LoraModule:
     kind = "lora"
 
     def bias_delta(self, strength: float = 1.0) -> Tensor | None:
-        return None
+        return None if self.bias is None else self.bias.float() * strength
 
     def fingerprint(self) -> float:
-        return float(self.down.detach().double().sum()) + 3.0 * float(self.up.detach().double().sum())
+        fp = float(self.down.detach().double().sum()) + 3.0 * float(self.up.detach().double().sum())
+        return fp + (5.0 * float(self.bias.detach().double().sum()) if self.bias is not None else 0.0)
 
 
 #: Any module a LoRA file carries: LoRA / LoCon / Tucker, or a LoHa, LoKr or full difference (core/adapters.py).
@@ -226,9 +233,12 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             else:
                 alpha = _metadata_alpha(adapter_cfg.get(_DIFFUSERS_COMPONENT[comp], {}), path, rank)
                 alpha = float(rank) if alpha is None else alpha
-            module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"))
+            module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"), parts.get("diff_b"))
         else:
             module = other
+        # parts no module of this kind reads (a full .diff beside low-rank factors, DoRA magnitudes ...) are listed
+        unread = sorted(set(parts) - _READS[module.kind])
+        unmatched.extend(k for k in group_keys[module_key] if split_part(k)[1] in unread)
         want = resolver.shape(comp, path)
         have = module.target_shape()
         bias = module.bias_delta()
@@ -335,6 +345,8 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
         if module.mid is not None:
             sd[f"{base}.lora_mid.weight"] = module.mid.contiguous()
         sd[f"{base}.alpha"] = torch.tensor(_alpha(module), dtype=torch.float32)
+        if module.bias is not None:
+            sd[f"{base}.diff_b"] = module.bias.contiguous()
 
     plain = [m for m in lora.modules.values() if isinstance(m, LoraModule)]
     linear = [m for m in plain if not (m.down.ndim == 4 and m.down.shape[-1] > 1)]

@@ -169,7 +169,8 @@ def native_lora_to_weights(lora_sd, pipe, *, node: str = "NativeLoRAToFinetune",
         if isinstance(module, LoraModule) and len(target) == 4 and module.down.ndim == 2 and module.mid is None:
             rank = module.rank
             weights.modules[key] = LoraModule(module.down.reshape(rank, *target[1:]),
-                                              module.up.reshape(module.up.shape[0], rank, 1, 1), module.alpha)
+                                              module.up.reshape(module.up.shape[0], rank, 1, 1), module.alpha,
+                                              bias=module.bias)
     weights.family = pipe.family
 
     kinds = Counter(m.kind for m in weights.modules.values())

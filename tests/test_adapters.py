@@ -224,3 +224,19 @@ def test_dora_magnitudes_are_listed_as_not_applied(sd1, tmp_path):
           f"{name}.dora_scale": rand(32, 1, seed=42)}
     weights, unmatched = _load(sd, sd1, tmp_path)
     assert unmatched == [f"{name}.dora_scale"] and len(weights.modules) == 1
+
+
+def test_a_bias_difference_beside_low_rank_factors_applies_and_a_full_diff_there_is_listed(sd1, tmp_path):
+    """ComfyUI's trainer writes a layer's LoRA and its bias difference under one name: both apply. A full .diff
+    beside low-rank factors has no meaning for this pack's modules and is reported, not dropped."""
+    conv = kohya(CONV)
+    down, up, bias = rand(2, 32, 3, 3, seed=60), rand(64, 2, 1, 1, seed=61), rand(64, seed=62)
+    sd = {f"{conv}.lora_down.weight": down, f"{conv}.lora_up.weight": up, f"{conv}.alpha": torch.tensor(1.0),
+          f"{conv}.diff_b": bias, f"{conv}.diff": rand(64, 32, 3, 3, seed=63)}
+    weights, unmatched = _load(sd, sd1, tmp_path)
+    assert unmatched == [f"{conv}.diff"]
+    delta = (matmul(up.flatten(1), down.flatten(1)) * (1.0 / 2)).reshape(64, 32, 3, 3)
+    _check(sd1, weights, 0.8, {CONV: delta}, {CONV: bias.double().numpy()})
+    again = load_file(str(save_lora(weights, tmp_path / "again.safetensors", family=sd1.family,
+                                    unet_config=dict(sd1.base.unet.config))))
+    assert torch.equal(again[f"{conv}.diff_b"], bias)

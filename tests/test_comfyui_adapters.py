@@ -60,11 +60,13 @@ def comfy_weights(lora_path: Path, weights: dict, strength: float, tmp_path: Pat
 
 
 def lora_locon_file():
-    """A plain LoRA on the Linear (alpha 2 of rank 4) and a kohya LoCon on the 3x3 conv (alpha 3 of rank 2)."""
+    """A plain LoRA on the Linear (alpha 2 of rank 4) and a kohya LoCon on the 3x3 conv (alpha 3 of rank 2) with a
+    full bias difference beside it (as ComfyUI's trainer writes)."""
     lin, conv = A.kohya(A.LINEAR), A.kohya(A.CONV)
     return {f"{lin}.lora_down.weight": A.rand(4, 32, seed=50), f"{lin}.lora_up.weight": A.rand(32, 4, seed=51),
             f"{lin}.alpha": torch.tensor(2.0), f"{conv}.lora_down.weight": A.rand(2, 32, 3, 3, seed=52),
-            f"{conv}.lora_up.weight": A.rand(64, 2, 1, 1, seed=53), f"{conv}.alpha": torch.tensor(3.0)}
+            f"{conv}.lora_up.weight": A.rand(64, 2, 1, 1, seed=53), f"{conv}.alpha": torch.tensor(3.0),
+            f"{conv}.diff_b": A.rand(64, seed=54)}
 
 
 FILES = {"lora+locon": lora_locon_file, **{k: (lambda f=f: f()[0]) for k, f in A.CASES.items()},

@@ -388,15 +388,19 @@ converted = out["result"][0]
 RESULT["native_keys"] = len(native)
 RESULT["native_lora_layers"] = sum(k.endswith(".lora_up.weight") for k in native)
 RESULT["native_diff_keys"] = sum(k.endswith((".diff", ".diff_b")) for k in native)
-RESULT["converted_layers"] = len(converted.modules)
+RESULT["native_diff_modules"] = len({k.rsplit(".", 1)[0] for k in native if k.endswith((".diff", ".diff_b"))})
+RESULT["converted_layers"] = sum(m.kind == "lora" for m in converted.modules.values())
+RESULT["converted_diff_layers"] = sum(m.kind == "diff" for m in converted.modules.values())
 RESULT["converted_notes"] = out["ui"]["text"]
-lora_only = {k: v for k, v in native.items() if not k.endswith((".diff", ".diff_b"))}
-native_model, _ = comfy.sd.load_lora_for_models(model, None, lora_only, 1.0, 0)  # what LoraModelLoader does
+# every key, the norm/bias differences included: what LoraModelLoader does with the trainer's output
+native_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
 comfy.model_management.load_models_gpu([native_model], force_full_load=True)
 with handle.with_patch(LoraPatch(converted, 1.0, 1.0)).patched():
     RESULT["native_max_diff"] = max(
-        float((comfy.utils.get_attr(base_model, f"diffusion_model.{ldm[p]}.weight")
-               - handle.base.unet.get_submodule(p).weight).abs().max()) for (_, p) in converted.modules)
+        float((comfy.utils.get_attr(base_model, f"diffusion_model.{ldm[p]}.{name}")
+               - getattr(handle.base.unet.get_submodule(p), name)).abs().max())
+        for (_, p), m in converted.modules.items() for name in ("weight", "bias")
+        if (m.delta() if name == "weight" else m.bias_delta()) is not None)
 '''
 
 
@@ -421,12 +425,14 @@ def test_bridges_inside_comfyui(tmp_path):
     assert err and "[FinetuneApplyLoRAToModel]" not in err, err
     assert "lora key not loaded: lora_unet_no_such_block" in err, err
 
-    # ComfyUI's own TrainLoraNode → NativeLoRAToFinetune: every LoRA layer converts, the rest is reported
+    # ComfyUI's own TrainLoraNode → NativeLoRAToFinetune: every LoRA layer and every norm/bias difference converts,
+    # and the patched weights and biases equal those of ComfyUI's LoRA loader given the whole file
     assert r["converted_layers"] == r["native_lora_layers"] > 0, r
+    assert r["converted_diff_layers"] == r["native_diff_modules"], r
     assert r["native_keys"] == 3 * r["native_lora_layers"] + r["native_diff_keys"], r
-    assert r["converted_notes"][0] == f"converted {r['converted_layers']} LoRA layers", r
+    assert r["converted_notes"][0].startswith(f"converted {r['converted_layers']} LoRA layers"), r
     if r["native_diff_keys"]:
-        assert any(f"{r['native_diff_keys']} full-weight deltas" in n for n in r["converted_notes"]), r
+        assert f"{r['native_diff_modules']} full-weight/bias deltas" in r["converted_notes"][0], r
     assert r["native_max_diff"] < 1e-5, r
 
 

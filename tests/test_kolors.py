@@ -421,8 +421,8 @@ def test_auto_recipe_on_kolors_is_kolors_with_its_prior_loss_weight(handle):
 
 
 def test_the_kolors_example_workflow_trains_saves_and_samples_headless(models_dir, tmp_path, capsys):
-    """examples/Train a Kolors LoRA (tiny).json (UI format) on the built-in kolors-tiny, shortened to 3 steps: the
-    runner trains, samples from a Chinese prompt and saves a LoRA named Kolors."""
+    """extra_workflows/Train a Kolors LoRA (tiny).json (UI format) on the built-in kolors-tiny, shortened to 3 steps:
+    the runner trains, samples from a Chinese prompt and saves a LoRA named Kolors."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -432,7 +432,7 @@ def test_the_kolors_example_workflow_trains_saves_and_samples_headless(models_di
     from comfy_finetune.headless.runner import main, node_classes
     from comfy_finetune.headless.workflow import load_workflow
 
-    path = Path(comfy_finetune.__file__).parent / "examples" / "Train a Kolors LoRA (tiny).json"
+    path = Path(comfy_finetune.__file__).parent / "extra_workflows" / "Train a Kolors LoRA (tiny).json"
     api = load_workflow(json.loads(path.read_text(encoding="utf-8")), node_classes())
     (train,) = [n for n in api.values() if n["class_type"] == "FinetuneTrainLoRA"]
     (sampler,) = [n for n in api.values() if n["class_type"] == "Sample"]
