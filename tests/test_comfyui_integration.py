@@ -388,9 +388,13 @@ converted = out["result"][0]
 RESULT["native_keys"] = len(native)
 RESULT["native_lora_layers"] = sum(k.endswith(".lora_up.weight") for k in native)
 RESULT["native_diff_keys"] = sum(k.endswith((".diff", ".diff_b")) for k in native)
-RESULT["native_diff_modules"] = len({k.rsplit(".", 1)[0] for k in native if k.endswith((".diff", ".diff_b"))})
+_with_lora = {k[: -len(".lora_up.weight")] for k in native if k.endswith(".lora_up.weight")}
+_with_diff = {k.rsplit(".", 1)[0] for k in native if k.endswith((".diff", ".diff_b"))}
+RESULT["native_diff_modules"] = len(_with_diff - _with_lora)  # norms: differences only
+RESULT["native_lora_with_bias"] = len(_with_diff & _with_lora)  # LoRA layers whose bias trained too
 RESULT["converted_layers"] = sum(m.kind == "lora" for m in converted.modules.values())
 RESULT["converted_diff_layers"] = sum(m.kind == "diff" for m in converted.modules.values())
+RESULT["converted_lora_with_bias"] = sum(m.kind == "lora" and m.bias is not None for m in converted.modules.values())
 RESULT["converted_notes"] = out["ui"]["text"]
 # every key, the norm/bias differences included: what LoraModelLoader does with the trainer's output
 native_model, _ = comfy.sd.load_lora_for_models(model, None, native, 1.0, 0)
@@ -429,6 +433,7 @@ def test_bridges_inside_comfyui(tmp_path):
     # and the patched weights and biases equal those of ComfyUI's LoRA loader given the whole file
     assert r["converted_layers"] == r["native_lora_layers"] > 0, r
     assert r["converted_diff_layers"] == r["native_diff_modules"], r
+    assert r["converted_lora_with_bias"] == r["native_lora_with_bias"], r
     assert r["native_keys"] == 3 * r["native_lora_layers"] + r["native_diff_keys"], r
     assert r["converted_notes"][0].startswith(f"converted {r['converted_layers']} LoRA layers"), r
     if r["native_diff_keys"]:
