@@ -236,9 +236,6 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"), parts.get("diff_b"))
         else:
             module = other
-        # parts no module of this kind reads (a full .diff beside low-rank factors, DoRA magnitudes ...) are listed
-        unread = sorted(set(parts) - _READS[module.kind])
-        unmatched.extend(k for k in group_keys[module_key] if split_part(k)[1] in unread)
         want = resolver.shape(comp, path)
         have = module.target_shape()
         bias = module.bias_delta()
@@ -249,6 +246,9 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             misfits.append(f"{module_key}: {module.kind} {shown} vs model {list(want)}")
             unmatched.extend(group_keys[module_key])
             continue
+        # parts no module of this kind reads (e.g. a full .diff beside low-rank factors) are listed, not applied
+        unread = set(parts) - _READS[module.kind]
+        unmatched.extend(k for k in group_keys[module_key] if split_part(k)[1] in unread)
         modules[target] = module
         placed.add(module_key)
 
