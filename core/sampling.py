@@ -201,6 +201,10 @@ def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequ
 # TILE_ABOVE times the size the VAE was trained at (its config's sample_size: 512 px for SD 1.x, 1024 px for SDXL):
 # untiled, the decoder's full-resolution activations grow with the area (several GB at 2048 px).
 TILE_ABOVE = 2
+# Decoding slices the batch so that a slice holds at most DECODE_PIXELS pixels (one 1024 x 1024 image, what SDXL's
+# native size decodes at anyway): VAE memory stays that of one such image whatever the batch, while small images
+# decode together (one 64 px image at a time made Sample 10-12 % slower than diffusers at batch 8 on a tiny model).
+DECODE_PIXELS = 1024 * 1024
 
 
 def vae_tiling_needed(vae, height: int, width: int) -> bool:
@@ -213,8 +217,9 @@ def vae_tiling_needed(vae, height: int, width: int) -> bool:
 def decode(handle: ModelHandle, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode scaled latents to a ``[B, H, W, 3]`` 0..1 CPU float32 image batch.
 
-    Sliced (one image at a time, so VAE memory does not grow with the batch) and, above :data:`TILE_ABOVE` x
-    the VAE's native size, tiled; the VAE's own tiling flag is put back afterwards (the model is shared).
+    Sliced (at most :data:`DECODE_PIXELS` pixels a slice, so VAE memory does not grow with the batch) and, above
+    :data:`TILE_ABOVE` x the VAE's native size, tiled one image at a time; the VAE's own tiling flag is put back
+    afterwards (the model is shared). The same batch always decodes in the same slices (bit-identical reruns).
     """
     import torch  # noqa: PLC0415
 
@@ -222,13 +227,14 @@ def decode(handle: ModelHandle, latents: torch.Tensor) -> torch.Tensor:
     vae_dtype = next(vae.parameters()).dtype
     scale = handle.base.vae_scale_factor
     tiled = vae_tiling_needed(vae, latents.shape[-2] * scale, latents.shape[-1] * scale)
+    per_slice = 1 if tiled else max(1, DECODE_PIXELS // (latents.shape[-2] * latents.shape[-1] * scale * scale))
     was_tiling = bool(getattr(vae, "use_tiling", False))
     with torch.inference_mode():
         out = []
         try:
             if tiled and hasattr(vae, "enable_tiling"):
                 vae.enable_tiling()
-            for chunk in latents.split(1):  # slicing: one image at a time keeps VAE memory flat
+            for chunk in latents.split(per_slice):
                 x = vae.decode(chunk.to(vae_dtype) / vae.config.scaling_factor).sample
                 out.append(x.float())
         finally:

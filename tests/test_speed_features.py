@@ -341,6 +341,16 @@ def test_vae_tiles_large_images_and_slices_batches(tiny_handles, monkeypatch, on
     tiled_counter.calls = 0
     sampling.decode(h, latents[:, :, :8, :8])
     assert tiled_counter.calls == 0  # small images are decoded whole
+    # untiled batches decode in slices of at most DECODE_PIXELS pixels: five 64 px images at once by default, two a
+    # slice when the budget is two such images; the slices give the images decoding them one by one gives
+    small = torch.randn((5, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    decode_counter.batches.clear()
+    together = sampling.decode(h, small)
+    assert decode_counter.batches == [5]
+    monkeypatch.setattr(sampling, "DECODE_PIXELS", 2 * 64 * 64)
+    decode_counter.batches.clear()
+    assert torch.allclose(sampling.decode(h, small), together, atol=1e-5)
+    assert decode_counter.batches == [2, 2, 1]
 
 
 # ------------------------------------------------------------------------------------------------ offload
