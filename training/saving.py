@@ -541,18 +541,13 @@ def _write_diffusers_folder(handle: ModelHandle, folder: Path, unet: dict, vae: 
         save_file(keys, str(out / "model.safetensors"), metadata={"format": "pt"})
     for i, tok in enumerate(base.tokenizers[: len(base.text_encoders)]):
         _write_tokenizer(folder / tok_names[i], tok)
-    sched = dict(base.scheduler_config)
-    sched.setdefault("_class_name", "EulerDiscreteScheduler")
-    sched["prediction_type"] = base.prediction_type
-    sched["_diffusers_version"] = _diffusers_version()
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
+    scheduler_class = _write_scheduler(base, folder)
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "_diffusers_version": _diffusers_version(),
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", sched["_class_name"]],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
     }
@@ -568,6 +563,17 @@ def _write_diffusers_folder(handle: ModelHandle, folder: Path, unet: dict, vae: 
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def _write_scheduler(base, folder: Path) -> str:
+    """``scheduler/scheduler_config.json`` of the model's noise schedule; returns the scheduler's class name."""
+    sched = dict(base.scheduler_config)
+    sched.setdefault("_class_name", "EulerDiscreteScheduler")
+    sched["prediction_type"] = base.prediction_type
+    sched["_diffusers_version"] = _diffusers_version()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
+    return sched["_class_name"]
+
+
 def _write_kolors_rest(base, folder: Path, te_sd: dict, torch_dtype, meta: dict[str, str]) -> None:
     """The rest of a Kolors folder as ``KolorsPipeline`` reads it: ChatGLM3 (its own config class and key names, one
     safetensors file), its SentencePiece tokenizer, the scheduler and ``model_index.json``."""
@@ -581,15 +587,10 @@ def _write_kolors_rest(base, folder: Path, te_sd: dict, torch_dtype, meta: dict[
     cfg.save_pretrained(folder / "text_encoder")
     save_file(te_sd, str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
     base.tokenizers[0].save_pretrained(str(folder / "tokenizer"))  # tokenizer.model + tokenizer_config.json
-    sched = dict(base.scheduler_config)
-    sched.setdefault("_class_name", "EulerDiscreteScheduler")
-    sched["prediction_type"] = base.prediction_type
-    sched["_diffusers_version"] = _diffusers_version()
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
+    scheduler_class = _write_scheduler(base, folder)
     index = {"_class_name": "KolorsPipeline", "_diffusers_version": _diffusers_version(),
              "force_zeros_for_empty_prompt": _source_index(base).get("force_zeros_for_empty_prompt", False),
-             "scheduler": ["diffusers", sched["_class_name"]], "text_encoder": ["kolors", "ChatGLMModel"],
+             "scheduler": ["diffusers", scheduler_class], "text_encoder": ["kolors", "ChatGLMModel"],
              "tokenizer": ["kolors", "ChatGLMTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"],
              "_comfyui_finetune": {k.removeprefix("modelspec."): v for k, v in meta.items()}}
