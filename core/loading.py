@@ -184,8 +184,8 @@ def _finish_kolors(folder: Path, index: dict, unet, vae, part, dtype, device, *,
         raise FinetuneError(f"'{folder.name}' has a ChatGLM3 text encoder but its UNet has no text projection "
                             "(encoder_hid_dim_type is not 'text_proj'): it is not a Kolors UNet",
                             input="ckpt_name", fix="use Kolors' own unet/ folder with its text encoder")
+    tok = load_chatglm_tokenizer(folder / "tokenizer")  # first: a missing tokenizer fails before 12 GB are read
     te = part("text_encoder", lambda: load_chatglm(folder / "text_encoder"))
-    tok = load_chatglm_tokenizer(folder / "tokenizer")
     if int(te.config.hidden_size) != int(unet.config.encoder_hid_dim):
         raise FinetuneError(f"'{folder.name}': the text encoder is {te.config.hidden_size} wide but the UNet "
                             f"projects {unet.config.encoder_hid_dim}-wide states", input="ckpt_name",
