@@ -66,6 +66,9 @@ class LoraModule:
     alpha: float | None
     mid: Tensor | None = None
     bias: Tensor | None = None  # a full bias difference beside the low-rank weight (ComfyUI's trainer: .diff_b)
+    # DoRA magnitudes (kohya/LyCORIS ``dora_scale``): [out, 1] (Linear) / [out, 1, 1, 1] (conv) normalise each
+    # output row of the merged weight; [1, in] / [1, in, 1, 1] each input column. None: plain LoRA.
+    dora_scale: Tensor | None = None
 
     @property
     def rank(self) -> int:
