@@ -139,3 +139,62 @@ def inject(token_embedding: torch.nn.Module, replacements: list[tuple[int, int, 
         yield
     finally:
         handle.remove()
+
+
+# ----------------------------------------------------------------------------------------- bundled in a LoRA
+#: Embeddings bundled in a LoRA file, as kohya writes and A1111 reads them: ``bundle_emb.<name>.string_to_param.*``
+#: (one text encoder: SD 1.x / 2.x) or ``bundle_emb.<name>.clip_l`` and ``.clip_g`` (SDXL). A1111 loads each as
+#: the embedding ``<name>`` (its prompt word) while the LoRA is active; ComfyUI's embedding loader reads the same
+#: keys from a LoRA file placed among its embeddings.
+BUNDLE_PREFIX = "bundle_emb."
+_BUNDLE_SD1 = ".string_to_param.*"
+_BUNDLE_KEYS = {"te1": "clip_l", "te2": "clip_g"}
+
+
+def split_bundled(state: dict) -> tuple[dict, dict[str, dict]]:
+    """``(state without bundled embeddings, {name: {key: tensor}})`` for a LoRA state dict."""
+    rest, groups = {}, {}
+    for key, value in state.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            rest[key] = value
+            continue
+        body = key[len(BUNDLE_PREFIX):]
+        if body.endswith(_BUNDLE_SD1):
+            name, sub = body[: -len(_BUNDLE_SD1)], "emb_params"
+        else:
+            name, _, sub = body.rpartition(".")
+        groups.setdefault(name or body, {})[sub or "emb_params"] = value
+    return rest, groups
+
+
+def bundled_embeddings(groups: dict[str, dict], widths: list[int], metadata: dict | None = None, *,
+                       input: str = "lora_name") -> dict[str, Embedding]:
+    """The :class:`Embedding` s of :func:`split_bundled`'s groups for a model with text-encoder ``widths``. Each
+    one's prompt word is its name, as in A1111 (or the trained token, when the file's metadata names it)."""
+    metadata = dict(metadata or {})
+    out = {}
+    for name, sd in groups.items():
+        try:
+            emb = embedding_from_state_dict(name, sd, widths)
+        except FinetuneError as exc:
+            raise FinetuneError(f"the LoRA bundles the embedding '{name}': {exc.detail}", input=input,
+                                fix="use the LoRA with the model family it was trained for") from None
+        if len(emb.vectors) != len(widths):
+            raise FinetuneError(f"the LoRA bundles the embedding '{name}' for {len(emb.vectors)} text encoder(s), "
+                                f"this model has {len(widths)}", input=input,
+                                fix="use the LoRA with the model family it was trained for")
+        token = metadata.get("ft_pivotal_token") if metadata.get("ft_pivotal_embedding") == name else None
+        out[name] = Embedding(name, emb.vectors, {}, token=token or name)
+    return out
+
+
+def bundle_state(embeddings: dict[str, Embedding]) -> dict:
+    """The ``bundle_emb.*`` tensors for ``embeddings`` (the inverse of :func:`split_bundled`)."""
+    out = {}
+    for name, emb in embeddings.items():
+        if set(emb.vectors) == {"te1"}:
+            out[f"{BUNDLE_PREFIX}{name}{_BUNDLE_SD1}"] = emb.vectors["te1"].detach().contiguous()
+            continue
+        for comp, vec in emb.vectors.items():
+            out[f"{BUNDLE_PREFIX}{name}.{_BUNDLE_KEYS[comp]}"] = vec.detach().contiguous()
+    return out

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import adapters
+from .embeddings import Embedding, bundle_state, bundled_embeddings, split_bundled
 from .errors import FinetuneError
 from .families import Family, check_family, info, modelspec, modelspec_keys, sgm_unet_names
 from .ldm_names import unet_name_map
@@ -116,6 +117,8 @@ class LoraWeights:
     modules: dict[tuple[str, str], Adapter]
     metadata: dict[str, str] = field(default_factory=dict)
     name: str = "lora"
+    #: Embeddings bundled with the LoRA (``bundle_emb.<name>.*`` keys; pivotal tuning), by name.
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     def components(self) -> set[str]:
         return {c for c, _ in self.modules}
@@ -185,6 +188,7 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             model (no node: the calling node is named where the error leaves it).
     """
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    state_dict, bundles = split_bundled(dict(state_dict))  # embeddings bundled in the file (bundle_emb.*)
     lora_family, why = detect_lora_family({k: v for k, v in state_dict.items() if isinstance(v, Tensor)}, metadata)
     if (family is not None and Family(family) is Family.KOLORS and lora_family is Family.SDXL
             and family_from_metadata(metadata) is None and why.startswith("its cross-attention")):
@@ -267,7 +271,21 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             f"match (e.g. {example})", input=input,
             fix="pick a LoRA trained for the loaded model's family (kohya, diffusers/PEFT or ComfyUI layout)")
     weights = LoraWeights(lora_family or (Family(family) if family is not None else None), modules, metadata, name)
+    if bundles:
+        weights.embeddings = bundled_embeddings(bundles, _token_widths(te_modules), metadata, input=input)
     return weights, unmatched
+
+
+def _token_widths(te_modules) -> list[int]:
+    """The text encoders' token widths where ``te_modules`` maps names to shapes (else none: not checked)."""
+    widths = []
+    for modules in te_modules or []:
+        shape = next((s for n, s in modules.items() if n.endswith("embeddings.token_embedding")), None) \
+            if isinstance(modules, Mapping) else None
+        if shape is None:
+            return []
+        widths.append(int(shape[-1]))
+    return widths
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -322,7 +340,8 @@ def _kohya_module_name(comp: str, path: str, family: Family, ldm_map: Mapping[st
 
 
 def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mapping[str, Any],
-                        v_prediction: bool | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+                        v_prediction: bool | None = None, bundle: bool = True
+                        ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Write kohya/A1111 keys and the minimum ``ss_*`` + ModelSpec metadata (what ComfyUI, A1111, kohya and
     diffusers all read).
 
@@ -330,6 +349,8 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     ``lora_te1_``/``lora_te2_`` (SDXL), always with ``text_model_``. Every module gets its real ``alpha``.
     ``v_prediction`` picks the model's names and resolution in :data:`~.families.MODELSPECS` (SD2:
     ``stable-diffusion-v2-768-v`` at 768 vs ``-v2-512`` at 512); None follows the family's usual prediction.
+    ``bundle`` writes the LoRA's bundled embeddings (``bundle_emb.*``, which A1111 reads and ComfyUI's LoRA loader
+    reports as keys it did not load).
     """
     family = Family(family)
     ldm_map = unet_name_map(unet_config) if sgm_unet_names(family) else {}
@@ -376,6 +397,8 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
         meta["ss_network_args"] = json.dumps({"algo": "+".join(k for k in kinds if k != "diff")})
     if v:
         meta["modelspec.prediction_type"] = "v"
+    if bundle and lora.embeddings:
+        sd.update(bundle_state(lora.embeddings))
     return sd, meta
 
 
