@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 from .errors import FinetuneError
 from .families import check_family
-from .handle import module_shapes
+from .handle import EmbeddingPatch, LoraPatch, module_shapes
 from .lora import LoraWeights, lora_from_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from .handle import ModelHandle
 
 
-__all__ = ["module_shapes", "lora_for_handle", "check_family", "check_fits"]
+__all__ = ["module_shapes", "lora_for_handle", "check_family", "check_fits", "with_lora"]
 
 
 def _targets(handle: ModelHandle):
@@ -53,3 +53,13 @@ def check_fits(lora: LoraWeights, handle: ModelHandle, *, node: str | None = Non
         raise FinetuneError(f"this LoRA does not fit the model: {len(bad)} of {len(lora.modules)} layers differ, e.g. "
                             + "; ".join(bad[:3]), node=node, input=input,
                             fix="use the LoRA with the model it was trained on (same architecture and size)")
+
+
+def with_lora(handle: ModelHandle, lora: LoraWeights, strength_unet: float = 1.0, strength_text: float = 1.0
+              ) -> ModelHandle:
+    """``handle`` with ``lora`` added, and the embeddings bundled with it (pivotal tuning's word): their prompt words
+    work while the LoRA is on the handle, whatever its strengths, as in A1111."""
+    out = handle.with_patch(LoraPatch(lora, float(strength_unet), float(strength_text)))
+    for embedding in lora.embeddings.values():
+        out = out.with_patch(EmbeddingPatch(embedding))
+    return out

@@ -5,9 +5,8 @@ from __future__ import annotations
 from .. import host
 from ..core.conditioning import Negative
 from ..core.errors import FinetuneError
-from ..core.handle import LoraPatch
 from ..core.loading import DEFAULT_MODEL, DEVICES, DTYPES, available_models, load_base
-from ..core.lora_handle import check_fits, lora_for_handle
+from ..core.lora_handle import check_fits, lora_for_handle, with_lora
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from .base import CATEGORY, LORA, NEGATIVE, PIPE, FTNode, file_signature
 
@@ -64,7 +63,9 @@ class AddLoRA(FTNode):
     DISPLAY_NAME = "Add LoRA (Finetune)"
     CATEGORY = f"{CATEGORY}/models"
     DESCRIPTION = ("Adds a LoRA to the model handle, from a file in models/loras (kohya/A1111 or diffusers/PEFT "
-                   "layout) or from a LoRA trained in this graph. Chain several. The input handle is not changed.")
+                   "layout) or from a LoRA trained in this graph. Chain several. Embeddings bundled in the LoRA "
+                   "(pivotal tuning's word, bundle_emb keys) come with it: their words work in prompts. The input "
+                   "handle is not changed.")
     RETURN_TYPES = (PIPE,)
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("A new handle: the input's base and patches plus this LoRA.",)
@@ -106,10 +107,10 @@ class AddLoRA(FTNode):
                 notes.append(f"{lora_name}: {len(unmatched)} keys matched no module and were not applied: "
                              + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else ""))
                 host.log.warning("[AddLoRA] %s", notes[-1])
-            out = out.with_patch(LoraPatch(weights, float(strength_unet), float(strength_text)))
+            out = with_lora(out, weights, strength_unet, strength_text)
         if lora is not None:
             check_fits(lora, pipe, node=self.NODE_ID, input="lora")
-            out = out.with_patch(LoraPatch(lora, float(strength_unet), float(strength_text)))
+            out = with_lora(out, lora, strength_unet, strength_text)
         if notes:
             return {"ui": {"text": notes}, "result": (out,)}
         return (out,)
