@@ -15,12 +15,13 @@ from .dreambooth import NODES as _DREAMBOOTH
 from .embedding_training import NODES as _EMBEDDING_TRAINING
 from .generation import NODES as _GENERATION
 from .images import NODES as _IMAGES
+from .pivotal import NODES as _PIVOTAL
 from .saving import NODES as _SAVING
 from .scoring import NODES as _SCORING
 from .training import NODES as _TRAINING
 
-ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING, *_EMBEDDING_TRAINING, *_DREAMBOOTH, *_SAVING, *_BRIDGES, *_IMAGES,
-             *_SCORING]
+ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING, *_EMBEDDING_TRAINING, *_DREAMBOOTH, *_PIVOTAL, *_SAVING, *_BRIDGES,
+             *_IMAGES, *_SCORING]
 
 # Old id -> current id, for workflows saved before the rename.
 RENAMED_NODE_IDS: dict[str, str] = {

@@ -6,8 +6,9 @@
 
 The concepts are not picked by hand: every held-out pattern of the world of the right kind is taught
 (:func:`comfy_finetune.shapes.world.concepts`): each ``"subject"`` by DreamBooth (LoRA and full, with prior
-preservation), each ``"colour"`` by Textual Inversion, each ``"fill"`` by a style LoRA; the ``"composition"`` probes
-test the base model. Every run goes through the pack's own nodes exactly as a workflow would, and a trainer node
+preservation) and by pivotal tuning (a new word ``<sks>`` and a LoRA, also with prior preservation), each
+``"colour"`` by Textual Inversion, each ``"fill"`` by a style LoRA; the ``"composition"`` probes test the base model.
+Every run goes through the pack's own nodes exactly as a workflow would, and a trainer node
 gets only its data and prompts (everything else is the node's default, i.e. its ``recipe: auto``) unless ``--fast``
 shortens it for the tests. Every image is judged by the shapes judge (``comfy_finetune.shapes.judge``; its held-out
 accuracy is printed first). Measures, per concept and training seed, and targets (:data:`TARGETS`):
@@ -53,6 +54,7 @@ from comfy_finetune.nodes.data import TrainingDataFromImages
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.nodes.embedding_training import LearnEmbedding
 from comfy_finetune.nodes.generation import AddLoRA, LoadBase
+from comfy_finetune.nodes.pivotal import PivotalTuning
 from comfy_finetune.nodes.training import TrainLoRA
 from comfy_finetune.shapes import world as W
 from comfy_finetune.shapes.judge import evaluate as judge_evaluate
@@ -62,6 +64,9 @@ from comfy_finetune.training.plots import image_grid
 
 SIZE = 64
 INSTANCE_PROMPT = "a sks shape"
+PIVOTAL_TOKEN = "<sks>"  # pivotal tuning's new word (a word of its own, where DreamBooth reuses the rare "sks")
+PIVOTAL_PROMPT = f"a {PIVOTAL_TOKEN} shape"
+DREAMBOOTH_METHODS = ("lora", "full", "pivotal")
 CLASS_PROMPT = "a shape"
 
 TARGETS = {"base_all": 0.90, "base_background": 0.98, "base_probes": 0.70, "subject_fidelity": 0.90,
@@ -178,24 +183,33 @@ def dreambooth_row(pipe, concept: W.HeldOut, method: str, seed: int, budget: Bud
     subject = subject_spec(concept)
     bgs = instance_backgrounds(concept)
     specs = [subject.replace(background=bgs[i % len(bgs)]) for i in range(5)]
+    prompt = PIVOTAL_PROMPT if method == "pivotal" else INSTANCE_PROMPT
     t0 = time.perf_counter()
-    trained = run_node(DreamBoothTrain, pipe=pipe, dataset=dataset(specs, [INSTANCE_PROMPT] * len(specs)),
-                       instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, method=method, seed=seed,
-                       **budget.db)[0]
+    data = dataset(specs, [prompt] * len(specs))
+    if method == "pivotal":
+        trained = run_node(PivotalTuning, pipe=pipe, dataset=data, instance_prompt=prompt, class_prompt=CLASS_PROMPT,
+                           token=PIVOTAL_TOKEN, seed=seed, **budget.db)[0]
+    else:
+        trained = run_node(DreamBoothTrain, pipe=pipe, dataset=data, instance_prompt=prompt,
+                           class_prompt=CLASS_PROMPT, method=method, seed=seed, **budget.db)[0]
     seconds = time.perf_counter() - t0
     is_subject = lambda v: v.shape == subject.shape and v.color == subject.color  # noqa: E731
-    fig = {"subject_fidelity": share(generate(trained, [INSTANCE_PROMPT], budget), is_subject)}
+    fig = {"subject_fidelity": share(generate(trained, [prompt], budget), is_subject)}
     per_bg = {}
     for b in allowed_backgrounds(subject.color):
-        imgs = generate(trained, [f"{INSTANCE_PROMPT} on {article(b)} {b} background"], budget, seed0=2000)
+        imgs = generate(trained, [f"{prompt} on {article(b)} {b} background"], budget, seed0=2000)
         per_bg[b] = share(imgs, lambda v, b=b: is_subject(v) and v.background == b)
     fig["prompt_fidelity"] = sum(per_bg.values()) / len(per_bg)
     fig.update({f"prompt_{b}": v for b, v in per_bg.items()})
     acc = class_accuracy(trained, budget, subject.color)
     fig["class_drift_points"] = round(100 * (base_class_acc - acc), 1)
     if grid is not None:
-        grid.setdefault(f"DreamBooth {method}", trained)
-    return Row(f"DreamBooth {method}", concept.name, seed, fig, seconds)
+        grid.setdefault(_method_label(method), trained)
+    return Row(_method_label(method), concept.name, seed, fig, seconds)
+
+
+def _method_label(method: str) -> str:
+    return "Pivotal tuning" if method == "pivotal" else f"DreamBooth {method}"
 
 
 # --------------------------------------------------------------------------------------------------- TI
@@ -368,7 +382,7 @@ KINDS = {"dreambooth": "subject", "ti": "colour", "lora": "fill"}
 
 
 def run(budget: Budget = FULL, only: Sequence[str] = ("base", "dreambooth", "ti", "lora"), out: Path | None = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, methods: Sequence[str] = DREAMBOOTH_METHODS) -> dict:
     pipe = run_node(LoadBase, ckpt_name=SHAPES_NAME)[0]
     judge_acc = judge_evaluate(per_spec=1)["all"]
     log(f"judge accuracy on held-out synthetic images: {judge_acc:.1%}")
@@ -384,7 +398,7 @@ def run(budget: Budget = FULL, only: Sequence[str] = ("base", "dreambooth", "ti"
             base_class = class_accuracy(pipe, budget, concept.color) if what == "dreambooth" else 0.0
             for seed in budget.seeds:
                 if what == "dreambooth":
-                    new = [dreambooth_row(pipe, concept, m, seed, budget, base_class, grid) for m in ("lora", "full")]
+                    new = [dreambooth_row(pipe, concept, m, seed, budget, base_class, grid) for m in methods]
                 elif what == "ti":
                     new = [ti_row(pipe, concept, seed, budget, grid)]
                 else:
@@ -407,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="the tests' budget: fewer steps and samples")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per concept (default 2; --fast 1)")
     p.add_argument("--only", default="base,dreambooth,ti,lora")
+    p.add_argument("--methods", default=",".join(DREAMBOOTH_METHODS),
+                   help="the subject trainers to run: lora and full (DreamBooth), pivotal (pivotal tuning)")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -415,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = FAST if args.fast else FULL
     if args.seeds is not None:
         budget = replace(budget, seeds=tuple(range(args.seeds)))
-    result = run(budget, [s.strip() for s in args.only.split(",")], Path(args.out))
+    result = run(budget, [s.strip() for s in args.only.split(",")], Path(args.out),
+                 methods=[m.strip() for m in args.methods.split(",")])
     print()
     print(result["table"])
     print(f"\ngrid: {result.get('grid')}")

@@ -14,11 +14,12 @@ from comfy_finetune.core.families import Family
 from comfy_finetune.nodes import base as nodes_base
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.nodes.embedding_training import LearnEmbedding
+from comfy_finetune.nodes.pivotal import PivotalTuning
 from comfy_finetune.nodes.training import TrainLoRA
 from comfy_finetune.training import recipes
 
 NODES = {"lora": TrainLoRA, "embedding": LearnEmbedding, "dreambooth_lora": DreamBoothTrain,
-         "dreambooth_full": DreamBoothTrain}
+         "dreambooth_full": DreamBoothTrain, "dreambooth_pivotal": PivotalTuning}
 
 
 def handle(label: str, family: Family):

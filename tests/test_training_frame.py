@@ -1,9 +1,9 @@
 """The training frame: every trainer honours every speed/memory option it offers, and leaves the shared base as
 it found it.
 
-The option table runs each trainer (LoRA, Textual Inversion, DreamBooth LoRA, DreamBooth full) with each option
-(compile, channels_last, offload_frozen, cache_to_disk, gradient_checkpointing) on the tiny SD 1.x model and
-checks the option's effect where it shows: the compiled module is the one called, the memory format the
+The option table runs each trainer (LoRA, Textual Inversion, DreamBooth LoRA, DreamBooth full, pivotal tuning) with
+each option (compile, channels_last, offload_frozen, cache_to_disk, gradient_checkpointing) on the tiny SD 1.x model
+and checks the option's effect where it shows: the compiled module is the one called, the memory format the
 denoiser's weights have while it runs, where the frozen VAE is during UNet steps, the cache hit on a second run,
 the recomputation in the backward pass. Every check only looks at forward passes with autograd on, so the class
 images DreamBooth samples before training (no gradients) do not count.
@@ -20,10 +20,11 @@ from torch._dynamo import register_backend
 from comfy_finetune.training.data import from_image_batch
 from comfy_finetune.training.dreambooth import DreamBoothSpec, train_dreambooth
 from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
+from comfy_finetune.training.pivotal import PivotalSpec
 from comfy_finetune.training.settings import TrainSettings
 from comfy_finetune.training.ti_trainer import TISpec, train_embedding
 
-TRAINERS = ("lora", "ti", "dreambooth-lora", "dreambooth-full")
+TRAINERS = ("lora", "ti", "dreambooth-lora", "dreambooth-full", "dreambooth-pivotal")
 STEPS = 2
 
 _COMPILED = {"graphs": 0, "calls": 0}
@@ -61,9 +62,12 @@ def train(kind: str, handle, dataset, **options):
         return train_lora(handle, dataset, settings, LoraSpec(rank=2, alpha=2))
     if kind == "ti":
         return train_embedding(handle, dataset, settings, TISpec(token="<frame-test>", initializer="shape"))
-    spec = DreamBoothSpec(instance_prompt="a sks shape", class_prompt="a shape", method=kind.split("-")[1],
-                          num_class_images=2, class_sample_steps=2, rank=2, alpha=2)
-    return train_dreambooth(handle, dataset, settings, spec)
+    method = kind.split("-")[1]
+    pivotal = PivotalSpec(token="<frame-sks>", initializer="shape") if method == "pivotal" else None
+    spec = DreamBoothSpec(instance_prompt="a <frame-sks> shape" if pivotal else "a sks shape", class_prompt="a shape",
+                          method="lora" if pivotal else method, num_class_images=2, class_sample_steps=2, rank=2,
+                          alpha=2)
+    return train_dreambooth(handle, dataset, settings, spec, pivotal=pivotal)
 
 
 class _GradHook:

@@ -56,16 +56,19 @@ from .. import host
 from ..core.atomic import atomic_write
 from ..core.errors import FinetuneError
 from ..core.fields import node_input
-from ..core.handle import EmbeddingPatch, LoraPatch, ModelHandle
+from ..core.handle import EmbeddingPatch, ModelHandle
 from ..core.lora import LoraWeights
+from ..core.lora_handle import with_lora
 from ..core.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, SampleSettings, sample
 from ..scoring.scorers import Scorer
 from .data import RawExample, TrainingSet, join_caption, load_image_file, prepare
 from .diffusion import Cache, LatentCache, NoiseSchedule, TextCache, caption_losses, conditioning_for, dataset_captions
 from .frame import Validation, check_dataset, run_training, scored
 from .loop import TrainResult, run_key
-from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
+from .lora_trainer import ALGORITHM_TOOLTIP, ALGORITHMS, FrozenModel, LoraObjective, LoraSpec
 from .memory import RunShape
+from .pivotal import PivotalObjective, PivotalSpec
+from .pivotal import check as check_pivotal
 from .settings import UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
@@ -116,6 +119,7 @@ class DreamBoothSpec:
                               tooltip="Which UNet layers get LoRA (method lora): attention only, + feed-forward and "
                                       "projections (kohya default), + convolutions (LoCon: a new shape or outline "
                                       "is drawn by the convolutions, so it learns one faster).")
+    algorithm: str = node_input("lora", choices=ALGORITHMS, tooltip="Method lora only. " + ALGORITHM_TOOLTIP)
 
     @property
     def uses_class_images(self) -> bool:
@@ -149,6 +153,8 @@ class DreamBoothSpec:
             if self.targets not in UNET_TARGETS:
                 raise bad("targets", f"unknown target preset '{self.targets}'",
                           f"use one of {', '.join(UNET_TARGETS)}")
+            if self.algorithm not in ALGORITHMS:
+                raise bad("algorithm", f"unknown algorithm '{self.algorithm}'", f"use one of {', '.join(ALGORITHMS)}")
         if not self.prior_preservation:
             return
         if not (self.class_prompt or "").strip():
@@ -591,13 +597,15 @@ class FullObjective:
 # ---------------------------------------------------------------------------------------------- entry point
 def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec, *,
                      node: str = "train_dreambooth", class_dataset: TrainingSet | None = None,
-                     validation: Validation | None = None, scorer: Scorer | None = None
-                     ) -> tuple[ModelHandle, LoraWeights | None, TrainResult]:
+                     validation: Validation | None = None, scorer: Scorer | None = None,
+                     pivotal: PivotalSpec | None = None) -> tuple[ModelHandle, LoraWeights | None, TrainResult]:
     """Train DreamBooth on ``handle`` and return ``(output handle, LoRA or None, TrainResult)``.
 
     * ``method="lora"``: the output handle is ``handle.with_patch(LoraPatch(lora))`` and the LoRA is returned.
     * ``method="full"``: the output handle is a new model (trained copies, input LoRAs baked in, embeddings kept)
       and the LoRA is None. The input handle's weights are never changed.
+    * ``pivotal`` (with ``method="lora"``): pivotal tuning, the new word's vectors trained with the LoRA; the LoRA
+      bundles them (``LoraWeights.embeddings``) and the output handle carries both.
 
     ``dataset`` holds the instance images (their captions are replaced by ``spec.instance_prompt``);
     ``class_dataset`` optionally supplies the class images (captioned with ``spec.class_prompt``) instead of
@@ -607,6 +615,11 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
     has_class_data = class_dataset is not None
     settings.validate(node)
     spec.validate(node, has_class_data=has_class_data)
+    if pivotal is not None:
+        if spec.method != "lora":
+            raise FinetuneError(f"pivotal tuning trains a LoRA, not method '{spec.method}'", node=node,
+                                input="method", fix="use method lora")
+        check_pivotal(handle, pivotal, spec.instance_prompt, node)
     check_dataset(dataset, settings, node)
     if has_class_data and len(class_dataset) == 0:
         raise FinetuneError("the class dataset is empty", node=node, input="class_dataset",
@@ -631,8 +644,12 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
 
     config = {k: v for k, v in asdict(spec).items()
               if k not in ("num_class_images", "class_sample_steps", "class_cfg", "class_sampler", "class_scheduler")}
+    if spec.method != "lora" or spec.algorithm == "lora":
+        config.pop("algorithm")  # runs it does not change keep their old key (their checkpoints resume)
     config["input"] = handle.signature()  # includes the patches' strengths and content
     kind = f"dreambooth-{spec.method}"
+    if pivotal is not None:
+        config["pivotal"], kind = asdict(pivotal), "dreambooth-pivotal"
     common = {"ss_training_comment": f"trained with comfyui-finetune {node} (DreamBooth, {spec.method})",
               "ss_steps": str(settings.steps), "ss_learning_rate": str(settings.learning_rate),
               "ss_text_encoder_lr": str(spec.text_learning_rate if spec.train_text_encoder else 0),
@@ -647,14 +664,17 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
               "ft_dreambooth_class_images": str(len(class_set)) if class_set is not None else "0",
               "ft_dreambooth_ignored_captions": str(ignored)}
 
-    objective = dreambooth_objective(handle, instance, settings, spec, node=node, class_set=class_set)
+    objective = dreambooth_objective(handle, instance, settings, spec, node=node, class_set=class_set,
+                                     pivotal=pivotal)
     inner = objective.inner
-    if isinstance(inner, LoraObjective):
-        metadata = {**common, "ft_targets": spec.targets}
+    if isinstance(inner, (LoraObjective, PivotalObjective)):
+        metadata = {**common, "ft_targets": spec.targets, "ft_algorithm": spec.algorithm,
+                    "ss_network_dim": str(spec.rank), "ss_network_alpha": str(spec.alpha)}
+        name = "pivotal" if pivotal is not None else "dreambooth"
         lora, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
-                                    validation=validation, finish=lambda: inner.extract(metadata, name="dreambooth"),
+                                    validation=validation, finish=lambda: inner.extract(metadata, name=name),
                                     score=score, metadata=metadata)
-        return handle.with_patch(LoraPatch(lora)), lora, result
+        return with_lora(handle, lora), lora, result
     assert isinstance(inner, FullObjective)
     label_key = run_key(kind, config, paired.signature(), asdict(settings))
     out, result = run_training(kind, handle, paired, settings, objective, node=node, config=config,
@@ -663,8 +683,10 @@ def train_dreambooth(handle: ModelHandle, dataset: TrainingSet, settings: TrainS
 
 
 def dreambooth_objective(handle: ModelHandle, instance: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
-                         *, node: str, class_set: TrainingSet | None = None) -> DreamBoothObjective:
-    """DreamBooth's loss around a LoRA (``spec.method="lora"``) or a full fine-tuning objective."""
+                         *, node: str, class_set: TrainingSet | None = None, pivotal: PivotalSpec | None = None
+                         ) -> DreamBoothObjective:
+    """DreamBooth's loss around a LoRA (``spec.method="lora"``; with ``pivotal``, a LoRA and a new word's vectors)
+    or a full fine-tuning objective."""
     base_prediction = spec.prior_preservation and spec.prior_mode == "base_prediction"
     frozen = (spec.class_prompt,) if base_prediction else ()  # what the prior's target encodes
     extra = dataset_captions(class_set) if class_set is not None else frozen
@@ -672,8 +694,11 @@ def dreambooth_objective(handle: ModelHandle, instance: TrainingSet, settings: T
     if spec.method == "lora":
         lora_spec = LoraSpec(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets,
                              train_text_encoder=bool(spec.train_text_encoder),
-                             text_learning_rate=float(spec.text_learning_rate))
-        inner = LoraObjective(handle, instance, settings, lora_spec, node=node, **prompts)
+                             text_learning_rate=float(spec.text_learning_rate), algorithm=spec.algorithm)
+        if pivotal is not None:
+            inner = PivotalObjective(handle, instance, settings, lora_spec, pivotal, node=node, **prompts)
+        else:
+            inner = LoraObjective(handle, instance, settings, lora_spec, node=node, **prompts)
     else:
         inner = FullObjective(handle, instance, settings, spec, node=node, **prompts)
     class_latents = LatentCache(handle, class_set) if class_set is not None else None

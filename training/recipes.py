@@ -31,7 +31,7 @@ from typing import Any
 
 RECIPES = ("auto", "custom", "shapes-tiny", "sd15", "sdxl", "kolors")
 #: The trainers a recipe has values for; DreamBooth's depend on its method.
-TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full")
+TRAINERS = ("lora", "embedding", "dreambooth_lora", "dreambooth_full", "dreambooth_pivotal")
 
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "shapes-tiny": {
@@ -69,6 +69,14 @@ TABLE: dict[str, dict[str, dict[str, Any]]] = {
                             "validation_size": 1024},
     },
 }
+
+# Pivotal tuning is DreamBooth LoRA plus a new word's vectors: the LoRA values of dreambooth_lora, the vectors at
+# textual inversion's learning rate (and, on shapes-tiny, from the class word, as its textual-inversion recipe).
+_PIVOTAL = {"shapes-tiny": {"embedding_learning_rate": 2e-2, "initializer": "shape", "num_vectors": 1},
+            "sd15": {"embedding_learning_rate": 5e-3}, "sdxl": {"embedding_learning_rate": 5e-3},
+            "kolors": {}}
+for _recipe, _values in _PIVOTAL.items():
+    TABLE[_recipe]["dreambooth_pivotal"] = {**TABLE[_recipe]["dreambooth_lora"], **_values}
 
 _FAMILY_RECIPE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl", "kolors": "kolors"}
 
