@@ -16,6 +16,7 @@ from ..training.saving import (
     relative_name,
     safe_name,
     save_checkpoint,
+    save_embedding,
     save_embedding_for,
     save_lora,
     target_path,
@@ -82,9 +83,24 @@ class SaveLoRA(_SaveNode):
         check_family("LoRA", lora.family, pipe.family, input="lora")  # before a folder is made for the file
         path = target_path("loras", name, ".safetensors", overwrite=bool(overwrite), node=self.NODE_ID,
                            input="name")
+        v = pipe.base.prediction_type == "v_prediction"
         save_lora(lora, path, family=pipe.family, unet_config=dict(pipe.base.unet.config), layout=layout,
-                  v_prediction=pipe.base.prediction_type == "v_prediction")
-        return _report("loras", path, name, ".safetensors")
+                  v_prediction=v)
+        notes = []
+        if layout == "diffusers" and lora.embeddings:
+            # diffusers' load_lora_weights refuses keys it does not know, so the bundled words go beside the file,
+            # as diffusers' advanced DreamBooth script writes them: <name>_emb.safetensors, which
+            # pipe.load_textual_inversion reads (and ComfyUI / A1111 too, as an embedding file)
+            widths = [int(te.config.hidden_size) for te in pipe.base.text_encoders]
+            for emb in lora.embeddings.values():
+                suffix = "_emb" if len(lora.embeddings) == 1 else f"_emb_{emb.name}"
+                stem = relative_name(path, "loras").removesuffix(".safetensors")
+                emb_path = target_path("loras", stem + suffix, ".safetensors", overwrite=bool(overwrite),
+                                       node=self.NODE_ID, input="name")
+                save_embedding(emb, emb_path, family=pipe.family, v_prediction=v, widths=widths,
+                               metadata=emb.metadata)
+                notes.append(f"the word '{emb.token or emb.name}' beside it: {emb_path.name}")
+        return _report("loras", path, name, ".safetensors", notes)
 
 
 class SaveEmbedding(_SaveNode):

@@ -158,3 +158,37 @@ def test_node_outputs(tiny_handles, red, monkeypatch, tmp_path):
     assert emb is lora.embeddings["piv"] and pipe.embeddings["piv"] is emb
     assert lora.metadata["ft_dreambooth_class_images"] == "1"
     assert plot.ndim == 4 and grid.ndim == 4
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
+def test_save_lora_keeps_the_word_in_both_layouts(tiny_handles, red, fam, monkeypatch, tmp_path):
+    """kohya: one file with bundle_emb keys; diffusers (whose loader refuses unknown keys): the LoRA file and the
+    word beside it as <name>_emb.safetensors, an embedding file the pack, ComfyUI and diffusers read."""
+    from safetensors import safe_open
+
+    from comfy_finetune import host
+    from comfy_finetune.core.embeddings import load_embedding_file
+    from comfy_finetune.nodes.saving import SaveLoRA
+
+    monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path / "cache"))
+    old = host._settings.models_dir
+    host.configure(models_dir=tmp_path / "models")
+    try:
+        h = tiny_handles[fam]
+        _, lora, _ = db.train_dreambooth(h, red, TrainSettings(steps=1, learning_rate=1e-3, seed=2),
+                                         db_spec(prior_preservation=False), pivotal=PIVOTAL)
+        SaveLoRA().run(lora, h, "sub/piv", layout="kohya")
+        SaveLoRA().run(lora, h, "sub/piv_d", layout="diffusers")
+    finally:
+        host.configure(models_dir=old)
+    folder = tmp_path / "models" / "loras" / "sub"
+    assert sorted(p.name for p in folder.iterdir()) == ["piv.safetensors", "piv_d.safetensors",
+                                                        "piv_d_emb.safetensors"]
+    with safe_open(str(folder / "piv.safetensors"), "pt") as f:
+        assert any(k.startswith("bundle_emb.piv.") for k in f.keys())
+    with safe_open(str(folder / "piv_d.safetensors"), "pt") as f:
+        assert not any(k.startswith("bundle_emb") for k in f.keys())
+    widths = [int(te.config.hidden_size) for te in h.base.text_encoders]
+    beside = load_embedding_file(folder / "piv_d_emb.safetensors", widths)
+    for comp, vec in lora.embeddings["piv"].vectors.items():
+        assert torch.equal(beside.vectors[comp], vec)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
-TRAINING_NODES = ("FinetuneTrainLoRA", "LearnEmbedding", "DreamBoothTrain")
+TRAINING_NODES = ("FinetuneTrainLoRA", "LearnEmbedding", "DreamBoothTrain", "FinetunePivotalTuning")
 DEFAULT_SIZE = 256
 DEFAULT_MAX_BYTES = 40_000
 BACKGROUND = (24, 24, 27)
