@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .core.errors import FinetuneError, Interrupted
+from .core.families import Family
 
 log = logging.getLogger("comfy_finetune")
 
@@ -184,8 +185,14 @@ def comfy_tokenizer_dir() -> Path | None:
         return None
     import comfy  # noqa: PLC0415
 
-    path = Path(comfy.__file__).parent / "sd1_tokenizer"
-    return path if (path / "vocab.json").exists() else None
+    # ComfyUI's comfy/ has no __init__.py: a namespace package, whose __file__ is None; __path__ lists its folder
+    folders = [Path(comfy.__file__).parent] if getattr(comfy, "__file__", None) else \
+        [Path(p) for p in getattr(comfy, "__path__", [])]
+    for folder in folders:
+        path = folder / "sd1_tokenizer"
+        if (path / "vocab.json").exists():
+            return path
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -524,3 +531,191 @@ def apply_lora_to_native(model: Any, clip: Any, state_dict: dict, strength_model
                             fix="connect the MODEL and CLIP of the checkpoint the LoRA was trained on (the same one "
                                 "the pipe input was loaded from)")
     return new_model, new_clip
+
+
+# ---------------------------------------------------------------------------------------------- the host's own model
+# ComfyUI's model classes (comfy.supported_models) per family this pack trains; subclasses (SSD-1B, unCLIP, x4
+# upscaler ...) map to their parent's family and are refused later if their tensors do not fit a plain model.
+_NATIVE_FAMILY_CLASSES = (("SDXL", "sdxl"), ("SD20", "sd2"), ("SD15", "sd1"))
+_NEEDS_COMFYUI = ("needs ComfyUI: this node reads ComfyUI's own MODEL, CLIP and VAE (from Load Checkpoint and other "
+                  "native loaders), which the headless runner does not have")
+
+
+def _native_family(model) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` from the class of ComfyUI's model config (``model.model.model_config``)."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    names = [c.__name__ for c in type(config).__mro__] if config is not None else []
+    for cls_name, family in _NATIVE_FAMILY_CLASSES:
+        if cls_name in names:
+            return family
+    shown = names[0] if names else type(model).__name__
+    raise FinetuneError(f"the MODEL is a {shown} model; this pack trains SD 1.x, SD 2.x and SDXL", input="model",
+                        fix="connect the MODEL of an SD 1.x, SD 2.x or SDXL checkpoint, or load a supported model "
+                            "with Load Base Model")
+
+
+def _native_prediction(model) -> tuple[str, dict]:
+    """``(prediction type, schedule)`` from the model sampling ComfyUI samples with (object patches such as the
+    ModelSamplingDiscrete node included). ComfyUI's discrete schedule is LDM's "linear" one: betas linear in
+    sqrt(beta) from ``linear_start`` to ``linear_end`` (diffusers' ``scaled_linear``); ``zsnr`` rescales it to zero
+    terminal SNR (diffusers' ``rescale_betas_zero_snr``)."""
+    import comfy.model_sampling as ms_mod  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    sampling = model.get_model_object("model_sampling")
+    # the prediction is the most derived EPS-family mixin of the sampling class that is not itself a Module
+    mixin = next((c for c in type(sampling).__mro__
+                  if isinstance(c, type) and issubclass(c, ms_mod.EPS) and not issubclass(c, torch.nn.Module)), None)
+    kind = {ms_mod.EPS: "epsilon", ms_mod.V_PREDICTION: "v_prediction"}.get(mixin)
+    if kind is None or not isinstance(sampling, ms_mod.ModelSamplingDiscrete):
+        what = mixin.__name__ if mixin is not None else type(sampling).__name__
+        raise FinetuneError(f"the MODEL samples with {what} ({type(sampling).__name__}); this pack trains discrete "
+                            "epsilon and v-prediction models", input="model",
+                            fix="remove the model-sampling node in front (e.g. ModelSamplingDiscrete set to lcm or "
+                                "x0), or connect a plain SD 1.x / 2.x / SDXL MODEL")
+    config = getattr(model.model, "model_config", None)
+    schedule_name = (getattr(config, "sampling_settings", None) or {}).get("beta_schedule", "linear")
+    if schedule_name != "linear":
+        raise FinetuneError(f"the MODEL's noise schedule is '{schedule_name}'; SD models use LDM's 'linear' one",
+                            input="model", fix="connect a standard SD 1.x / 2.x / SDXL MODEL")
+    schedule = {"num_train_timesteps": int(sampling.num_timesteps), "beta_start": float(sampling.linear_start),
+                "beta_end": float(sampling.linear_end), "zero_snr": bool(getattr(sampling, "zsnr", False))}
+    return kind, schedule
+
+
+def _native_text_layers(clip, family: str, names: list[str]) -> list[int | None]:
+    """How many transformer layers of each text encoder ComfyUI's conditioning reads, for the pack's convention.
+
+    ComfyUI's encoder (``comfy.sd1_clip.SDClipModel``) returns the last layer (``layer="last"``, through the final
+    layer norm) or the output of layer ``layer_idx`` (``"hidden"``; negative counts from the end; through the final
+    norm when ``layer_norm_hidden_state``). Its defaults: SD 1.x last; SD 2.x layer -2 normed; SDXL both encoders
+    layer -2 not normed. ``CLIP Set Last Layer`` (``clip.layer_idx``) overrides the layer of every encoder.
+    The pack reads SD 1.x/2.x from the last layer through the final norm (so ComfyUI's layer k, normed, is the pack's
+    encoder cut to k + 1 layers) and SDXL from hidden state -2 without the norm (all layers kept).
+    """
+    out: list[int | None] = []
+    for name in names:
+        enc = getattr(clip.cond_stage_model, name)
+        n = int(enc.num_layers)
+        layer, idx = enc.options_default[0], enc.options_default[1]
+        if clip.layer_idx is not None and layer != "all":  # SDClipModel.set_clip_options
+            if abs(int(clip.layer_idx)) > n:
+                layer, idx = "last", None
+            else:
+                layer, idx = "hidden", int(clip.layer_idx)
+        used = n if layer == "last" else (None if layer != "hidden" else (idx + 1 if idx >= 0 else n + idx + 1))
+        normed = layer == "last" or bool(getattr(enc, "layer_norm_hidden_state", True))
+        if family == "sdxl":
+            ok = used == n - 1 and not normed
+            keep = None
+        else:
+            ok = used is not None and normed
+            keep = used
+        if not ok:
+            raise FinetuneError(f"the CLIP's {name} reads layer {idx if layer == 'hidden' else layer} "
+                                f"({'with' if normed else 'without'} the final norm), which this pack's "
+                                f"{Family(family).label} conditioning cannot reproduce", input="clip",
+                            fix="remove CLIP Set Last Layer (or set -1 / -2 for SD 1.x/2.x); SDXL must keep its "
+                                "default layer")
+        out.append(keep)
+    return out
+
+
+def _native_tensors(patcher, prefix: str, patched: list[str], *, input: str) -> dict:
+    """``{name without prefix: tensor}`` of ``patcher``'s model under ``prefix``: the host's own tensors, except the
+    ones ``patcher`` carries patches for (LoraLoader, model merges ...), which are new tensors holding the patched
+    weight as ComfyUI computes it when it loads the model (``ModelPatcher.patch_weight_to_device``:
+    ``comfy.lora.calculate_weight`` on an fp32 copy, rounded back to the weight's dtype), without touching the
+    model. A weight ComfyUI has swapped for a patched copy while loaded (``patcher.backup``) is read from its backup,
+    the original. The patched ones' names (without prefix) go to ``patched``."""
+    import comfy.float  # noqa: PLC0415
+    import comfy.lora  # noqa: PLC0415
+    import comfy.model_patcher as mp  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    out = {}
+    for key, tensor in patcher.model_state_dict(prefix).items():
+        backup = patcher.backup.get(key)
+        if backup is not None:
+            tensor = backup.weight
+        if not tensor.is_floating_point() or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FinetuneError(f"ComfyUI holds {key} as {tensor.dtype}; this pack trains fp32, fp16 or bf16 "
+                                "weights", input=input,
+                                fix="load the checkpoint without fp8/quantized weight options, or use Load Base "
+                                    "Model")
+        if key in patcher.patches:
+            _, set_func, convert_func = mp.get_key_weight(patcher.model, key)
+            if set_func is not None or convert_func is not None:
+                raise FinetuneError(f"{key} is stored in a custom (quantized) format", input=input,
+                                    fix="load the checkpoint with ComfyUI's standard loaders, or use Load Base Model")
+            with torch.inference_mode(False), torch.no_grad():
+                weight = comfy.lora.calculate_weight(patcher.patches[key], tensor.to(torch.float32, copy=True), key)
+                tensor = comfy.float.stochastic_rounding(weight, tensor.dtype, seed=mp.string_to_seed(key))
+            patched.append(key[len(prefix):])
+        out[key[len(prefix):]] = tensor
+    return out
+
+
+def native_model_parts(model: Any, clip: Any, vae: Any) -> dict:
+    """ComfyUI's MODEL, CLIP and VAE as plain tensors and facts (for ``core.native.base_from_native``).
+
+    Returns ``{"family", "prediction_type", "schedule", "latent_scale", "unet", "vae", "text_encoders",
+    "text_layers", "patched", "notes"}``: ``unet`` and ``vae`` under LDM names, ``text_encoders`` under HF CLIP names
+    (SDXL: CLIP-L then bigG), each the host's own tensor (not copied) or, for a weight the MODEL/CLIP carries a
+    patch for (e.g. LoraLoader), the patched weight as ComfyUI computes it (``patched`` names those: ``unet``,
+    ``vae`` and ``text_encoders``, one list per encoder). What
+    ComfyUI applies another way (weight wrappers, attention/object patches, hooks) is not carried over and listed in
+    ``notes``. ComfyUI's loaded models are unloaded first (``free_host_models``), so every module holds its
+    original weights. Headless: :class:`FinetuneError` (needs ComfyUI).
+    """
+    if not in_comfyui():
+        raise FinetuneError(_NEEDS_COMFYUI, input="model",
+                            fix="run the workflow in ComfyUI, or use Load Base Model (FT_PIPE) headless")
+    for name, value, attrs in (("model", model, ("model", "patches", "get_model_object")),
+                               ("clip", clip, ("cond_stage_model", "patcher")),
+                               ("vae", vae, ("first_stage_model", "patcher"))):
+        if value is None or not all(hasattr(value, a) for a in attrs):
+            raise FinetuneError(f"the {name} input is not ComfyUI's {name.upper()} ({type(value).__name__})",
+                                input=name, fix=f"connect the {name.upper()} output of Load Checkpoint")
+    family = _native_family(model)
+    prediction, schedule = _native_prediction(model)
+    free_host_models()
+
+    patched: dict[str, list] = {"unet": [], "vae": [], "text_encoders": []}
+    unet = _native_tensors(model, "diffusion_model.", patched["unet"], input="model")
+    csm = clip.cond_stage_model
+    names = [n for n in ("clip_l", "clip_h", "clip_g") if hasattr(getattr(csm, n, None), "transformer")]
+    text_layers = _native_text_layers(clip, family, names)
+    texts = []
+    for n in names:
+        patched["text_encoders"].append([])
+        texts.append(_native_tensors(clip.patcher, f"{n}.transformer.", patched["text_encoders"][-1], input="clip"))
+    if vae.first_stage_model is None or not hasattr(vae.first_stage_model, "decoder"):
+        raise FinetuneError("the VAE is empty or not an SD VAE", input="vae", fix="connect the VAE of Load Checkpoint")
+    vae_sd = _native_tensors(vae.patcher, "", patched["vae"], input="vae")
+
+    notes = []
+    counts = {"UNet": len(patched["unet"]), "text encoder": sum(map(len, patched["text_encoders"])),
+              "VAE": len(patched["vae"])}
+    if any(counts.values()):
+        notes.append("patched weights (as KSampler sees them) held for " +
+                     ", ".join(f"{n} {what} tensors" for what, n in counts.items() if n))
+    ignored = []
+    if getattr(model, "weight_wrapper_patches", None):
+        ignored.append(f"{len(model.weight_wrapper_patches)} weight wrappers (e.g. ComfyUI Train LoRA's model output)")
+    others = [k for k in (getattr(model, "object_patches", None) or {}) if k != "model_sampling"]
+    if others:
+        ignored.append("object patches " + ", ".join(others[:4]))
+    options = getattr(model, "model_options", None) or {}
+    if any(options.get("transformer_options", {}).get(k) for k in ("patches", "patches_replace")) or \
+            any(k != "transformer_options" and v for k, v in options.items()):
+        ignored.append("model options (attention patches, sampler functions)")
+    if getattr(model, "hook_patches", None) or getattr(clip.patcher, "hook_patches", None):
+        ignored.append("hooks")
+    if ignored:
+        notes.append("not carried over: " + "; ".join(ignored))
+    latent_format = getattr(model.model, "latent_format", None)
+    return {"family": family, "prediction_type": prediction, "schedule": schedule,
+            "latent_scale": float(getattr(latent_format, "scale_factor", 0.0)) or None,
+            "unet": unet, "vae": vae_sd, "text_encoders": texts, "text_layers": text_layers, "patched": patched,
+            "notes": notes}

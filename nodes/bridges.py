@@ -9,6 +9,8 @@
 * :class:`NativeLoRAToFinetune`: ComfyUI's own trained LoRA (``LORA_MODEL`` from ``TrainLoraNode``, a dict of
   ``diffusion_model.<LDM path>.lora_up.weight`` / ``lora_down.weight`` / ``alpha`` tensors) as an ``FT_LORA`` for
   AddLoRA, SaveLoRA and the rest of the pack.
+* :class:`NativeModelToPipe`: ComfyUI's own MODEL + CLIP + VAE (Load Checkpoint, with LoraLoader patches) as an
+  ``FT_PIPE`` over the host's tensors (core.native), so the pack's trainers train the graph's own model.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from collections import Counter
 
 from .. import host
 from ..core.errors import FinetuneError
+from ..core.handle import ModelHandle
+from ..core.loading import DEVICES
 from ..core.lora import LoraModule, parse_lora, to_kohya_state_dict
 from ..core.lora_handle import _targets, check_fits
+from ..core.native import base_from_native, shared_fraction
 from ..training.saving import relative_name, safe_name, save_embedding_for
 from .base import CATEGORY, EMBEDDING, LORA, PIPE, FTNode
 
@@ -216,4 +221,57 @@ class NativeLoRAToFinetune(FTNode):
         return {"ui": {"text": notes}, "result": (weights,)}
 
 
-NODES = [ApplyLoRAToModel, EmbeddingToPrompt, NativeLoRAToFinetune]
+# ========================================================================================== MODEL/CLIP/VAE -> FT_PIPE
+
+class NativeModelToPipe(FTNode):
+    NODE_ID = "FinetuneNativeModelToPipe"
+    DISPLAY_NAME = "ComfyUI MODEL/CLIP/VAE → Finetune Pipe"
+    CATEGORY = BRIDGE_CATEGORY
+    DESCRIPTION = ("Turns ComfyUI's own MODEL, CLIP and VAE (Load Checkpoint, also after Load LoRA) into this pack's "
+                   "pipe, so Train LoRA, Learn Embedding and DreamBooth train the model the graph already loaded. "
+                   "No second copy: the pipe reads ComfyUI's weights in place, except the weights a Load LoRA "
+                   "patches, which it holds patched (what KSampler sees). Training never changes ComfyUI's "
+                   "weights. SD 1.x, SD 2.x (v-prediction read from the model) and SDXL; the weights keep "
+                   "ComfyUI's dtype. Needs ComfyUI (not the headless runner).")
+    RETURN_TYPES = (PIPE,)
+    RETURN_NAMES = ("pipe",)
+    OUTPUT_TOOLTIPS = ("The model as FT_PIPE for the pack's trainers, Sample and Add LoRA. Apply what you train to "
+                       "the same MODEL/CLIP with Apply Finetune LoRA to MODEL/CLIP.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "ComfyUI's diffusion model (Load Checkpoint, optionally through Load "
+                                               "LoRA): SD 1.x, SD 2.x or SDXL."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (optionally through the same Load "
+                                             "LoRA). CLIP Set Last Layer is honoured for SD 1.x/2.x."}),
+                "vae": ("VAE", {"tooltip": "The VAE to encode training images and decode samples with (usually the "
+                                           "checkpoint's)."}),
+                "device": (list(DEVICES), {"default": "auto",
+                                           "tooltip": "Where the pipe computes. auto: ComfyUI's device. Weights "
+                                                      "already there are shared with ComfyUI; on another device "
+                                                      "they are copied there once (e.g. to the GPU)."}),
+            },
+        }
+
+    def run(self, model, clip, vae, device="auto"):
+        import torch  # noqa: PLC0415 - heavy at start-up
+
+        with torch.inference_mode(False):
+            parts = host.native_model_parts(model, clip, vae)
+            base, notes = base_from_native(parts, str(device), node=self.NODE_ID)
+        patched = parts.get("patched") or {}
+        groups = [(parts["unet"], patched.get("unet")), (parts["vae"], patched.get("vae")),
+                  *zip(parts["text_encoders"], patched.get("text_encoders") or [[]] * len(parts["text_encoders"]))]
+        host_tensors = [t for tensors, skip in groups for k, t in tensors.items() if k not in set(skip or ())]
+        shared, own = shared_fraction([base.unet, base.vae, *base.text_encoders], host_tensors)
+        mib = 1 << 20
+        lines = [f"{base.family.label}, {parts['prediction_type']}, {str(base.dtype).replace('torch.', '')} on "
+                 f"{base.device.type}", f"shared with ComfyUI: {shared / mib:.0f} MiB; held by the pipe: "
+                 f"{own / mib:.0f} MiB", *notes]
+        host.log.info("[%s] %s", self.NODE_ID, "; ".join(lines))
+        return {"ui": {"text": lines}, "result": (ModelHandle(base),)}
+
+
+NODES = [ApplyLoRAToModel, EmbeddingToPrompt, NativeLoRAToFinetune, NativeModelToPipe]

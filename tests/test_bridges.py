@@ -17,7 +17,7 @@ from comfy_finetune import host
 from comfy_finetune.core.conditioning import encode_prompt
 from comfy_finetune.core.embeddings import Embedding
 from comfy_finetune.core.errors import FinetuneError
-from comfy_finetune.core.handle import EmbeddingPatch, LoraPatch
+from comfy_finetune.core.handle import EmbeddingPatch, LoraPatch, ModelHandle
 from comfy_finetune.core.ldm import unet_name_map
 from comfy_finetune.core.lora import LoraModule, LoraWeights, to_kohya_state_dict
 from comfy_finetune.nodes.bridges import NODES, ApplyLoRAToModel, EmbeddingToPrompt, NativeLoRAToFinetune
@@ -326,3 +326,193 @@ def test_host_apply_refuses_shape_mismatches(fake_comfy):
     with pytest.raises(FinetuneError) as err:
         host.apply_lora_to_native(model, clip, _pair(out_dim=16), 1.0, 1.0)
     assert "lora_unet_a" in err.value.detail and "[16, 4]" in err.value.detail and "[8, 4]" in err.value.detail
+
+
+# ---------------------------------------------------------------------------------------------- MODEL/CLIP/VAE -> pipe
+def _host_parts(handle, *, te_dtype=None, extra_text_layer=False) -> dict:
+    """What host.native_model_parts returns for ComfyUI's load of ``handle``'s checkpoint: copies of its tensors
+    made under inference mode (as ComfyUI runs nodes), the UNet and VAE under LDM names (VAE attention as 1x1
+    convolutions), the text encoders under HF names with ``text_model.`` (ComfyUI's). ``extra_text_layer``: SD 2.x
+    as ComfyUI holds it, with the OpenCLIP tower's last layer, which diffusers' encoder drops."""
+    from comfy_finetune.core.ldm import is_vae_conv_as_linear, rename_keys, vae_name_map
+
+    base = handle.base
+    with torch.inference_mode():
+        unet = {k: v.clone() for k, v in rename_keys(base.unet.state_dict(), unet_name_map(base.unet.config)).items()}
+        vae = {k: (v[:, :, None, None] if v.ndim == 2 and is_vae_conv_as_linear(k.rpartition(".")[0]) else v).clone()
+               for k, v in rename_keys(base.vae.state_dict(), vae_name_map(base.vae.config)).items()}
+        texts = []
+        for te in base.text_encoders:
+            sd = {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k):
+                  v.clone().to(te_dtype or v.dtype) for k, v in te.state_dict().items() if "position_ids" not in k}
+            if extra_text_layer:
+                n = int(te.config.num_hidden_layers)
+                sd.update({k.replace(f"layers.{n - 1}.", f"layers.{n}."): v.clone() * 3 for k, v in sd.items()
+                           if f"encoder.layers.{n - 1}." in k})
+            texts.append(sd)
+    return {"family": handle.family.value, "prediction_type": base.prediction_type,
+            "schedule": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "zero_snr": False},
+            "latent_scale": float(base.vae.config.scaling_factor), "unet": unet, "vae": vae, "text_encoders": texts,
+            "text_layers": [int(base.text_encoders[0].config.num_hidden_layers)] if extra_text_layer else None,
+            "patched": {"unet": [], "vae": [], "text_encoders": [[] for _ in texts]}, "notes": []}
+
+
+def _host_tensors(parts) -> list[torch.Tensor]:
+    return [*parts["unet"].values(), *parts["vae"].values(),
+            *(t for te in parts["text_encoders"] for t in te.values())]
+
+
+def _bridged(handle, **kwargs):
+    from comfy_finetune.core.native import base_from_native
+
+    parts = _host_parts(handle, **kwargs)
+    base, notes = base_from_native(parts, "cpu", tokenizers=handle.base.tokenizers)
+    return parts, base, notes
+
+
+def test_native_model_to_pipe_headless_needs_comfyui(tiny_handles):
+    from comfy_finetune.nodes.bridges import NativeModelToPipe
+
+    with pytest.raises(FinetuneError) as err:
+        NativeModelToPipe().run(model=object(), clip=object(), vae=object(), device="cpu")
+    e = err.value
+    assert e.node == "FinetuneNativeModelToPipe" and e.input == "model", e
+    assert "needs ComfyUI" in e.detail and "headless" in e.detail, e
+    assert "Load Base Model" in e.fix and "ComfyUI" in e.fix
+    schema = NativeModelToPipe.INPUT_TYPES()["required"]
+    assert [schema[n][0] for n in ("model", "clip", "vae")] == ["MODEL", "CLIP", "VAE"]
+    assert NativeModelToPipe.RETURN_TYPES == ("FT_PIPE",)
+
+
+def test_plain_alias_shares_an_inference_tensors_memory_and_trains_through_it():
+    from comfy_finetune.core.native import plain_alias
+
+    with torch.inference_mode():
+        w = torch.randn(6, 4)
+        conv = torch.randn(3, 3, 1, 1)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors"):
+        torch.nn.functional.linear(x, w).sum().backward()
+    alias = plain_alias(w)
+    assert not alias.is_inference() and alias.data_ptr() == w.data_ptr() and torch.equal(alias, w)
+    torch.nn.functional.linear(x, alias).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(2, -1))
+    view = plain_alias(conv)[:, :, 0, 0]
+    assert view.data_ptr() == conv.data_ptr() and view.shape == (3, 3)
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sd2", "sdxl"])
+def test_bridged_modules_share_every_tensor_and_compute_the_same(tiny_handles, fam):
+    handle = tiny_handles[fam]
+    parts, base, notes = _bridged(handle)
+    host_ptrs = {t.data_ptr() for t in _host_tensors(parts)}
+    modules = (base.unet, base.vae, *base.text_encoders)
+    params = [(n, p) for m in modules for n, p in m.named_parameters()]
+    assert params and [n for n, p in params if p.data_ptr() not in host_ptrs] == []
+    assert not any(p.is_inference() or p.requires_grad for _, p in params)
+    assert notes == []  # nothing copied
+    from comfy_finetune.core.native import shared_fraction
+
+    shared, own = shared_fraction(modules, _host_tensors(parts))
+    position_ids = sum(b.untyped_storage().nbytes() for te in base.text_encoders for _, b in te.named_buffers())
+    assert own == position_ids <= 2 * 77 * 8  # CLIP's position ids (0..76) per encoder, made for the pipe
+    assert shared == sum(t.untyped_storage().nbytes() for t in _host_tensors(parts))
+    assert (base.family, base.dtype, base.device.type) == (handle.family, torch.float32, "cpu")
+    assert base.vae.config.scaling_factor == handle.base.vae.config.scaling_factor
+    assert base.source.startswith(f"comfyui-native:{fam}:")
+
+    # the same images from the same seed as the model the tensors came from
+    a, b = _sample(handle, "a red circle"), _sample(ModelHandle(base), "a red circle")
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_bridged_sd2_keeps_the_layers_the_host_reads(tiny_handles):
+    """ComfyUI holds SD 2.x's whole OpenCLIP tower and reads its penultimate layer (normed); the bridge keeps the
+    layers up to it, which is diffusers' SD 2.x encoder: the same conditioning."""
+    handle = tiny_handles["sd2"]
+    parts, base, _ = _bridged(handle, extra_text_layer=True)
+    n = int(handle.base.text_encoders[0].config.num_hidden_layers)
+    assert len(parts["text_encoders"][0]) > len(handle.base.text_encoders[0].state_dict()) - 1
+    assert int(base.text_encoders[0].config.num_hidden_layers) == n
+    prompt = "a blue square"
+    assert torch.equal(encode_prompt(handle, prompt).cond, encode_prompt(ModelHandle(base), prompt).cond)
+
+
+def test_bridged_text_encoders_keep_the_hosts_dtype(tiny_handles):
+    """ComfyUI keeps text encoders in fp16 beside an fp32 UNet on a CPU: the bridge keeps both (no copy); the pipe's
+    dtype is the UNet's, and it samples."""
+    parts, base, notes = _bridged(tiny_handles["sd1"], te_dtype=torch.float16)
+    assert base.dtype == torch.float32 and next(base.text_encoders[0].parameters()).dtype == torch.float16
+    assert notes == []
+    images = _sample(ModelHandle(base), "a red circle")
+    assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
+
+
+def test_bridge_reads_the_schedule_and_refuses_what_it_cannot_train(tiny_handles):
+    from comfy_finetune.core.native import base_from_native
+
+    handle = tiny_handles["sd1"]
+    parts = _host_parts(handle)
+    parts.update(prediction_type="v_prediction", schedule={"num_train_timesteps": 1000, "beta_start": 0.001,
+                                                           "beta_end": 0.02, "zero_snr": True})
+    base, _ = base_from_native(parts, "cpu", tokenizers=handle.base.tokenizers)
+    assert base.prediction_type == "v_prediction"
+    cfg = base.scheduler_config
+    assert (cfg["prediction_type"], cfg["beta_start"], cfg["beta_end"], cfg["rescale_betas_zero_snr"]) == \
+        ("v_prediction", 0.001, 0.02, True)
+
+    def refused(input, match, **change):
+        bad = {**_host_parts(handle), **change}
+        with pytest.raises(FinetuneError, match=match) as err:
+            base_from_native(bad, "cpu", node="FinetuneNativeModelToPipe", tokenizers=handle.base.tokenizers)
+        assert err.value.input == input and err.value.node == "FinetuneNativeModelToPipe" and err.value.fix
+
+    refused("model", "x0", prediction_type="x0")
+    refused("model", "Kolors", family="kolors")
+    unet = dict(parts["unet"])
+    unet["input_blocks.0.0.weight"] = torch.zeros(unet["input_blocks.0.0.weight"].shape[0], 9, 3, 3)
+    refused("model", "inpainting", unet=unet)
+    refused("clip", "text encoder", text_encoders=_host_parts(tiny_handles["sdxl"])["text_encoders"])
+    refused("clip", "layers", text_layers=[99])
+
+
+@pytest.mark.parametrize("kind", ["lora", "ti", "dreambooth-full"])
+def test_trainers_on_a_bridged_pipe_leave_the_hosts_tensors_as_they_were(tiny_handles, kind, tmp_path, monkeypatch):
+    """The pack's trainers on a pipe over the host's (inference-mode) tensors: they train (peft LoRA with the text
+    encoder, embedding vectors, a full DreamBooth copy of the UNet), every host tensor keeps its values, and the
+    pipe still reads the host's memory afterwards."""
+    from comfy_finetune.training.data import from_image_batch
+    from comfy_finetune.training.dreambooth import DreamBoothSpec, train_dreambooth
+    from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
+    from comfy_finetune.training.settings import TrainSettings
+    from comfy_finetune.training.ti_trainer import TISpec, train_embedding
+
+    monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path / "cache"))
+    parts, base, _ = _bridged(tiny_handles["sd1"])
+    tensors = _host_tensors(parts)
+    before = [t.clone() for t in tensors]
+    pipe = ModelHandle(base)
+    g = torch.Generator().manual_seed(0)
+    data = from_image_batch(torch.rand((2, 64, 64, 3), generator=g), ["a red circle", "a blue square"], resolution=64)
+    settings = TrainSettings(steps=2, learning_rate=1e-2, batch_size=1, seed=3, cache_to_disk=False)
+    if kind == "lora":
+        trained, _ = train_lora(pipe, data, settings, LoraSpec(rank=2, alpha=2, train_text_encoder=True))
+        assert any(c == "te1" for c, _ in trained.modules)
+        assert sum(float(m.up.abs().sum()) for m in trained.modules.values()) > 0  # peft's B starts at zero
+    elif kind == "ti":
+        embedding, _ = train_embedding(pipe, data, settings, TISpec(token="<bridge>", initializer="shape"))
+        assert embedding.vectors
+    else:
+        spec = DreamBoothSpec(instance_prompt="a sks shape", class_prompt="a shape", method="full",
+                              prior_preservation=False)
+        trained_handle, _, _ = train_dreambooth(pipe, data, settings, spec)
+        trained_unet = trained_handle.base.unet
+        host_ptrs = {t.data_ptr() for t in tensors}
+        assert not any(p.data_ptr() in host_ptrs for p in trained_unet.parameters())  # a copy
+        changed = [n for (n, p), q in zip(trained_unet.named_parameters(), base.unet.parameters())
+                   if not torch.equal(p, q)]
+        assert changed
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors))
+    host_ptrs = {t.data_ptr() for t in tensors}
+    assert all(p.data_ptr() in host_ptrs for m in (base.unet, base.vae, *base.text_encoders)
+               for p in m.parameters())
