@@ -378,6 +378,15 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     kinds = sorted({m.kind for m in lora.modules.values()} - {"lora"})
     rank = _most_common([m.rank for m in linear], _most_common([m.rank for m in convs], 0))
     alpha = _most_common([_alpha(m) for m in linear], _most_common([_alpha(m) for m in convs], 0.0))
+    ranked = [m for m in lora.modules.values() if getattr(m, "rank", 0)]  # LoHa, LoKr with a decomposed factor
+    if not plain and ranked:  # a LyCORIS file's dim and alpha are its modules' (alpha None: alpha = rank)
+        rank = _most_common([m.rank for m in ranked], 0)
+        alpha = _most_common([float(m.alpha) if m.alpha else float(m.rank) for m in ranked], 0.0)
+    elif not plain:  # e.g. a LoKr with both factors full: no rank; keep the dim/alpha its trainer recorded
+        try:
+            rank, alpha = int(lora.metadata["ss_network_dim"]), float(lora.metadata["ss_network_alpha"])
+        except (KeyError, ValueError):
+            pass
     v = info(family).v_default if v_prediction is None else bool(v_prediction)
     meta = {k: v_ for k, v_ in lora.metadata.items() if k not in _STALE_METADATA}
     meta.update({
@@ -406,6 +415,72 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+def _peft_lokr_factors(where: str, module: adapters.LokrModule) -> tuple[dict[str, Tensor], int]:
+    """``module`` as the tensors peft's LoKr layer holds (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``_b``) with its
+    scale folded into ``lokr_w1``, and the rank that makes peft build these factors.
+
+    peft's ``LoKrConfig(decompose_factor=-1, decompose_both=False, use_effective_conv2d=False)`` splits the output
+    width into ``(a, b)`` and the input width into ``(c, d)`` with ``peft.tuners.lokr.layer.factorization`` (the
+    divisor pair nearest the square root, smaller first), keeps ``w1 [a, c]`` full and decomposes ``w2 [b, d]`` (a
+    conv's ``[b, d * k * k]``) into ``w2_a [b, r] @ w2_b [r, ...]`` when ``r < max(b, d) / 2``, else keeps it full
+    (``[b, d, k, k]`` for a conv). Factors made otherwise (LyCORIS' ``factor``, CP, a decomposed ``w1``) raise.
+    """
+    from peft.tuners.lokr.layer import factorization  # noqa: PLC0415 - heavy, and only this writer needs it
+
+    refuse = f"{where}: this LoKr's factors are not the ones peft's LoKrConfig builds ({{}}); write kohya"
+    if module.w1 is None or module.t2 is not None or module.bias is not None \
+            or getattr(module, "dora_scale", None) is not None:
+        raise ValueError(refuse.format("a decomposed lokr_w1, a CP lokr_t2, a diff_b or a dora_scale"))
+    a, c = (int(n) for n in module.w1.shape[:2])
+    tensors = {"lokr_w1": (module.w1.float() * module.scale).contiguous()}
+    if module.w2 is not None:
+        b, d = (int(n) for n in module.w2.shape[:2])
+        rank = max(b, d)  # any rank >= max(b, d) / 2 makes peft keep w2 full
+        tensors["lokr_w2"] = module.w2.contiguous()
+    else:
+        b, rank = (int(n) for n in module.w2_a.shape)
+        inner = int(module.w2_b.shape[-1])  # d, or d * k * k for a conv (the kernel is not in the factors)
+        fits = [inner // kk for kk in (1, 4, 9, 25, 49) if inner % kk == 0
+                and factorization(c * (inner // kk)) == (c, inner // kk)]
+        if not fits or not rank < max(b, fits[0]) / 2:
+            raise ValueError(refuse.format(f"w2_b {list(module.w2_b.shape)} beside w1 {[a, c]}"))
+        d = fits[0]
+        tensors.update(lokr_w2_a=module.w2_a.contiguous(), lokr_w2_b=module.w2_b.contiguous())
+    if factorization(a * b) != (a, b) or factorization(c * d) != (c, d):
+        raise ValueError(refuse.format(f"w1 {[a, c]} and w2 {[b, d]}"))
+    return tensors, rank
+
+
+def _peft_lokr_state_dict(lora: LoraWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A UNet LoKr in peft's layout, which diffusers' ``unet.load_lora_adapter(file, prefix="unet")`` loads.
+
+    Keys ``unet.<path>.lokr_w1`` / ``.lokr_w2`` or ``.lokr_w2_a`` / ``.lokr_w2_b`` (peft's parameter names); the
+    metadata's ``lora_adapter_metadata`` holds the ``LoKrConfig`` (``unet.r``, ``unet.alpha``, ``rank_pattern``,
+    ``alpha_pattern``, ``target_modules``, the factorisation settings) diffusers builds the adapter from, with
+    ``alpha = r`` for every module (peft's scale ``alpha / r`` is then 1: the scale is in ``lokr_w1``). diffusers'
+    pipeline ``load_lora_weights`` refuses such keys (it wants "lora" in each) and its text-encoder loader builds
+    LoRA layers only, so a LoKr with text-encoder modules, or mixed with other kinds, raises.
+    """
+    sd: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for (comp, path), module in sorted(lora.modules.items()):
+        if comp != "unet":
+            raise ValueError(f"{comp}:{path}: diffusers loads a LoKr into the UNet only (its text-encoder loader "
+                             "makes LoRA layers); write kohya, or train the LoKr without the text encoder")
+        if not isinstance(module, adapters.LokrModule):
+            raise ValueError(f"{comp}:{path}: a {module.kind} module beside LoKr modules has no diffusers form "
+                             "(diffusers reads a file as all LoKr or all LoRA); write kohya")
+        tensors, ranks[path] = _peft_lokr_factors(f"{comp}:{path}", module)
+        sd.update({f"unet.{path}.{part}": t for part, t in tensors.items()})
+    r = _most_common(list(ranks.values()), 1)
+    pattern = {p: n for p, n in ranks.items() if n != r}
+    config = {"r": r, "alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+              "target_modules": sorted(ranks), "decompose_both": False, "decompose_factor": -1,
+              "use_effective_conv2d": False}
+    adapter = {f"unet.{k}": v for k, v in config.items()}
+    return sd, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
+
+
 def to_diffusers_state_dict(lora: LoraWeights, *, family: Family,
                             unet_config: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Write the PEFT layout diffusers' ``load_lora_weights`` reads, with ``lora_adapter_metadata``.
@@ -414,8 +489,11 @@ def to_diffusers_state_dict(lora: LoraWeights, *, family: Family,
     ``text_encoder_2.`` for SDXL's bigG. The metadata JSON holds each component's ``r``, ``lora_alpha``,
     ``target_modules`` and ``rank_pattern``/``alpha_pattern`` for modules that differ, so alphas survive
     (diffusers files otherwise have none). Tucker (``lora_mid``) modules cannot be expressed and raise.
+    A LoKr is written in peft's LoKr layout (:func:`_peft_lokr_state_dict`); LoHa has no diffusers loader and raises.
     """
     family = Family(family)
+    if any(isinstance(m, adapters.LokrModule) for m in lora.modules.values()):
+        return _peft_lokr_state_dict(lora)
     sd: dict[str, Tensor] = {}
     per_comp: dict[str, list[tuple[str, LoraModule]]] = {}
     for (comp, path), module in sorted(lora.modules.items()):

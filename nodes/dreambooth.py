@@ -27,8 +27,8 @@ class DreamBoothTrain(FTNode):
                    "prompt (e.g. 'a photo of sks dog'; the dataset's own captions are ignored), while prior "
                    "preservation keeps the class ('a photo of a dog') as it was, using class images generated once "
                    "by the model and cached (or a class dataset), or the frozen model's own predictions. Method lora "
-                   "trains a LoRA; method full trains a copy of the whole UNet (and text encoder). The input handle "
-                   "is never changed; cancel keeps a resumable checkpoint.")
+                   "trains a LoRA (or DoRA, LoHa, LoKr: the algorithm input); method full trains a copy of the whole "
+                   "UNet (and text encoder). The input handle is never changed; cancel keeps a resumable checkpoint.")
     RETURN_TYPES = (PIPE, LORA, "IMAGE", "IMAGE")
     RETURN_NAMES = ("pipe", "lora", "loss_plot", "validation")
     OUTPUT_TOOLTIPS = (
@@ -45,7 +45,7 @@ class DreamBoothTrain(FTNode):
     SPEC_INPUTS = ("instance_prompt", "class_prompt", "method", "prior_preservation", "prior_loss_weight",
                    "prior_mode", "num_class_images", "train_text_encoder", "text_learning_rate", "rank", "alpha")
     CLASS_SAMPLING_INPUTS = ("class_sample_steps", "class_cfg")  # optional, before the validation inputs
-    LATE_SPEC_INPUTS = ("targets",)  # optional, after the shared ones (added later)
+    LATE_SPEC_INPUTS = ("targets", "algorithm")  # optional, after the shared ones (added later, in this order)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -126,9 +126,9 @@ class TrainLoRA(FTNode):
     NODE_ID = "FinetuneTrainLoRA"
     DISPLAY_NAME = "Train LoRA (Finetune)"
     CATEGORY = TRAIN_CATEGORY
-    DESCRIPTION = ("Trains a LoRA on the model handle from a training set. The result chains straight into AddLoRA "
-                   "or Sample (pipe output) and saves with Save LoRA (Finetune). The input handle is not changed; "
-                   "cancel keeps a resumable checkpoint.")
+    DESCRIPTION = ("Trains a LoRA (or DoRA, LoHa, LoKr: the algorithm input) on the model handle from a training "
+                   "set. The result chains straight into AddLoRA or Sample (pipe output) and saves with Save LoRA "
+                   "(Finetune). The input handle is not changed; cancel keeps a resumable checkpoint.")
     RETURN_TYPES = (LORA, PIPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("lora", "pipe", "loss_plot", "validation")
     OUTPUT_TOOLTIPS = ("The trained LoRA (for AddLoRA / SaveLoRA).", "The input handle with the trained LoRA added.",
@@ -138,6 +138,7 @@ class TrainLoRA(FTNode):
     # What this node shows where it differs from the TrainSettings / LoraSpec defaults (none: those are LoRA's).
     DEFAULTS: dict = {}
     SPEC_INPUTS = ("rank", "alpha", "targets", "train_text_encoder", "text_learning_rate")
+    LATE_SPEC_INPUTS = ("algorithm",)  # optional, after the shared ones (added later)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -148,7 +149,13 @@ class TrainLoRA(FTNode):
             **widgets(cls.SPEC_INPUTS, LoraSpec, defaults=cls.DEFAULTS),
             **settings_inputs(cls.DEFAULTS),
         }
-        return {"required": required, "optional": {**validation_inputs(), **SCORER_INPUT}}
+        optional = {
+            **validation_inputs(),
+            # appended after the shared inputs so older workflows' widget values keep their positions
+            **widgets(cls.LATE_SPEC_INPUTS, LoraSpec, defaults=cls.DEFAULTS),
+            **SCORER_INPUT,
+        }
+        return {"required": required, "optional": optional}
 
     def run(self, pipe, dataset, rank, alpha, targets, train_text_encoder, text_learning_rate, **kwargs):
         inputs = with_recipe(type(self), "lora", pipe, node_inputs(locals()))

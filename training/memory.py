@@ -200,7 +200,7 @@ class RunShape:
 
 def describe(shape: RunShape, param_groups: list[dict], device: torch.device) -> Workload:
     """Gather the :class:`Workload` of a run from its objective's :class:`RunShape` and trainables."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy at start-up
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415 - heavy at start-up
 
     unet = shape.denoiser
     trainables = {id(p): p for g in param_groups for p in g["params"]}
@@ -214,7 +214,7 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
                       if i not in trainables and p.dtype == torch.float32)
     extra = sum(p.numel() for i, p in trainables.items() if i not in seen)
     values = sum(p.numel() for p in trainables.values())
-    lora_names = frozenset(n for n, m in unet.named_modules() if isinstance(m, LoraLayer)
+    lora_names = frozenset(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)
                            and any(p.requires_grad for p in m.parameters()))
     injected = extra_ids(unet)
     if any(p.requires_grad for p in unet.parameters() if id(p) not in injected):
@@ -242,13 +242,13 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
 
 
 def extra_ids(unet: torch.nn.Module) -> set[int]:
-    """ids of the LoRA tensors peft injected into ``unet`` (they are not the UNet's own weights)."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy at start-up
+    """ids of the adapter tensors peft injected into ``unet`` (LoRA/DoRA, LoHa, LoKr: not the UNet's own weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415 - heavy at start-up
 
     out: set[int] = set()
     for m in unet.modules():
-        if isinstance(m, LoraLayer):
-            for sub in (m.lora_A, m.lora_B, getattr(m, "lora_embedding_A", {}), getattr(m, "lora_embedding_B", {})):
+        if isinstance(m, BaseTunerLayer):
+            for sub in (getattr(m, name, {}) for name in m.adapter_layer_names):
                 for v in (sub.values() if hasattr(sub, "values") else []):
                     for p in (v.parameters() if isinstance(v, torch.nn.Module) else [v]):
                         out.add(id(p))
