@@ -167,19 +167,18 @@ class ModelHandle:
             saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
             try:
                 with torch.no_grad():
-                    for param, delta in self._lora_deltas():
-                        original = param.data
-                        merged = (original.float() + delta.to(device=original.device)).to(original.dtype)
-                        saved.append((param, original))
+                    for param, merged in self._merged_weights():
+                        saved.append((param, param.data))
                         param.data = merged
                 yield self
             finally:
                 for param, original in reversed(saved):
                     param.data = original
 
-    def _lora_deltas(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """Sum every LoRA's delta per target weight (fp32) and yield (parameter, delta)."""
-        totals: dict[tuple[str, str], Any] = {}
+    def _steps(self) -> dict[tuple[str, str, str], tuple[Any, list[tuple[Any, float]]]]:
+        """Per target ``(component, path, "weight"|"bias")``: the parameter and its ``(module, strength)`` steps in
+        patch order (strength 0 has exactly no effect and is left out)."""
+        plan: dict[tuple[str, str, str], tuple[Any, list[tuple[Any, float]]]] = {}
         for patch in self.loras:
             for (component, path), module in patch.lora.modules.items():
                 strength = patch.strength_unet if component == "unet" else patch.strength_text
@@ -190,14 +189,59 @@ class ModelHandle:
                 except KeyError:
                     continue
                 layer = model.get_submodule(path)
-                for name, delta in (("weight", module.delta(strength)), ("bias", module.bias_delta(strength))):
-                    if delta is None:  # a LoRA changes no bias; a bias difference may leave the weight alone
-                        continue
-                    param = getattr(layer, name)
+                for name in ("weight", "bias"):
+                    param = getattr(layer, name, None)
                     if param is None:  # a bias difference for a layer built without a bias: nothing to change
                         continue
-                    key = (component, path, name)
-                    delta = delta.reshape(param.shape)
-                    totals[key] = delta if key not in totals else totals[key] + delta
-        for (component, path, name), delta in totals.items():
-            yield getattr(self.base.component(component).get_submodule(path), name), delta
+                    plan.setdefault((component, path, name), (param, []))[1].append((module, strength))
+        return plan
+
+    @staticmethod
+    def _additive(name: str, module) -> bool:
+        return name == "bias" or module.additive
+
+    @staticmethod
+    def _delta(name: str, module, strength: float, param):
+        """An additive step's delta shaped like ``param`` (fp32), or None when it leaves this tensor alone."""
+        d = module.delta(strength) if name == "weight" else module.bias_delta(strength)
+        return None if d is None else d.reshape(param.shape)
+
+    def _lora_deltas(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Sum every additive LoRA delta per target weight (fp32) and yield ``(parameter, delta)``. A target with a
+        weight-dependent step (DoRA, OFT, BOFT, set_weight) yields its merged weight minus the base (fp32)."""
+        for param, merged, total in self._merge():
+            yield param, total if total is not None else merged - param.data.float()
+
+    def _merged_weights(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """``(parameter, merged tensor in the parameter's dtype)`` per patched target; the base tensor is untouched."""
+        for param, merged, total in self._merge():
+            original = param.data
+            if total is not None:  # additive only: one sum, one add (no other copy)
+                merged = original.float() + total.to(device=original.device)
+            yield param, merged.to(original.dtype)
+
+    def _merge(self):
+        """``(parameter, merged fp32 weight or None, summed delta or None)``: targets whose steps are all additive
+        give their summed delta (order does not matter); the others are walked in patch order, as ComfyUI's
+        ``calculate_weight`` does, each weight-dependent step seeing the weight the earlier ones left (out of place:
+        the base tensor is never written)."""
+        for (_, _, name), (param, steps) in self._steps().items():
+            if all(self._additive(name, m) for m, _ in steps):
+                total = None
+                for module, strength in steps:
+                    d = self._delta(name, module, strength, param)
+                    if d is None:  # a LoRA changes no bias; a bias difference may leave the weight alone
+                        continue
+                    total = d if total is None else total + d
+                if total is not None:
+                    yield param, None, total
+                continue
+            weight = param.data.float()
+            for module, strength in steps:
+                if self._additive(name, module):
+                    d = self._delta(name, module, strength, param)
+                    if d is not None:
+                        weight = weight + d.to(device=weight.device)
+                else:
+                    weight = module.apply(weight, strength)
+            yield param, weight, None

@@ -41,11 +41,6 @@ __all__ = [
     "detect_lora_family", "ADAPTER_METADATA_KEY",
 ]
 
-#: The parts each module kind reads (the rest of a group is reported as not applied).
-_READS = {"lora": {"down", "up", "mid", "alpha", "diff_b"},
-          "loha": {*adapters.LOHA_PARTS, "alpha", "diff_b"},
-          "lokr": {*adapters.LOKR_PARTS, "alpha", "diff_b"},
-          "diff": set(adapters.DIFF_PARTS)}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the PEFT config diffusers >= 0.34 writes into LoRA files
 _DIFFUSERS_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 _SAFE_SUFFIXES = (".safetensors", ".sft")
@@ -54,12 +49,14 @@ _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256
 
 
 @dataclass
-class LoraModule:
+class LoraModule(adapters._LowRank):
     """One adapted module: ``delta W = strength * (alpha / rank) * up @ down`` (rank = ``down.shape[0]``).
 
     Shapes: Linear ``down [r, in]``, ``up [out, r]``; 1x1 conv ``[r, in, 1, 1]`` / ``[out, r, 1, 1]``; kohya LoCon
     3x3 conv ``down [r, in, 3, 3]``, ``up [out, r, 1, 1]``; LyCORIS Tucker adds ``mid [r, r, k, k]``.
-    ``alpha`` None means scale 1 (``alpha = rank``), as in ComfyUI and A1111.
+    ``alpha`` None means scale 1 (``alpha = rank``), as in ComfyUI and A1111. With ``dora_scale`` (DoRA) the
+    layer's new weight is ComfyUI's DoRA merge of ``delta W`` (at strength 1) into the current weight, then
+    blended by the strength (:func:`.adapters.weight_decompose`; ``additive`` is False, use ``apply``).
     """
 
     down: Tensor
@@ -96,17 +93,26 @@ class LoraModule:
         return (int(self.up.shape[0]), *self.down.shape[1:])
 
     kind = "lora"
+    #: The parts of a file's group this module applies (the rest is reported as not applied).
+    applies = frozenset({"down", "up", "mid", "alpha", "diff_b", "dora_scale"})
 
     def bias_delta(self, strength: float = 1.0) -> Tensor | None:
         return None if self.bias is None else self.bias.float() * strength
 
     def fingerprint(self) -> float:
         fp = float(self.down.detach().double().sum()) + 3.0 * float(self.up.detach().double().sum())
-        return fp + (5.0 * float(self.bias.detach().double().sum()) if self.bias is not None else 0.0)
+        fp += 5.0 * float(self.bias.detach().double().sum()) if self.bias is not None else 0.0
+        return fp + (7.0 * float(self.dora_scale.detach().double().sum()) if self.dora_scale is not None else 0.0)
 
 
-#: Any module a LoRA file carries: LoRA / LoCon / Tucker, or a LoHa, LoKr or full difference (core/adapters.py).
-Adapter = LoraModule | adapters.LohaModule | adapters.LokrModule | adapters.DiffModule
+#: Any module a LoRA file carries: LoRA / LoCon / Tucker (each optionally DoRA), or a LoHa, LoKr, OFT, BOFT, full
+#: difference or replacement weight (core/adapters.py).
+Adapter = (LoraModule | adapters.LohaModule | adapters.LokrModule | adapters.OftModule | adapters.BoftModule
+           | adapters.DiffModule | adapters.SetModule)
+#: Kinds whose factors are fitted to one layer: in a file whose other modules fit, one that does not is damaged.
+_FITTED_KINDS = frozenset({"loha", "lokr", "oft", "boft", "set"})
+_LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr", "oft": "diag-oft", "boft": "boft"}  # kind -> LyCORIS' algo
+_FIX_DAMAGED = "the file is damaged or was made for another model; re-export it from its trainer"
 
 
 @dataclass
@@ -197,6 +203,7 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
         lora_family = Family.KOLORS
     if family is not None:
         check_family("LoRA", lora_family, family, why=why, input=input)
+    _check_dora_claim(state_dict, metadata, input)
 
     groups: dict[str, dict[str, Tensor]] = {}
     group_keys: dict[str, list[str]] = {}
@@ -215,8 +222,9 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
 
     resolver = ModuleResolver(unet_config, unet_modules, te_modules)
     adapter_cfg = _adapter_alphas(metadata)
-    modules: dict[tuple[str, str], LoraModule] = {}
+    modules: dict[tuple[str, str], Adapter] = {}
     misfits: list[str] = []
+    damaged: list[str] = []  # modules of fitted kinds (LoHa, LoKr, OFT, BOFT, set) that do not fit their layer
     placed: set[str] = set()
     for module_key, parts in groups.items():
         lora_pair = "down" in parts and "up" in parts
@@ -240,21 +248,26 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             else:
                 alpha = _metadata_alpha(adapter_cfg.get(_DIFFUSERS_COMPONENT[comp], {}), path, rank)
                 alpha = float(rank) if alpha is None else alpha
-            module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"), parts.get("diff_b"))
+            module: Adapter = LoraModule(parts["down"], parts["up"], alpha, parts.get("mid"), parts.get("diff_b"),
+                                         dora_scale=parts.get("dora_scale"))
         else:
             module = other
         want = resolver.shape(comp, path)
-        have = module.target_shape()
-        bias = module.bias_delta()
-        # Same output width and element count: a Linear [o, i] and a 1x1 conv [o, i, 1, 1] are interchangeable.
-        if want is not None and ((have is not None and (have[0] != want[0] or _numel(have) != _numel(want)))
-                                 or (bias is not None and tuple(bias.shape) != (want[0],))):
-            shown = list(have) if have is not None else f"bias {list(bias.shape)}"
-            misfits.append(f"{module_key}: {module.kind} {shown} vs model {list(want)}")
+        misfit = module_misfit(module, want)
+        if misfit is not None:
+            misfits.append(f"{module_key}: {misfit}")
+            if module.kind in _FITTED_KINDS:
+                damaged.append(misfits[-1])
             unmatched.extend(group_keys[module_key])
             continue
-        # parts no module of this kind reads (e.g. a full .diff beside low-rank factors) are listed, not applied
-        unread = set(parts) - _READS[module.kind]
+        dora_misfit = module.dora_misfit(want) if want is not None else None
+        if dora_misfit is not None:
+            raise FinetuneError(f"module '{module_key}' is a DoRA whose magnitudes do not fit its layer: "
+                                f"{dora_misfit}", input=input,
+                                fix=f"{_FIX_DAMAGED} (a DoRA's dora_scale is [out, 1] per output row or [1, in] per "
+                                    "input column)")
+        # parts this module does not apply (e.g. a full .diff beside low-rank factors) are listed, not dropped
+        unread = set(parts) - module.applies
         unmatched.extend(k for k in group_keys[module_key] if split_part(k)[1] in unread)
         modules[target] = module
         placed.add(module_key)
@@ -262,7 +275,7 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
     # Structural family check (works for any width, e.g. tiny test models): a LoRA made for this model places
     # (nearly) all of its modules; one made for another family places few of them or with the wrong shapes.
     pairs = [k for k, parts in groups.items() if ("down" in parts and "up" in parts)
-             or any(p in parts for p in (*adapters.LOHA_PARTS, *adapters.LOKR_PARTS, *adapters.DIFF_PARTS))]
+             or any(p in parts for p in adapters.MODULE_PARTS)]
     if pairs and 2 * len(modules) < len(pairs):
         target_label = Family(family).label if family is not None else "loaded"
         example = misfits[0] if misfits else next(k for k in pairs if k not in placed)
@@ -270,6 +283,9 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             f"this LoRA does not fit the {target_label} model: only {len(modules)} of its {len(pairs)} modules "
             f"match (e.g. {example})", input=input,
             fix="pick a LoRA trained for the loaded model's family (kohya, diffusers/PEFT or ComfyUI layout)")
+    if damaged:  # the file fits this model, but these factors do not fit the layers they name
+        raise FinetuneError(f"{len(damaged)} of its modules do not fit the layers they name, e.g. {damaged[0]}",
+                            input=input, fix=_FIX_DAMAGED)
     weights = LoraWeights(lora_family or (Family(family) if family is not None else None), modules, metadata, name)
     if bundles:
         weights.embeddings = bundled_embeddings(bundles, _token_widths(te_modules), metadata, input=input)
@@ -286,6 +302,50 @@ def _token_widths(te_modules) -> list[int]:
             return []
         widths.append(int(shape[-1]))
     return widths
+
+
+def module_misfit(module: Adapter, want: Sequence[int] | None) -> str | None:
+    """Why ``module`` does not fit a layer whose weight is ``want`` (None: it fits, or no shape to check). Same output
+    width and element count fit: a Linear [o, i] and a 1x1 conv [o, i, 1, 1] are interchangeable."""
+    if want is None:
+        return None
+    if isinstance(module, adapters.OftModule | adapters.BoftModule):  # only the output rows are known
+        why = module.misfit(want)
+        if why is not None:
+            return f"{why} (model {list(want)})"
+    have = module.target_shape()
+    if have is not None and (have[0] != want[0] or _numel(have) != _numel(want)):
+        shown = module.describe() if isinstance(module, adapters.LokrModule) else f"{module.kind} {list(have)}"
+        return f"{shown} vs model {list(want)}"
+    bias = module.bias_delta()
+    if bias is not None and tuple(bias.shape) != (want[0],):
+        return f"{module.kind} bias {list(bias.shape)} vs model {list(want)}"
+    return None
+
+
+def _dora_claim(metadata: Mapping[str, str]) -> str | None:
+    """Where the metadata says the file is a DoRA: LyCORIS' ``dora_wd`` in ``ss_network_args``, or PEFT's
+    ``use_dora`` in diffusers' ``lora_adapter_metadata``. None when it does not."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except (TypeError, ValueError):
+        args = {}
+    if isinstance(args, dict) and str(args.get("dora_wd", "")).strip().lower() in ("true", "1", "yes"):
+        return "its ss_network_args say dora_wd"
+    if any(cfg.get("use_dora") is True for cfg in _adapter_alphas(metadata).values()):
+        return f"its {ADAPTER_METADATA_KEY} say use_dora"
+    return None
+
+
+def _check_dora_claim(state_dict: Mapping[str, Any], metadata: Mapping[str, str], input: str | None) -> None:
+    """A file whose metadata says DoRA but that holds no magnitudes (``dora_scale``, or PEFT's
+    ``lora_magnitude_vector``) would load as a plain LoRA, which is not the model that was trained: refused."""
+    why = _dora_claim(metadata)
+    if why and not any("dora_scale" in k or "lora_magnitude_vector" in k for k in state_dict):
+        raise FinetuneError(f"the file is marked as a DoRA ({why}) but holds no DoRA magnitudes (no dora_scale "
+                            "keys): its low-rank part alone is not the trained model", input=input,
+                            fix="re-export the DoRA from its trainer with its dora_scale tensors, or use a plain "
+                                "LoRA file")
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -357,7 +417,7 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
     sd: dict[str, Tensor] = {}
     for (comp, path), module in sorted(lora.modules.items()):
         base = _kohya_module_name(comp, path, family, ldm_map)
-        if not isinstance(module, LoraModule):  # LoHa, LoKr, full differences: the keys they were read from
+        if not isinstance(module, LoraModule):  # LoHa, LoKr, OFT, BOFT, full tensors: the keys they were read from
             sd.update({f"{base}.{part}": t.contiguous() for part, t in module.tensors().items()})
             if module.alpha is not None:
                 sd[f"{base}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
@@ -371,6 +431,8 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
         sd[f"{base}.alpha"] = torch.tensor(_alpha(module), dtype=torch.float32)
         if module.bias is not None:
             sd[f"{base}.diff_b"] = module.bias.contiguous()
+        if module.dora_scale is not None:
+            sd[f"{base}.dora_scale"] = module.dora_scale.contiguous()
 
     plain = [m for m in lora.modules.values() if isinstance(m, LoraModule)]
     linear = [m for m in plain if not (m.down.ndim == 4 and m.down.shape[-1] > 1)]
@@ -398,12 +460,21 @@ def to_kohya_state_dict(lora: LoraWeights, *, family: Family, unet_config: Mappi
         **modelspec_keys(family, "lora", v),
         "modelspec.title": lora.name or f"LoRA@{int(time.time())}",
     })
+    args: dict[str, str] = {}
     if convs:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(_most_common([m.rank for m in convs], 0)),
-                                              "conv_alpha": _num(_most_common([_alpha(m) for m in convs], 0.0))})
-    if {"loha", "lokr"} & set(kinds):  # LyCORIS' own network module and algorithm name
+        args.update(conv_dim=str(_most_common([m.rank for m in convs], 0)),
+                    conv_alpha=_num(_most_common([_alpha(m) for m in convs], 0.0)))
+    algos = [_LYCORIS_ALGOS[k] for k in kinds if k in _LYCORIS_ALGOS]
+    dora = any(getattr(m, "dora_scale", None) is not None for m in lora.modules.values())
+    if algos or dora:  # LyCORIS' own network module, algorithm name and DoRA flag
         meta["ss_network_module"] = "lycoris.kohya"
-        meta["ss_network_args"] = json.dumps({"algo": "+".join(k for k in kinds if k != "diff")})
+        args["algo"] = "+".join(algos) or "lora"
+    if dora:
+        args["dora_wd"] = "True"
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    elif _dora_claim(meta):  # arguments inherited from a DoRA file, for modules without magnitudes
+        meta.pop("ss_network_args")
     if v:
         meta["modelspec.prediction_type"] = "v"
     if bundle and lora.embeddings:
@@ -499,6 +570,9 @@ def to_diffusers_state_dict(lora: LoraWeights, *, family: Family,
     for (comp, path), module in sorted(lora.modules.items()):
         if not isinstance(module, LoraModule):
             raise ValueError(f"{comp}:{path}: a {module.kind} module has no diffusers/PEFT LoRA form; write kohya")
+        if module.dora_scale is not None:  # PEFT's magnitudes (lora_magnitude_vector) are not written here
+            raise ValueError(f"{comp}:{path}: a DoRA module (dora_scale) has no diffusers/PEFT form here; write "
+                             "kohya")
         if module.mid is not None:
             raise ValueError(f"{comp}:{path}: LyCORIS Tucker (lora_mid) has no diffusers/PEFT form; write kohya")
         if comp == "te2" and family is not Family.SDXL:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FinetuneError
 from .families import check_family
 from .handle import EmbeddingPatch, LoraPatch, module_shapes
-from .lora import LoraWeights, lora_from_file
+from .lora import LoraWeights, lora_from_file, module_misfit
 
 if TYPE_CHECKING:  # pragma: no cover
     from .handle import ModelHandle
@@ -47,8 +46,9 @@ def check_fits(lora: LoraWeights, handle: ModelHandle, *, node: str | None = Non
         if target is None:
             bad.append(f"{comp}:{path} (no such layer)")
             continue
-        if math.prod(module.target_shape()) != math.prod(target):
-            bad.append(f"{comp}:{path} ({tuple(module.target_shape())} vs {tuple(target)})")
+        why = module_misfit(module, target) or module.dora_misfit(target)
+        if why is not None:
+            bad.append(f"{comp}:{path} ({why})")
     if bad:
         raise FinetuneError(f"this LoRA does not fit the model: {len(bad)} of {len(lora.modules)} layers differ, e.g. "
                             + "; ".join(bad[:3]), node=node, input=input,

@@ -1,9 +1,10 @@
 """Key grammar of LoRA files: which tensor a key holds and which model module it adapts.
 
-A LoRA key is ``<module key><part suffix>``. The part is ``down``/``up``/``mid``/``alpha``; the module key names
-one module in one of several spellings (kohya ``lora_unet_<path with _>``, diffusers/PEFT dotted paths with
-``unet.``/``text_encoder(_2).`` prefixes, ComfyUI's generic ``diffusion_model.<LDM path>``). :class:`ModuleResolver`
-turns any of them into ``(component, path)`` where ``path`` is a name from the loaded model's ``named_modules()``.
+A LoRA key is ``<module key><part suffix>``. The part is ``down``/``up``/``mid``/``alpha`` or one of the other
+adapter kinds' parts (:data:`PART_SUFFIXES`); the module key names one module in one of several spellings (kohya
+``lora_unet_<path with _>``, diffusers/PEFT dotted paths with ``unet.``/``text_encoder(_2).`` prefixes, ComfyUI's
+generic ``diffusion_model.<LDM path>``). :class:`ModuleResolver` turns any of them into ``(component, path)`` where
+``path`` is a name from the loaded model's ``named_modules()``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ PART_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # old attention processors: to_q_lora.down.weight
     (".alpha", "alpha"),
-    # LyCORIS LoHa / LoKr and full differences (core/adapters.py); each name ends differently from the others
+    # LyCORIS LoHa / LoKr / OFT / BOFT, DoRA magnitudes, full differences and replacement weights
+    # (core/adapters.py); each name ends differently from the others
     *((f".{p}", p) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
                             "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "diff",
-                            "diff_b")),
+                            "diff_b", "dora_scale", "oft_blocks", "rescale", "w_norm", "b_norm", "set_weight")),
+    # ComfyUI pads a layer's weight to this shape before a LoRA; a loaded model's layers keep their shapes here, so
+    # it is read only to be reported with its module as not applied
+    (".reshape_weight", "reshape_weight"),
 )
 
 #: kohya prefix -> component index (lora_te_ is the only/first text encoder).
@@ -186,6 +191,21 @@ def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
     return None
 
 
+def _input_width(parts: Mapping[str, tuple[int, ...]]) -> int | None:
+    """A Linear module's input width from its LoRA / LoHa / LoKr factor shapes (None when they do not tell):
+    ``down [r, in]``; ``hada_w1_b [r, in]``; LoKr ``in = i1 * i2`` from ``lokr_w1 [o1, i1]`` or
+    ``lokr_w1_b [r, i1]`` and ``lokr_w2 [o2, i2]`` or ``lokr_w2_b [r, i2]``."""
+    for part in ("down", "hada_w1_b"):
+        shape = parts.get(part)
+        if shape is not None and len(shape) >= 2:
+            return shape[1] if len(shape) == 2 or all(s == 1 for s in shape[2:]) else None
+    i1 = parts.get("lokr_w1", parts.get("lokr_w1_b"))
+    i2 = parts.get("lokr_w2", parts.get("lokr_w2_b"))
+    if i1 is not None and i2 is not None and len(i1) == 2 and len(i2) == 2 and "lokr_t2" not in parts:
+        return i1[1] * i2[1]
+    return None
+
+
 def detect_lora_family(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> tuple[Family | None, str]:
     """Guess the family a LoRA was trained for: ``(family or None, the evidence in words)``.
 
@@ -194,21 +214,25 @@ def detect_lora_family(state_dict: Mapping[str, Tensor], metadata: Mapping[str, 
     """
     te2 = False
     te_width: int | None = None
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, tensor in state_dict.items():
         split = split_part(key)
-        if split is None or split[1] != "down" or tensor.ndim < 2:
+        if split is not None and hasattr(tensor, "shape"):
+            groups.setdefault(split[0], {})[split[1]] = tuple(int(s) for s in tensor.shape)
+    for module, parts in groups.items():
+        if module.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):
+            te2 = True
+        width = _input_width(parts)
+        if width is None:
             continue
-        module = split[0]
         if re.search(r"attn2[._]to_k$", module) or re.search(r"attn2[._]processor[._]to_k$", module):
-            family = _WIDTH_FAMILY.get(int(tensor.shape[1]))
+            family = _WIDTH_FAMILY.get(width)
             if family is Family.SDXL and family_from_metadata(metadata) is Family.KOLORS:
                 return Family.KOLORS, "its metadata says Kolors (whose cross-attention is SDXL's 2048)"
             if family is not None:
-                return family, f"its cross-attention input width is {int(tensor.shape[1])}"
-        if module.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")):
-            te2 = True
+                return family, f"its cross-attention input width is {width}"
         elif module.startswith(("lora_te_", "lora_te1_", "text_encoder.")) and re.search(r"q_proj$", module):
-            te_width = int(tensor.shape[1])
+            te_width = width
     if te2:
         return Family.SDXL, "it adapts a second text encoder"
     if te_width == 1024:
