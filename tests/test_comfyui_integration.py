@@ -689,3 +689,133 @@ def test_custom_types_are_namespaced_and_never_link_to_native_sockets(object_inf
     # and the rule the test relies on is the frontend's
     assert not link_allowed("MODEL", "FT_PIPE") and not link_allowed("FT_LORA", "LORA_MODEL")
     assert link_allowed("FT_LORA", "FT_LORA") and link_allowed("IMAGE", "*") and link_allowed("A,FT_X", "ft_x")
+
+
+# ------------------------------------------------------------------------------------------ 10. training algorithms
+_ALGORITHM_LOAD_SCRIPT = r'''
+import functools, json, logging, os
+import torch
+torch.set_num_threads(1)
+import comfy.model_detection, comfy.model_management, comfy.model_patcher, comfy.sd, comfy.sd1_clip
+import comfy.supported_models, comfy.utils
+import nodes
+
+from comfy_finetune.core.handle import LoraPatch
+from comfy_finetune.core.ldm import unet_name_map
+from comfy_finetune.core.loading import load_base
+from comfy_finetune.core.lora_handle import lora_for_handle
+from comfy_finetune.core.lora_keys import canonical_te_path
+from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+from comfy_finetune.training.saving import save_checkpoint
+
+CPU = torch.device("cpu")
+FILES = json.loads(FILES_JSON)
+models = os.path.join(WORK, "models")
+build_tiny_pipeline_folder(os.path.join(models, "diffusers", "tiny-sd1"), "sd1", seed=0)  # the server's, rebuilt
+handle = load_base("diffusers/tiny-sd1", "fp32", "cpu")
+ckpt = str(save_checkpoint(handle, os.path.join(models, "checkpoints", "tiny-sd1.safetensors"), dtype="fp32"))
+ldm = unet_name_map(handle.base.unet.config)
+
+# MODEL and CLIP as load_state_dict_guess_config builds them, with the SD 1.5 class forced (ComfyUI does not detect
+# the tiny architecture)
+sd = comfy.utils.load_torch_file(ckpt)
+model_config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(sd, "model.diffusion_model."))
+model_config.set_inference_dtype(torch.float32, None)
+base_model = model_config.get_model(sd, "model.diffusion_model.", device=CPU)
+base_model.load_model_weights(sd, "model.diffusion_model.")
+model = comfy.model_patcher.ModelPatcher(base_model, load_device=CPU, offload_device=CPU)
+with open(os.path.join(models, "diffusers", "tiny-sd1", "text_encoder", "config.json")) as f:
+    te_config = json.load(f)
+target = model_config.clip_target(state_dict=sd)
+target.clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=functools.partial(
+    comfy.sd1_clip.SDClipModel, textmodel_json_config=te_config, return_projected_pooled=False))
+clip_sd = {k: v for k, v in model_config.process_clip_state_dict(sd).items() if "token_embedding" not in k}
+clip = comfy.sd.CLIP(target, embedding_directory=None, tokenizer_data=clip_sd, model_options={"dtype": torch.float32})
+clip.load_sd(clip_sd, full_model=True)
+
+
+class Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+RESULT = {}
+for algorithm, name in FILES.items():
+    capture = Capture()
+    logging.getLogger().addHandler(capture)
+    try:
+        new_model, new_clip = nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+        comfy.model_management.load_models_gpu([new_model, new_clip.patcher], force_full_load=True)
+    finally:
+        logging.getLogger().removeHandler(capture)
+    lora, unmatched = lora_for_handle(os.path.join(models, "loras", name), handle)
+    layers = {key: handle.base.component(key[0]).get_submodule(key[1]) for key in lora.modules}
+    before = {key: layer.weight.detach().clone() for key, layer in layers.items()}
+    diffs, moved = [], []
+    with handle.with_patch(LoraPatch(lora)).patched():
+        for (comp, path), layer in layers.items():
+            if comp == "unet":
+                theirs = comfy.utils.get_attr(base_model, f"diffusion_model.{ldm[path]}.weight")
+            else:
+                theirs = comfy.utils.get_attr(clip.cond_stage_model,
+                                              f"clip_l.transformer.{canonical_te_path(path)}.weight")
+            diffs.append(float((theirs - layer.weight.reshape(theirs.shape)).abs().max()))
+            moved.append(float((theirs - before[(comp, path)].reshape(theirs.shape)).abs().max()))
+    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)  # back to the inputs
+    RESULT[algorithm] = {"warnings": capture.lines, "unmatched": unmatched, "max_diff": max(diffs),
+                         "moved": max(moved), "modules": len(lora.modules),
+                         "kinds": sorted({m.kind for m in lora.modules.values()}),
+                         "dora": sum(getattr(m, "dora_scale", None) is not None for m in lora.modules.values()),
+                         "patches": len(new_model.patches) + len(new_clip.patcher.patches)}
+'''
+
+
+def test_each_training_algorithm_loads_in_comfyuis_lora_loader(server, node_defs, tmp_path):
+    """TrainLoRA with each algorithm (lora, dora, loha, lokr) through /prompt, saved by SaveLoRA in the kohya layout;
+    then ComfyUI's own LoraLoader (in ComfyUI's python, on MODEL/CLIP of the same tiny model) loads every file with
+    no "lora key not loaded" or other warning, patches every module, and its weights equal the pack's."""
+    from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+    from comfy_finetune.training.lora_trainer import ALGORITHMS
+
+    model_dir = server.models_dir / "diffusers" / "tiny-sd1-algorithms"
+    if not model_dir.exists():
+        build_tiny_pipeline_folder(model_dir, "sd1", seed=0)
+    example = _example_api(REPO_ROOT / "example_workflows" / "Train a LoRA.json", node_defs)
+    load, data, train = (_node_id(example, c) for c in ("LoadBase", "FinetuneTrainingData", "FinetuneTrainLoRA"))
+    prompt = {load: example[load], data: example[data]}
+    prompt[load]["inputs"].update(ckpt_name="diffusers/tiny-sd1-algorithms", dtype="fp32", device="cpu")
+    names = {}
+    for i, algorithm in enumerate(ALGORITHMS):
+        names[algorithm] = f"algorithm_test/{algorithm}_{os.getpid()}.safetensors"
+        prompt[f"{900 + 2 * i}"] = {"class_type": "FinetuneTrainLoRA", "inputs": {
+            **example[train]["inputs"], "steps": 3, "learning_rate": 1e-2, "rank": 4, "alpha": 3.0,
+            "targets": "attention+feedforward+conv", "train_text_encoder": True, "text_learning_rate": 1e-3,
+            "validation_prompt": "", "validate_every": 0, "recipe": "custom", "algorithm": algorithm}}
+        prompt[f"{901 + 2 * i}"] = {"class_type": "FinetuneSaveLoRA", "inputs": {
+            "lora": [f"{900 + 2 * i}", 0], "pipe": [load, 0], "name": names[algorithm][:-len(".safetensors")],
+            "layout": "kohya", "overwrite": False}}
+    log_before = len(server.log_text())
+
+    _run(server, prompt, "TrainLoRA with every algorithm")
+
+    loras = server.models_dir / "loras"
+    work = tmp_path / "inproc"
+    for name in names.values():
+        assert (loras / name).is_file(), sorted(p.name for p in loras.rglob("*"))
+        (work / "models" / "loras" / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / "models" / "loras" / name).write_bytes((loras / name).read_bytes())
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+    script = f"FILES_JSON = {json.dumps(json.dumps(names))}\n" + _ALGORITHM_LOAD_SCRIPT
+    r = harness.run_in_comfyui(Path(_COMFYUI_DIR).resolve(), work, script, timeout=600)
+
+    kinds = {"lora": ["lora"], "dora": ["lora"], "loha": ["loha"], "lokr": ["lokr"]}
+    for algorithm in ALGORITHMS:
+        got = r[algorithm]
+        assert got["warnings"] == [] and got["unmatched"] == [], (algorithm, got)
+        assert got["kinds"] == kinds[algorithm] and got["patches"] == got["modules"] > 0, (algorithm, got)
+        assert got["dora"] == (got["modules"] if algorithm == "dora" else 0), (algorithm, got)
+        assert got["max_diff"] < 1e-5 and got["moved"] > 1e-4, (algorithm, got)

@@ -62,7 +62,7 @@ def _max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_extracted_and_saved_modules_apply_what_peft_computed(tiny_handles, dataset, models_dir, one_thread,
                                                               algorithm):
     h = tiny_handles["sd1"]
