@@ -284,8 +284,8 @@ def parse_lora(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None
             f"match (e.g. {example})", input=input,
             fix="pick a LoRA trained for the loaded model's family (kohya, diffusers/PEFT or ComfyUI layout)")
     if damaged:  # the file fits this model, but these factors do not fit the layers they name
-        raise FinetuneError(f"{len(damaged)} of its modules do not fit the layers they name, e.g. {damaged[0]}",
-                            input=input, fix=_FIX_DAMAGED)
+        raise FinetuneError(f"its factors do not fit the layers they name ({len(damaged)} of {len(pairs)} modules, "
+                            f"e.g. {damaged[0]})", input=input, fix=_FIX_DAMAGED)
     weights = LoraWeights(lora_family or (Family(family) if family is not None else None), modules, metadata, name)
     if bundles:
         weights.embeddings = bundled_embeddings(bundles, _token_widths(te_modules), metadata, input=input)

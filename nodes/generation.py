@@ -104,7 +104,7 @@ class AddLoRA(FTNode):
         if lora_name not in (None, "", NO_LORA):
             weights, unmatched = self._load_file(pipe, lora_name)
             if unmatched:
-                notes.append(f"{lora_name}: {len(unmatched)} keys matched no module and were not applied: "
+                notes.append(f"{lora_name}: {len(unmatched)} keys not applied (no such layer, or a part not applied): "
                              + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else ""))
                 host.log.warning("[AddLoRA] %s", notes[-1])
             out = with_lora(out, weights, strength_unet, strength_text)

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_finetune.core.errors import FinetuneError
+from comfy_finetune.core.families import Family
 from comfy_finetune.core.handle import LoraPatch
+from comfy_finetune.core.lora import parse_lora
 from comfy_finetune.core.lora_handle import lora_for_handle
 from comfy_finetune.nodes import NODE_CLASS_MAPPINGS as N
 from comfy_finetune.training.saving import save_lora
@@ -500,3 +502,37 @@ def test_save_lora_writes_weight_dependent_kinds_back_unchanged(sd1, tmp_path, c
     assert unmatched == NOT_APPLIED.get(case, [])
     base = {n: p.detach() for n, p in sd1.base.unet.named_parameters()}
     _check_patched(sd1, [(back, 0.7)], expect(base, 0.7))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_lycoris_files_cross_attention_width_tells_its_family(kind):
+    """Without a LoRA down factor, LoHa's hada_w1_b [r, in] and LoKr's factors (in = i1 * i2) give the width."""
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    if kind == "loha":
+        sd = {f"{key}.hada_w1_a": torch.zeros(320, 2), f"{key}.hada_w1_b": torch.zeros(2, 2048),
+              f"{key}.hada_w2_a": torch.zeros(320, 2), f"{key}.hada_w2_b": torch.zeros(2, 2048)}
+    else:
+        sd = {f"{key}.lokr_w1": torch.zeros(4, 8), f"{key}.lokr_w2_a": torch.zeros(80, 2),
+              f"{key}.lokr_w2_b": torch.zeros(2, 256)}
+    with pytest.raises(FinetuneError, match=r"is for SDXL but the model is SD 1\.x \(its cross-attention input width "
+                                            r"is 2048\)"):
+        parse_lora(sd, {}, family=Family.SD1, unet_config=None, unet_modules=None, te_modules=None)
+
+
+def test_parts_comfyui_reads_but_this_pack_does_not_apply_are_listed_by_add_lora(sd1, models_dir):
+    """An OFT's rescale (ComfyUI does not apply it either) and a LoRA's reshape_weight (a loaded layer keeps its
+    shape) are reported in Add LoRA's note, while the rest of the file applies."""
+    sd, _ = oft_file("linear")
+    conv = kohya(CONV)
+    sd |= {f"{conv}.lora_down.weight": rand(2, 32, 3, 3, seed=96),
+           f"{conv}.lora_up.weight": rand(64, 2, 1, 1, seed=97),
+           f"{conv}.reshape_weight": torch.tensor([64, 32, 3, 3])}
+    path = models_dir / "loras" / "adapters-test-listed.safetensors"
+    save_file(sd, str(path))
+    try:
+        out = N["AddLoRA"]().run(pipe=sd1, lora_name=path.name, strength_unet=1.0, strength_text=1.0)
+    finally:
+        path.unlink(missing_ok=True)
+    assert {m.kind for m in out["result"][0].loras[0].lora.modules.values()} == {"oft", "lora"}
+    (note,) = out["ui"]["text"]
+    assert "2 keys not applied" in note and f"{kohya(LINEAR)}.rescale" in note and f"{conv}.reshape_weight" in note

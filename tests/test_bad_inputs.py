@@ -820,3 +820,111 @@ def test_nodes_accept_positional_arguments(res, guard):
                          scheduler="normal", width=64, height=64, batch_size=1)[0]
     by_position = sample.run(pipe, "a red circle", 1, 1, 1.0, "euler", "normal", 64, 64, 1)[0]
     assert torch.equal(by_name, by_position)
+
+
+# ============================================================================================== AddLoRA: adapter kinds
+# Files of the kinds Add LoRA applies beyond plain LoRA (LyCORIS LoHa / LoKr, DoRA) that are wrong in one way each:
+# each is refused naming the node, the input and a fix, and the same node then loads a good file.
+def _lycoris_for(handle, kind: str) -> LoraWeights:
+    from comfy_finetune.core.adapters import LohaModule, LokrModule  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    mods = {}
+    for path, m in handle.base.unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and path.endswith(("to_q", "to_v")):
+            out_f, in_f = m.weight.shape
+            if kind == "loha":
+                mods[("unet", path)] = LohaModule(rnd(out_f, 2), rnd(2, in_f), rnd(out_f, 2), rnd(2, in_f), 2.0)
+            else:
+                mods[("unet", path)] = LokrModule(None, w1=rnd(2, 2), w2=rnd(out_f // 2, in_f // 2))
+    return LoraWeights(handle.family, mods, {}, f"bad-inputs-{kind}")
+
+
+def _kohya(lora: LoraWeights, handle) -> tuple[dict, dict]:
+    return to_kohya_state_dict(lora, family=handle.family, unet_config=dict(handle.base.unet.config))
+
+
+def _add_lora_refuses_then_works(res: Resources, name: str, sd: dict | None, meta: dict | None, match: str,
+                                 data: bytes | None = None) -> str:
+    path = res.models / "loras" / "bad_inputs" / name
+    if data is not None:
+        path.write_bytes(data)
+    else:
+        save_file(sd, str(path), metadata=meta)
+    node = node_classes()["AddLoRA"]()
+    sd1 = res.values["pipe:sd1"]
+    try:
+        with pytest.raises(FinetuneError) as info:
+            node.run(pipe=sd1, lora_name=f"bad_inputs/{name}", strength_unet=1.0, strength_text=1.0)
+    finally:
+        path.unlink(missing_ok=True)
+    msg = str(info.value)
+    assert msg.startswith("[AddLoRA] input 'lora_name':") and "Fix:" in msg, msg
+    import re  # noqa: PLC0415
+
+    assert re.search(match, msg, re.S), f"{match!r} not in: {msg}"
+    out = node.run(pipe=sd1, lora_name="中文/低秩.safetensors", strength_unet=1.0, strength_text=1.0)
+    pipe = out["result"][0] if isinstance(out, dict) else out[0]
+    assert len(pipe.loras) == 1 and len(pipe.loras[0].lora.modules) > 0  # the next run works
+    return msg
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("metadata", [True, False], ids=["metadata", "no-metadata"])
+def test_add_lora_refuses_a_lycoris_file_for_another_family(res, guard, kind, metadata):
+    sd, meta = _kohya(_lycoris_for(res.values["pipe:sdxl"], kind), res.values["pipe:sdxl"])
+    match = "is for SDXL but the model is SD 1.x" if metadata else "does not fit the SD 1.x model"
+    _add_lora_refuses_then_works(res, f"{kind}-sdxl.safetensors", sd, meta if metadata else {}, match)
+
+
+def test_add_lora_refuses_a_lokr_whose_kron_product_does_not_fit_its_layer(res, guard):
+    sd1 = res.values["pipe:sd1"]
+    lora = _lycoris_for(sd1, "lokr")
+    key = sorted(lora.modules)[0]
+    module = lora.modules[key]
+    module.w2 = torch.zeros(module.w2.shape[0], module.w2.shape[1] + 1)  # kron [out, in + 2]: not the layer's
+    sd, meta = _kohya(lora, sd1)
+    _add_lora_refuses_then_works(res, "lokr-misfit.safetensors", sd, meta,
+                                 r"its factors do not fit the layers they name \(1 of \d+ modules, e\.g\. "
+                                 r"lora_unet_.*: LoKr factors w1 \[2, 2\] and w2 \[\d+, \d+\] give a kron product "
+                                 r"\[\d+, \d+\] vs model.*Fix: the file is damaged")
+
+
+@pytest.mark.parametrize("shape", ["half-rows", "1-D"])
+def test_add_lora_refuses_dora_magnitudes_that_do_not_fit_the_layer(res, guard, shape):
+    sd1 = res.values["pipe:sd1"]
+    sd, meta = _kohya(_lora_for(sd1), sd1)
+    up = next(k for k in sorted(sd) if k.endswith(".lora_up.weight"))
+    out_f = sd[up].shape[0]
+    sd[up.replace(".lora_up.weight", ".dora_scale")] = torch.ones(out_f // 2, 1) if shape == "half-rows" \
+        else torch.ones(out_f)
+    _add_lora_refuses_then_works(res, f"dora-{shape}.safetensors", sd, meta,
+                                 r"is a DoRA whose magnitudes do not fit its layer: dora_scale .* fits neither.*Fix:"
+                                 r".*dora_scale is \[out, 1\]")
+
+
+@pytest.mark.parametrize("marker", ["lycoris", "peft"])
+def test_add_lora_refuses_a_file_marked_dora_without_magnitudes(res, guard, marker):
+    sd1 = res.values["pipe:sd1"]
+    sd, meta = _kohya(_lora_for(sd1), sd1)
+    if marker == "lycoris":
+        meta = {**meta, "ss_network_module": "lycoris.kohya",
+                "ss_network_args": '{"algo": "lora", "dora_wd": "True"}'}
+    else:
+        meta = {**meta, "lora_adapter_metadata": '{"unet.r": 2, "unet.lora_alpha": 2, "unet.use_dora": true}'}
+    _add_lora_refuses_then_works(res, f"dora-{marker}-no-magnitudes.safetensors", sd, meta,
+                                 "marked as a DoRA .*holds no DoRA magnitudes.*Fix: re-export the DoRA")
+
+
+def test_add_lora_refuses_a_truncated_lora_file(res, guard, tmp_path):
+    sd1 = res.values["pipe:sd1"]
+    sd, meta = _kohya(_lycoris_for(sd1, "loha"), sd1)
+    full = tmp_path / "full.safetensors"
+    save_file(sd, str(full), metadata=meta)
+    data = full.read_bytes()
+    _add_lora_refuses_then_works(res, "loha-truncated.safetensors", None, None,
+                                 "not a valid safetensors file.*Fix: re-download", data=data[: len(data) * 3 // 5])
