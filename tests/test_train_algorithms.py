@@ -1,4 +1,4 @@
-"""TrainLoRA / DreamBoothTrain algorithms (lora, dora, loha, lokr): what peft trains is what the pack applies and saves.
+"""TrainLoRA / DreamBoothTrain algorithms (lora, dora, loha, lokr): what peft trains is what the pack applies.
 
 Each algorithm's extracted modules must give the UNet and text encoder exactly the outputs peft's layers gave
 during training, in memory and after a kohya file round trip; resume and DreamBooth's frozen model must work with
