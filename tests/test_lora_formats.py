@@ -224,14 +224,15 @@ def test_unmatched_keys_are_reported(base):
         "lora_unet_not_a_module.lora_down.weight": torch.zeros(2, 4),
         "lora_unet_not_a_module.lora_up.weight": torch.zeros(4, 2),
         "lora_unet_down_blocks_0_attentions_0_proj_out.lora_down.weight": torch.zeros(2, 32, 1, 1),  # no up
-        "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": torch.ones(1, 32, 1, 1),
-        "bundle_emb.sks.string_to_param.*": torch.zeros(1, 32),
+        "lora_unet_down_blocks_0_attentions_0_proj_out.dora_scale": torch.ones(32, 1, 1, 1),  # beside a lone down
         "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32),  # SD1 has no te2
         "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(128, 2),
     }
-    got, unmatched = parse_lora({**sd, **extra}, meta, **{**_kwargs(pipe, family), "family": None})
+    bundled = {"bundle_emb.sks.string_to_param.*": torch.zeros(1, 32)}  # read as an embedding, not a module
+    got, unmatched = parse_lora({**sd, **extra, **bundled}, meta, **{**_kwargs(pipe, family), "family": None})
     assert sorted(unmatched) == sorted(extra)
     _assert_same_modules(lora, got)
+    assert list(got.embeddings) == ["sks"] and got.embeddings["sks"].vectors["te1"].shape == (1, 32)
 
 
 # ------------------------------------------------------------------------------------------ family checks
