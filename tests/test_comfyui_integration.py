@@ -691,6 +691,285 @@ def test_custom_types_are_namespaced_and_never_link_to_native_sockets(object_inf
     assert link_allowed("FT_LORA", "FT_LORA") and link_allowed("IMAGE", "*") and link_allowed("A,FT_X", "ft_x")
 
 
+# ------------------------------------------------------------------------------------------ 9. the graph's own model
+# ComfyUI detects a checkpoint as SD 1.5 from its UNet (model_channels 320, context 768) and builds CLIP-L (12 layers,
+# 49408 tokens) and the SD VAE at their real sizes whatever the file holds. So the smallest SD 1.5 file ComfyUI
+# loads whole has the real CLIP-L and VAE and a small UNet: two 320-channel levels with one resnet each.
+SD15_SHAPED = "bridge_test/sd15_shaped.safetensors"
+BRIDGE_LORA = "bridge_test/sd15_shaped_lora.safetensors"
+
+
+def _write_sd15_shaped(folder: Path) -> tuple[Path, Path]:
+    """A random-weight SD 1.5-shaped checkpoint (251 M parameters, 500 MB in fp16) and a LoRA for it (rank 4 on the
+    UNet's cross-attention k/v, kohya keys on CLIP layers 0-1), under ``folder``/checkpoints and /loras."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfy_finetune.core.ldm import diffusers_to_ldm
+
+    configs = REPO_ROOT / "configs" / "sd15"
+
+    def read(name):
+        return {k: v for k, v in json.loads((configs / name).read_text()).items()
+                if not k.startswith("_") and k != "architectures"}
+
+    ckpt, lora = folder / "checkpoints" / SD15_SHAPED, folder / "loras" / BRIDGE_LORA
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    unet_cfg = {**read("unet.json"), "block_out_channels": [320, 320], "layers_per_block": 1, "sample_size": 8,
+                "down_block_types": ["CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**read("vae.json"))
+        te = CLIPTextModel(CLIPTextConfig(**read("text_encoder.json")))
+        sd = diffusers_to_ldm("sd1", unet.state_dict(), vae.state_dict(), [te.state_dict()], unet_config=unet_cfg,
+                              vae_config=vae.config)
+        save_file({k: v.half().contiguous() for k, v in sd.items() if not k.endswith("position_ids")}, str(ckpt))
+        g = torch.Generator().manual_seed(1)
+        tensors = {}
+        pairs = [("diffusion_model." + k[len("model.diffusion_model."):-len(".weight")], tuple(t.shape))
+                 for k, t in sd.items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+        pairs += [(f"lora_te_text_model_encoder_layers_{i}_{part}", shape) for i in (0, 1)
+                  for part, shape in (("self_attn_q_proj", (768, 768)), ("mlp_fc1", (3072, 768)))]
+        for name, (out_dim, in_dim) in pairs:
+            tensors[f"{name}.lora_down.weight"] = torch.randn(4, in_dim, generator=g) * 0.05
+            tensors[f"{name}.lora_up.weight"] = torch.randn(out_dim, 4, generator=g) * 0.05
+            tensors[f"{name}.alpha"] = torch.tensor(4.0)
+        save_file(tensors, str(lora))
+    return ckpt, lora
+
+
+@pytest.fixture(scope="session")
+def sd15_shaped(tmp_path_factory) -> Path:
+    """A models folder holding the SD 1.5-shaped checkpoint and its LoRA (built once; about 10 s)."""
+    folder = tmp_path_factory.mktemp("sd15_shaped")
+    _write_sd15_shaped(folder)
+    return folder
+
+
+def _link_models(source: Path, models: Path) -> None:
+    """Hard links (Load Base Model refuses a symlink that leads out of its folder), copies where they fail."""
+    import shutil
+
+    for rel in (f"checkpoints/{SD15_SHAPED}", f"loras/{BRIDGE_LORA}"):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (models / rel).exists():
+            try:
+                os.link(source / rel, models / rel)
+            except OSError:
+                shutil.copyfile(source / rel, models / rel)
+
+
+def _api_node(node_defs, class_type: str, **inputs) -> dict:
+    """An API-format node with every required widget at its default (the server fills in none), then ``inputs``."""
+    values = {}
+    for name, spec in (node_defs[class_type].get("required") or {}).items():
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+        if "default" in opts:
+            values[name] = opts["default"]
+        elif isinstance(kind, list) and kind:
+            values[name] = kind[0]
+    return {"class_type": class_type, "inputs": {**values, **inputs}}
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_train_the_graphs_own_model_and_apply_the_lora_back(server, node_defs, sd15_shaped):
+    """Load Checkpoint + Load LoRA → ComfyUI MODEL/CLIP/VAE → Finetune Pipe → Train LoRA → Apply Finetune LoRA to
+    MODEL/CLIP → KSampler → VAEDecode → SaveImage, on an SD 1.5-shaped checkpoint ComfyUI detects itself.
+
+    The trained LoRA is saved and is not zero, the image with it differs from the loaded model's, and the loaded
+    model is unchanged by the training: a KSampler branch on the Load LoRA outputs draws the same pixels before and
+    after (it runs again after the training prompt: ComfyUI keeps only the outputs of the last prompt's nodes)."""
+    _link_models(sd15_shaped, server.models_dir)
+    def api(class_type: str, **inputs) -> dict:
+        return _api_node(node_defs, class_type, **inputs)
+
+    loaders = {
+        "1": api("CheckpointLoaderSimple", ckpt_name=SD15_SHAPED),
+        "2": api("LoraLoader", model=["1", 0], clip=["1", 1], lora_name=BRIDGE_LORA, strength_model=0.8,
+                 strength_clip=0.6),
+    }
+
+    def sampled(model, clip, prefix: str, first: int) -> dict:
+        ids = [str(first + i) for i in range(6)]
+        return {
+            ids[0]: api("CLIPTextEncode", clip=clip, text="a photo of a red square"),
+            ids[1]: api("CLIPTextEncode", clip=clip, text=""),
+            ids[2]: api("EmptyLatentImage", width=64, height=64, batch_size=1),
+            ids[3]: api("KSampler", model=model, positive=[ids[0], 0], negative=[ids[1], 0],
+                        latent_image=[ids[2], 0], seed=5, steps=3, cfg=4.0, sampler_name="euler",
+                        scheduler="normal", denoise=1.0),
+            ids[4]: api("VAEDecode", samples=[ids[3], 0], vae=["1", 2]),
+            ids[5]: api("SaveImage", images=[ids[4], 0], filename_prefix=prefix),
+        }
+
+    untouched = {**loaders, **sampled(["2", 0], ["2", 1], "bridge_own/untouched", 20)}
+    lora_name = f"bridge_test/trained_{os.getpid()}"
+    training = {
+        **loaders,
+        "3": api("FinetuneNativeModelToPipe", model=["2", 0], clip=["2", 1], vae=["1", 2], device="cpu"),
+        "4": api("EmptyImage", width=64, height=64, batch_size=2, color=0xCC2020),
+        "5": api("FinetuneTrainingDataFromImages", images=["4", 0], captions="a photo of a red square",
+                 resolution=64),
+        "6": api("FinetuneTrainLoRA", pipe=["3", 0], dataset=["5", 0], steps=3, learning_rate=1e-3, seed=2),
+        "7": api("FinetuneApplyLoRAToModel", model=["2", 0], clip=["2", 1], lora=["6", 0], pipe=["3", 0],
+                 strength_model=1.0, strength_clip=1.0),
+        "8": api("FinetuneSaveLoRA", lora=["6", 0], pipe=["3", 0], name=lora_name, layout="kohya", overwrite=True),
+        **sampled(["7", 0], ["7", 1], "bridge_own/trained", 40),
+    }
+
+    before = _run(server, untouched, "untouched branch, before training")
+    trained = _run(server, training, "bridge → train → apply graph")
+    after = _run(server, untouched, "untouched branch, after training")
+
+    text = ((trained.history.get("outputs") or {}).get("3") or {}).get("text") or []
+    assert any(line.startswith("SD 1.x, epsilon") for line in text), text
+    assert any("patched weights" in line for line in text), text  # Load LoRA's weights, as KSampler sees them
+    assert [d["step"] for d in _train_events(trained.events)] == [1, 2, 3]
+    assert any(t == "executing" and d.get("node") == "23" for t, d in after.events), "the branch did not run again"
+
+    from safetensors.torch import load_file
+    saved = load_file(str(server.models_dir / "loras" / f"{lora_name}.safetensors"))
+    ups = [v for k, v in saved.items() if k.endswith("lora_up.weight")]
+    assert ups and max(float(v.abs().max()) for v in ups) > 0, "the trained LoRA is zero"
+
+    u1 = _pixels(server.saved_images(untouched, before)["25"][0])
+    u2 = _pixels(server.saved_images(untouched, after)["25"][0])
+    t = _pixels(server.saved_images(training, trained)["45"][0])
+    assert (u1 == u2).all(), "training on the bridged pipe changed the loaded model"
+    assert not (t == u1).all(), "the applied LoRA changed nothing"
+
+
+_MEMORY_SCRIPT = r'''
+import gc, hashlib, time
+import torch
+torch.set_num_threads(1)
+import nodes
+import comfy.model_management as mm
+from comfy_finetune.core.conditioning import encode_prompt
+from comfy_finetune.core.loading import load_base
+from comfy_finetune.core.native import shared_fraction
+from comfy_finetune.nodes.bridges import NativeModelToPipe
+import diffusers, transformers  # loaded before measuring: both paths use them
+
+def rss():
+    gc.collect()
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+
+def storages(modules):
+    seen = {}
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return seen
+
+def digest(modules):
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+RESULT = {}
+r0 = rss()
+with torch.inference_mode():  # as ComfyUI runs nodes
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(CKPT)[:3]
+    lmodel, lclip = nodes.LoraLoader().load_lora(model, clip, LORA, 0.8, 0.6)
+host_modules = [model.model, clip.cond_stage_model, vae.first_stage_model]
+host_bytes = sum(storages(host_modules).values())
+r1 = rss()
+t = time.time()
+with torch.inference_mode():
+    out = NativeModelToPipe().run(model=lmodel, clip=lclip, vae=vae, device="cpu")
+RESULT["bridge_seconds"] = time.time() - t
+pipe = out["result"][0]
+r2 = rss()
+shared, own = shared_fraction([pipe.base.unet, pipe.base.vae, *pipe.base.text_encoders],
+                              [t for m in host_modules for t in [*m.parameters(), *m.buffers()]])
+RESULT.update(ui=out["ui"]["text"], host_bytes=host_bytes, bridge_shared=shared, bridge_own=own)
+
+with torch.inference_mode():
+    loaded = load_base(CKPT, "fp32", "cpu")
+r3 = rss()
+RESULT["loadbase_bytes"] = sum(storages([loaded.base.unet, loaded.base.vae, *loaded.base.text_encoders]).values())
+RESULT["rss"] = [r0, r1, r2, r3]
+del loaded
+
+# the patched weights the pipe holds are the ones ComfyUI samples with (Load LoRA applied on load)
+diffusion = pipe.base.unet
+before = digest(host_modules)
+mm.load_models_gpu([lmodel, lclip.patcher], force_full_load=True)
+import comfy.utils
+from comfy_finetune.core.ldm import unet_name_map
+ldm = {v: k for k, v in unet_name_map(diffusion.config).items()}
+diffs = []
+for key in lmodel.patches:
+    path = ldm[key[len("diffusion_model."):-len(".weight")]]
+    diffs.append(float((comfy.utils.get_attr(model.model, key) - diffusion.get_submodule(path).weight).abs().max()))
+RESULT["patched_keys"] = len(diffs)
+RESULT["patched_max_diff"] = max(diffs)
+# the UNet computes what ComfyUI's does with the same weights, and the CLIP gives ComfyUI's conditioning
+x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    theirs = model.model.diffusion_model(x, torch.tensor([500.0]), context=context)
+    ours = diffusion(x, torch.tensor([500]), encoder_hidden_states=context).sample
+RESULT["unet_rel_diff"] = float((theirs - ours).abs().max() / theirs.abs().max())
+with torch.inference_mode():
+    tokens = lclip.tokenize("a photo of a red square")
+    cond_theirs = lclip.encode_from_tokens(tokens)
+    cond_ours = encode_prompt(pipe, "a photo of a red square").cond.float()
+RESULT["clip_rel_diff"] = float((cond_theirs - cond_ours).abs().max() / cond_theirs.abs().max())
+mm.unload_all_models()
+RESULT["unpatched_again"] = digest(host_modules) == before
+
+'''
+
+
+def test_bridge_holds_no_second_copy_of_the_model(tmp_path, sd15_shaped):
+    """In ComfyUI's python, on the SD 1.5-shaped checkpoint (Load Checkpoint + Load LoRA, under inference mode as
+    ComfyUI runs nodes): the bridged pipe shares the host's tensors (its own tensors are the LoRA-patched weights),
+    process memory grows by a small fraction of the model for the bridge and by about one model for Load Base Model
+    of the same file. The patched weights equal ComfyUI's own patched weights, and the UNet and CLIP compute what
+    ComfyUI's do."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("process memory is read from /proc (Linux)")
+    work = tmp_path / "memory"
+    _link_models(sd15_shaped, work / "models")
+    script = f"CKPT = {SD15_SHAPED!r}\nLORA = {BRIDGE_LORA!r}\n" + _MEMORY_SCRIPT
+    r = harness.run_in_comfyui(Path(_COMFYUI_DIR).resolve(), work, script, timeout=900)
+
+    mib = 1 << 20
+    r0, r1, r2, r3 = r["rss"]
+    report = (f"host model tensors {r['host_bytes'] / mib:.0f} MiB; RSS load {(r1 - r0) / mib:+.0f}, bridge "
+              f"{(r2 - r1) / mib:+.0f}, Load Base Model {(r3 - r2) / mib:+.0f} MiB; bridge tensors shared "
+              f"{r['bridge_shared'] / mib:.0f} MiB, own {r['bridge_own'] / mib:.1f} MiB; Load Base Model tensors "
+              f"{r['loadbase_bytes'] / mib:.0f} MiB; bridge {r['bridge_seconds']:.1f} s")
+    print(report)
+    assert r["host_bytes"] > 600 * mib, report
+    assert r["bridge_own"] < 0.05 * r["host_bytes"], report  # only the Load LoRA-patched weights
+    assert r["bridge_shared"] > 0.9 * r["host_bytes"], report
+    # RSS also keeps what the allocator retains from transient fp32 patch computations and one-time costs
+    # (tokenizer, module classes): 60-90 MiB here, against 720+ MiB for a copy
+    assert r2 - r1 < 0.25 * r["host_bytes"], report
+    assert r3 - r2 > 0.6 * r["host_bytes"], report  # the measurement would see a second copy
+    assert r["patched_keys"] > 0 and r["patched_max_diff"] < 1e-5, r
+    assert r["unet_rel_diff"] < 1e-4, r
+    assert r["clip_rel_diff"] < 2e-2, r  # ComfyUI computes CLIP in fp32 from its fp16 weights, the pipe in fp16
+    assert r["unpatched_again"], r
+
+
 # ------------------------------------------------------------------------------------------ 10. training algorithms
 _ALGORITHM_LOAD_SCRIPT = r'''
 import functools, json, logging, os
@@ -819,3 +1098,205 @@ def test_each_training_algorithm_loads_in_comfyuis_lora_loader(server, node_defs
         assert got["kinds"] == kinds[algorithm] and got["patches"] == got["modules"] > 0, (algorithm, got)
         assert got["dora"] == (got["modules"] if algorithm == "dora" else 0), (algorithm, got)
         assert got["max_diff"] < 1e-5 and got["moved"] > 1e-4, (algorithm, got)
+
+
+_FAMILIES_SCRIPT = r'''
+import hashlib, json, os
+import torch
+torch.set_num_threads(1)
+import comfy.model_base, comfy.model_detection, comfy.model_patcher, comfy.sd, comfy.supported_models, comfy.utils
+from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+from comfy_finetune.core.conditioning import encode_prompt, sdxl_added
+from comfy_finetune.core.errors import FinetuneError
+from comfy_finetune.core.loading import load_base
+from comfy_finetune.core.tiny import build_tiny_pipeline_folder
+from comfy_finetune.nodes.bridges import NativeModelToPipe
+from comfy_finetune.nodes.data import TrainingDataFromImages
+from comfy_finetune.nodes.dreambooth import DreamBoothTrain
+from comfy_finetune.nodes.embedding_training import LearnEmbedding
+from comfy_finetune.training.saving import save_checkpoint
+
+CPU = torch.device("cpu")
+CONFIGS = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20, "sdxl": comfy.supported_models.SDXL}
+ENCODERS = {"sd1": [("clip_l", "text_encoder")], "sd2": [("clip_h", "text_encoder")],
+            "sdxl": [("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")]}
+PROMPT = "a photo of a red square"
+g = torch.Generator().manual_seed(0)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / a.float().abs().max())
+
+
+def native(fam):
+    """ComfyUI's MODEL / CLIP / VAE of the tiny checkpoint, built as load_state_dict_guess_config does with the
+    family's model class forced (ComfyUI's detection needs real sizes), under inference mode."""
+    folder = os.path.join(WORK, "models", "diffusers", f"tiny-{fam}")
+    build_tiny_pipeline_folder(folder, fam, seed=0)
+    handle = load_base(f"diffusers/tiny-{fam}", "fp32", "cpu")
+    ckpt = str(save_checkpoint(handle, os.path.join(WORK, "models", "checkpoints", f"tiny-{fam}.safetensors"),
+                               dtype="fp32"))
+    sd = comfy.utils.load_torch_file(ckpt)
+    with torch.inference_mode():
+        config = CONFIGS[fam](comfy.model_detection.detect_unet_config(sd, "model.diffusion_model."))
+        if fam != "sd1":  # one head per block like the tiny model (ComfyUI's 64 channels per head: 0 heads at 32)
+            config.unet_config.update(num_heads=1, num_head_channels=-1)
+        config.set_inference_dtype(torch.float32, None)
+        kind = comfy.model_base.ModelType.V_PREDICTION if fam == "sd2" else comfy.model_base.ModelType.EPS
+        cls = comfy.model_base.SDXL if fam == "sdxl" else comfy.model_base.BaseModel
+        base_model = cls(config, model_type=kind, device=CPU)
+        if fam == "sdxl":  # SDXL's size/crop embedding: 256 channels per number; the tiny UNet's 8
+            base_model.embedder = comfy.model_base.Timestep(handle.base.unet.config.addition_time_embed_dim)
+        base_model.load_model_weights(sd, "model.diffusion_model.")
+        model = comfy.model_patcher.ModelPatcher(base_model, load_device=CPU, offload_device=CPU)
+        options = {"dtype": torch.float32}
+        for name, sub in ENCODERS[fam]:
+            with open(os.path.join(folder, sub, "config.json")) as f:
+                tc = json.load(f)
+            # SD 2.x: ComfyUI holds the whole OpenCLIP tower (one layer more than diffusers' encoder) and reads
+            # its penultimate layer. SDXL: ComfyUI needs more layers than the 2 it reads from: a third, random.
+            options[f"{name}_model_config"] = {
+                "num_hidden_layers": tc["num_hidden_layers"] + (0 if fam == "sd1" else 1),
+                "hidden_size": tc["hidden_size"], "intermediate_size": tc["intermediate_size"],
+                "num_attention_heads": tc["num_attention_heads"]}
+        clip = comfy.sd.CLIP(config.clip_target(state_dict=sd), embedding_directory=None, model_options=options)
+        clip_sd = {k: v for k, v in config.process_clip_state_dict(dict(sd)).items() if "token_embedding" not in k}
+        missing, _ = clip.load_sd(clip_sd, full_model=True)
+        for key in missing:  # ComfyUI's fixed 49408-token tables, SD 2.x's extra layer: random
+            p = comfy.utils.get_attr(clip.cond_stage_model, key)
+            p.copy_(torch.ones_like(p) if "norm" in key and key.endswith("weight") else
+                    torch.randn(p.shape, generator=g) * 0.05)
+        ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+        vae_sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+        vae = comfy.sd.VAE(sd=vae_sd, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+    return model, clip, vae
+
+
+def digest(modules):
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(pipe, host_modules):
+    """Learn Embedding and full DreamBooth (as nodes, under inference mode) on the pipe: they train, and ComfyUI's
+    weights stay as they were (Train LoRA runs in the graph test)."""
+    before = digest(host_modules)
+    common = dict(steps=2, learning_rate=1e-2, batch_size=1, grad_accum=1, lr_schedule="constant", warmup_steps=0,
+                  optimizer="adamw", precision="auto", gradient_checkpointing=False, min_snr_gamma=0.0,
+                  noise_offset=0.0, seed=0)
+    with torch.inference_mode():
+        data = TrainingDataFromImages().run(images=torch.rand(2, 64, 64, 3, generator=g), captions=PROMPT,
+                                            resolution=64)[0]
+        emb = LearnEmbedding().run(pipe=pipe, dataset=data, token="<bridge-word>", initializer="square",
+                                   num_vectors=1, templates="object", **common)[0]
+        db = DreamBoothTrain().run(pipe=pipe, dataset=data, instance_prompt="a photo of sks square",
+                                   class_prompt="a photo of a square", method="full", prior_preservation=False,
+                                   prior_loss_weight=1.0, prior_mode="class_images", num_class_images=1,
+                                   train_text_encoder=False, text_learning_rate=1e-5, rank=4, alpha=4, **common)
+    trained = db[0].base.unet
+    host_ptrs = {t.untyped_storage().data_ptr() for m in host_modules for t in m.parameters()}
+    return {"embedding_vectors": sorted(emb.vectors),
+            "dreambooth_changed": any(not torch.equal(a, b) for a, b in zip(trained.parameters(),
+                                                                             pipe.base.unet.parameters())),
+            "dreambooth_copy": not any(p.untyped_storage().data_ptr() in host_ptrs for p in trained.parameters()),
+            "host_unchanged": digest(host_modules) == before}
+
+
+def bridge(model, clip, vae):
+    with torch.inference_mode():
+        out = NativeModelToPipe().run(model=model, clip=clip, vae=vae, device="cpu")
+    return out["result"][0], out["ui"]["text"]
+
+
+def compare(fam, model, clip, vae, pipe):
+    base = pipe.base
+    with torch.inference_mode():
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)
+        ours = encode_prompt(pipe, PROMPT)
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        kwargs, added = {}, None
+        if fam == "sdxl":
+            kwargs["y"] = model.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0,
+                                                 target_width=64, target_height=64)
+            added = sdxl_added(pooled, 64, 64, torch.float32, CPU)
+        theirs = model.model.diffusion_model(x, torch.tensor([500.0]), context=cond, **kwargs)
+        unet = base.unet(x, torch.tensor([500]), encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        z = torch.randn(1, 4, 8, 8, generator=g)
+        out = {"cond": rel(cond, ours.cond), "unet": rel(theirs, unet),
+               "vae": rel(vae.first_stage_model.decode(z), base.vae.decode(z).sample)}
+        if fam == "sdxl":
+            out["pooled"] = rel(pooled, ours.pooled)
+    return out
+
+
+RESULT = {}
+for fam in ("sd1", "sd2", "sdxl"):
+    model, clip, vae = native(fam)
+    pipe, ui = bridge(model, clip, vae)
+    r = {"family": pipe.family.value, "prediction": pipe.base.prediction_type, "ui": ui,
+         "layers": [int(te.config.num_hidden_layers) for te in pipe.base.text_encoders],
+         "host_layers": [int(getattr(clip.cond_stage_model, n).num_layers) for n, _ in ENCODERS[fam]],
+         "scheduler": {k: pipe.base.scheduler_config.get(k) for k in ("num_train_timesteps", "beta_start",
+                                                                       "beta_end", "prediction_type")},
+         "latent_scale": pipe.base.vae.config.scaling_factor, "diff": compare(fam, model, clip, vae, pipe)}
+    if fam == "sd1":  # CLIP Set Last Layer -2: the pipe's encoder stops where ComfyUI reads
+        skip = clip.clone()
+        skip.clip_layer(-2)
+        pipe2, _ = bridge(model, skip, vae)
+        r["skip_layers"] = int(pipe2.base.text_encoders[0].config.num_hidden_layers)
+        r["skip_diff"] = compare(fam, model, skip, vae, pipe2)["cond"]
+    if fam == "sd2":  # the prediction is read from the model sampling ComfyUI uses (object patches included)
+        eps = ModelSamplingDiscrete().patch(model, "eps", True)[0]
+        pipe3, _ = bridge(eps, clip, vae)
+        r["patched_sampling"] = [pipe3.base.prediction_type,
+                                 bool(pipe3.base.scheduler_config.get("rescale_betas_zero_snr"))]
+    refusals = {}
+    for what, args in (("lcm", (ModelSamplingDiscrete().patch(model, "lcm", False)[0], clip, vae)),
+                       ("clip_layer", (model, clip.clone(), vae))):
+        if what == "clip_layer":
+            if fam != "sdxl":
+                continue
+            args[1].clip_layer(-1)
+        try:
+            bridge(*args)
+            refusals[what] = None
+        except FinetuneError as exc:
+            refusals[what] = [exc.node, exc.input, str(exc)]
+    r["refusals"] = refusals
+    if fam == "sdxl":
+        r["training"] = train(pipe, [model.model, clip.cond_stage_model, vae.first_stage_model])
+    RESULT[fam] = r
+'''
+
+
+def test_bridge_reads_each_family_as_comfyui_runs_it(tmp_path):
+    """Tiny SD 1.x, SD 2.x (v-prediction) and SDXL models built as ComfyUI's own MODEL / CLIP / VAE (model classes
+    forced: ComfyUI's detection needs real sizes): the bridged pipe has the family, prediction and schedule ComfyUI
+    samples with, its conditioning (SD 2.x's penultimate layer, SDXL's two encoders and pooled output, CLIP Set Last
+    Layer on SD 1.x), UNet and VAE compute what ComfyUI's do, and what it cannot reproduce is refused clearly.
+    Learn Embedding and full DreamBooth train on the SDXL pipe and leave ComfyUI's weights as they were."""
+    r = harness.run_in_comfyui(Path(_COMFYUI_DIR).resolve(), tmp_path / "families", _FAMILIES_SCRIPT, timeout=600)
+    for fam, latent_scale in (("sd1", 0.18215), ("sd2", 0.18215), ("sdxl", 0.13025)):
+        f = r[fam]
+        assert f["family"] == fam and f["latent_scale"] == latent_scale, f
+        assert f["prediction"] == ("v_prediction" if fam == "sd2" else "epsilon"), f
+        assert f["scheduler"] == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                  "prediction_type": f["prediction"]}, f
+        assert all(v < 1e-4 for v in f["diff"].values()), f
+        assert any("shared with ComfyUI" in line and "held by the pipe: 0 MiB" in line for line in f["ui"]), f
+        node, input, message = f["refusals"]["lcm"]
+        assert (node, input) == ("FinetuneNativeModelToPipe", "model") and "LCM" in message, message
+    assert r["sd2"]["layers"] == [r["sd2"]["host_layers"][0] - 1], r["sd2"]  # ComfyUI's penultimate layer
+    assert r["sd1"]["layers"] == r["sd1"]["host_layers"] and r["sdxl"]["layers"] == r["sdxl"]["host_layers"]
+    assert r["sd1"]["skip_layers"] == r["sd1"]["host_layers"][0] - 1 and r["sd1"]["skip_diff"] < 1e-4, r["sd1"]
+    assert r["sd2"]["patched_sampling"] == ["epsilon", True], r["sd2"]
+    node, input, message = r["sdxl"]["refusals"]["clip_layer"]
+    assert input == "clip" and "CLIP Set Last Layer" in message, message
+    assert r["sdxl"]["training"] == {"embedding_vectors": ["te1", "te2"], "dreambooth_changed": True,
+                                     "dreambooth_copy": True, "host_unchanged": True}, r["sdxl"]["training"]
