@@ -329,7 +329,7 @@ def test_host_apply_refuses_shape_mismatches(fake_comfy):
 
 
 # ---------------------------------------------------------------------------------------------- MODEL/CLIP/VAE -> pipe
-def _host_parts(handle, *, te_dtype=None, extra_text_layer=False) -> dict:
+def _host_parts(handle, *, te_dtype=None, unet_dtype=None, extra_text_layer=False) -> dict:
     """What host.native_model_parts returns for ComfyUI's load of ``handle``'s checkpoint: copies of its tensors
     made under inference mode (as ComfyUI runs nodes), the UNet and VAE under LDM names (VAE attention as 1x1
     convolutions), the text encoders under HF names with ``text_model.`` (ComfyUI's). ``extra_text_layer``: SD 2.x
@@ -338,7 +338,8 @@ def _host_parts(handle, *, te_dtype=None, extra_text_layer=False) -> dict:
 
     base = handle.base
     with torch.inference_mode():
-        unet = {k: v.clone() for k, v in rename_keys(base.unet.state_dict(), unet_name_map(base.unet.config)).items()}
+        unet = {k: v.clone().to(unet_dtype or v.dtype)
+                for k, v in rename_keys(base.unet.state_dict(), unet_name_map(base.unet.config)).items()}
         vae = {k: (v[:, :, None, None] if v.ndim == 2 and is_vae_conv_as_linear(k.rpartition(".")[0]) else v).clone()
                for k, v in rename_keys(base.vae.state_dict(), vae_name_map(base.vae.config)).items()}
         texts = []
@@ -438,12 +439,16 @@ def test_bridged_sd2_keeps_the_layers_the_host_reads(tiny_handles):
     assert torch.equal(encode_prompt(handle, prompt).cond, encode_prompt(ModelHandle(base), prompt).cond)
 
 
-def test_bridged_text_encoders_keep_the_hosts_dtype(tiny_handles):
-    """ComfyUI keeps text encoders in fp16 beside an fp32 UNet on a CPU: the bridge keeps both (no copy); the pipe's
-    dtype is the UNet's, and it samples."""
-    parts, base, notes = _bridged(tiny_handles["sd1"], te_dtype=torch.float16)
-    assert base.dtype == torch.float32 and next(base.text_encoders[0].parameters()).dtype == torch.float16
-    assert notes == []
+@pytest.mark.parametrize("unet_dtype,te_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32-unet-fp16-clip", "bf16"])
+def test_bridged_models_keep_the_hosts_dtypes(tiny_handles, unet_dtype, te_dtype):
+    """ComfyUI keeps text encoders in fp16 beside an fp32 UNet on a CPU, and may hold everything in bf16: the bridge
+    keeps the host's dtypes (no copy); the pipe's dtype is the UNet's, and it samples."""
+    parts, base, notes = _bridged(tiny_handles["sd1"], te_dtype=te_dtype, unet_dtype=unet_dtype)
+    assert base.dtype == unet_dtype and next(base.text_encoders[0].parameters()).dtype == te_dtype
+    assert next(base.unet.parameters()).dtype == unet_dtype and notes == []
+    host_ptrs = {t.data_ptr() for t in _host_tensors(parts)}
+    assert all(p.data_ptr() in host_ptrs for m in (base.unet, *base.text_encoders) for p in m.parameters())
     images = _sample(ModelHandle(base), "a red circle")
     assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
 
@@ -476,11 +481,11 @@ def test_bridge_reads_the_schedule_and_refuses_what_it_cannot_train(tiny_handles
     refused("clip", "layers", text_layers=[99])
 
 
-@pytest.mark.parametrize("kind", ["lora", "ti", "dreambooth-full"])
+@pytest.mark.parametrize("kind", ["lora", "ti", "dreambooth-full", "lora-fp16-clip", "ti-fp16-clip"])
 def test_trainers_on_a_bridged_pipe_leave_the_hosts_tensors_as_they_were(tiny_handles, kind, tmp_path, monkeypatch):
     """The pack's trainers on a pipe over the host's (inference-mode) tensors: they train (peft LoRA with the text
-    encoder, embedding vectors, a full DreamBooth copy of the UNet), every host tensor keeps its values, and the
-    pipe still reads the host's memory afterwards."""
+    encoder, embedding vectors, a full DreamBooth copy of the UNet; also with ComfyUI's fp16 text encoder beside an
+    fp32 UNet), every host tensor keeps its values, and the pipe still reads the host's memory afterwards."""
     from comfy_finetune.training.data import from_image_batch
     from comfy_finetune.training.dreambooth import DreamBoothSpec, train_dreambooth
     from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
@@ -488,7 +493,8 @@ def test_trainers_on_a_bridged_pipe_leave_the_hosts_tensors_as_they_were(tiny_ha
     from comfy_finetune.training.ti_trainer import TISpec, train_embedding
 
     monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path / "cache"))
-    parts, base, _ = _bridged(tiny_handles["sd1"])
+    parts, base, _ = _bridged(tiny_handles["sd1"], te_dtype=torch.float16 if kind.endswith("fp16-clip") else None)
+    kind = kind.removesuffix("-fp16-clip")
     tensors = _host_tensors(parts)
     before = [t.clone() for t in tensors]
     pipe = ModelHandle(base)
