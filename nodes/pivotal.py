@@ -41,8 +41,8 @@ class PivotalTuning(FTNode):
 
     DEFAULTS = {"instance_prompt": "a photo of <sks> dog", "class_prompt": "a photo of a dog", "steps": 400}
     SPEC_INPUTS = ("instance_prompt", "class_prompt", "token", "initializer", "num_vectors",
-                   "embedding_learning_rate", "prior_preservation", "prior_loss_weight", "prior_mode",
-                   "num_class_images", "train_text_encoder", "text_learning_rate", "rank", "alpha")
+                   "embedding_learning_rate", "embedding_fraction", "prior_preservation", "prior_loss_weight",
+                   "prior_mode", "num_class_images", "train_text_encoder", "text_learning_rate", "rank", "alpha")
     OPTIONAL_SPEC_INPUTS = ("class_sample_steps", "class_cfg", "targets")
 
     @classmethod

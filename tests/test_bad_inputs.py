@@ -87,6 +87,12 @@ DEFAULTS: dict[str, dict] = {
                             class_prompt="a photo of a circle", method="lora", prior_preservation=False,
                             prior_loss_weight=1.0, prior_mode="base_prediction", num_class_images=0,
                             train_text_encoder=False, text_learning_rate=5e-6, rank=2, alpha=2.0, **COMMON_TRAIN),
+    "FinetunePivotalTuning": dict(pipe=PIPE, dataset=DATASET, instance_prompt="a photo of <piv> circle",
+                                  class_prompt="a photo of a circle", token="<piv>", initializer="circle",
+                                  num_vectors=1, embedding_learning_rate=1e-2, embedding_fraction=1.0,
+                                  prior_preservation=False, prior_loss_weight=1.0, prior_mode="base_prediction",
+                                  num_class_images=0, train_text_encoder=False, text_learning_rate=5e-6, rank=2,
+                                  alpha=2.0, **COMMON_TRAIN),
     "FinetuneSaveLoRA": dict(lora=Ref("lora:sd1"), pipe=PIPE, name="bad_inputs/lora", layout="kohya",
                              overwrite=True),
     "FinetuneSaveEmbedding": dict(embedding=Ref("embedding:sd1"), pipe=PIPE, name="bad_inputs/embedding",
@@ -135,6 +141,10 @@ def _saved(folder_key: str, rel: str):
 
 def _trained(out, res):
     assert len(out) == 4
+
+
+def _pivotal_trained(out, res):
+    assert len(out) == 5 and out[2] is out[1].embeddings["piv"] and set(out[2].vectors) == {"te1", "te2"}
 
 
 def _negative(out, res):
@@ -388,6 +398,19 @@ ROWS: list[Row] = [
     Row("DreamBoothTrain-chinese-instance-prompt-ok", "DreamBoothTrain",
         dict(instance_prompt="一张 sks 圆的照片", class_prompt="一张圆的照片", prior_preservation=True,
              prior_mode="base_prediction"), error=None, check=_trained),
+    # ------------------------------------------------------------------------------------------ FinetunePivotalTuning
+    Row("PivotalTuning-instance_prompt-without-token", "FinetunePivotalTuning",
+        dict(instance_prompt="a photo of sks circle"), match="does not contain the token", input="instance_prompt",
+        before_training=True),
+    Row("PivotalTuning-token-two-words", "FinetunePivotalTuning", dict(token="my dog"), match="whitespace",
+        input="token", before_training=True),
+    Row("PivotalTuning-token-existing-word-executor", "FinetunePivotalTuning",
+        dict(token="circle", instance_prompt="a photo of circle"), via="executor", match="already a word",
+        input="token"),
+    Row("PivotalTuning-embedding_learning_rate-0", "FinetunePivotalTuning", dict(embedding_learning_rate=0.0),
+        match="positive", input="embedding_learning_rate", before_training=True),
+    Row("PivotalTuning-pipe-STRING", "FinetunePivotalTuning", dict(pipe="a pipe"), match="pipe", input="pipe"),
+    Row("PivotalTuning-sdxl-ok", "FinetunePivotalTuning", dict(pipe=PIPE_XL), error=None, check=_pivotal_trained),
     # ------------------------------------------------------------------------------------------ LoadImage (headless)
     Row("LoadImage-missing-file", "LoadImage", dict(image="no_such_image.png"), match="not found", input="image"),
     Row("LoadImage-missing-file-executor", "LoadImage", dict(image="no_such_image.png"), via="executor",

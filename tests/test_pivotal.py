@@ -192,3 +192,23 @@ def test_save_lora_keeps_the_word_in_both_layouts(tiny_handles, red, fam, monkey
     beside = load_embedding_file(folder / "piv_d_emb.safetensors", widths)
     for comp, vec in lora.embeddings["piv"].vectors.items():
         assert torch.equal(beside.vectors[comp], vec)
+
+
+def test_the_word_stops_training_at_its_fraction(tiny_handles, red, monkeypatch, tmp_path):
+    """embedding_fraction 0.5 of 4 steps: the word after 4 steps is the word after 2 (bit for bit: the same first two
+    steps), while the LoRA goes on training; 0.0 keeps the starting vectors exactly."""
+    monkeypatch.setenv("COMFY_FINETUNE_CACHE", str(tmp_path))
+    h, s = tiny_handles["sd1"], db_spec(prior_preservation=False)
+
+    def run(steps, fraction):
+        settings = TrainSettings(steps=steps, learning_rate=1e-3, seed=4)
+        pivotal = PivotalSpec(token=TOKEN, initializer="circle", num_vectors=2, embedding_learning_rate=1e-2,
+                              embedding_fraction=fraction)
+        return db.train_dreambooth(h, red, settings, s, pivotal=pivotal)[1]
+
+    half, two = run(4, 0.5), run(2, 1.0)
+    assert torch.equal(half.embeddings["piv"].vectors["te1"], two.embeddings["piv"].vectors["te1"])
+    assert any(not torch.equal(half.modules[k].up, two.modules[k].up) for k in half.modules)
+    start = initial_vectors(h, PIVOTAL.ti_spec(), 4, "test")["te1"]
+    assert torch.equal(run(2, 0.0).embeddings["piv"].vectors["te1"], start)
+    assert not torch.equal(two.embeddings["piv"].vectors["te1"], start)

@@ -599,7 +599,9 @@ class _Loop:
                 while step < settings.steps:
                     t_step = time.perf_counter()
                     for g, lr0 in zip(optimizer.param_groups, self.base_lrs):
-                        g["lr"] = lr0 * self.factor(step) * self.lr_scale
+                        # a group may train for the first steps only ("until": pivotal tuning's word); at lr 0
+                        # AdamW leaves a parameter exactly as it is
+                        g["lr"] = lr0 * self.factor(step) * self.lr_scale if step < g.get("until", step + 1) else 0.0
                     optimizer.zero_grad(set_to_none=True)
                     total, bad = 0.0, None
                     for micro in range(settings.grad_accum):

@@ -20,6 +20,7 @@ then holds it as ``bundle_emb.<name>.*`` (what A1111 reads), and Add LoRA applie
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,10 @@ class PivotalSpec:
                                               "vectors start from '*'.")
     num_vectors: int = node_input(2, min=1, max=16,
                                   tooltip="Vectors (prompt tokens) the word uses; diffusers' advanced script uses 2.")
+    embedding_fraction: float = node_input(
+        1.0, min=0.0, max=1.0, step=0.05,
+        tooltip="Share of the steps the word's vectors train; after it they stay fixed and the LoRA trains around "
+                "them (the pivot). 1.0: together to the end; diffusers' advanced script stops them at 0.5.")
     embedding_learning_rate: float = node_input(
         5e-3, min=0.0, max=10.0, step=1e-4, round=False,
         tooltip="Learning rate of the word's vectors (textual inversion's usual 5e-3; the LoRA uses learning_rate).")
@@ -152,8 +157,10 @@ class PivotalObjective:
         return replace(self.lora.workload(), grad_text_encoders=tuple(self.source.base.text_encoders))
 
     def param_groups(self) -> list[dict]:
+        until = math.ceil(float(self.spec.embedding_fraction) * self.settings.steps)
         return [*self.lora.param_groups(),
-                {"params": list(self.params.values()), "lr": float(self.spec.embedding_learning_rate)}]
+                {"params": list(self.params.values()), "lr": float(self.spec.embedding_learning_rate),
+                 "until": until}]
 
     def loss(self, step: int, batch, generator: torch.Generator, denoiser) -> torch.Tensor:
         return self.lora.loss(step, batch, generator, denoiser)

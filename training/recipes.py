@@ -72,7 +72,7 @@ TABLE: dict[str, dict[str, dict[str, Any]]] = {
 
 # Pivotal tuning is DreamBooth LoRA plus a new word's vectors: the LoRA values of dreambooth_lora, the vectors at
 # textual inversion's learning rate (and, on shapes-tiny, from the class word, as its textual-inversion recipe).
-_PIVOTAL = {"shapes-tiny": {"embedding_learning_rate": 2e-2, "initializer": "shape", "num_vectors": 1},
+_PIVOTAL = {"shapes-tiny": {"embedding_learning_rate": 2e-2, "num_vectors": 1},
             "sd15": {"embedding_learning_rate": 5e-3}, "sdxl": {"embedding_learning_rate": 5e-3},
             "kolors": {}}
 for _recipe, _values in _PIVOTAL.items():
