@@ -293,7 +293,7 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
                  if score.scorer.patience else "")
     key = run_key(kind, handle.signature(), dataset.signature(), config,
                   {k: v for k, v in asdict(settings).items()
-                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy")})
+                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy", "fused_step")})
     ckpt = checkpoint_path(kind, key)
     host.free_host_models()
     device = handle.base.device

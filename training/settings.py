@@ -13,6 +13,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU
 NAN_POLICIES = ("stop", "rollback")
 CHANNELS_LAST = ("auto", "on", "off")  # auto: on for CUDA (faster convolutions there), off on the CPU
+# auto: the fused optimizer step (loop.FusedStep) wherever it is exact and the trainables are large (full
+# fine-tuning: at least FUSED_AUTO_VALUES values), off for adapters (small gradients, many small tensors)
+FUSED_STEPS = ("auto", "on", "off")
 # LoRA target presets: the module names (suffixes) a LoRA wraps in the UNet, and in the text encoders
 UNET_TARGETS = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -77,6 +80,14 @@ class TrainSettings:
     offload_frozen: bool = node_input(False, tooltip="For small GPUs: encode every image and caption first, then "
                                                      "move the VAE and text encoders to the CPU while the UNet "
                                                      "trains.")
+    # The optimizer steps each trained tensor in a post-accumulate-grad hook as soon as its gradient is complete and
+    # frees that gradient (loop.FusedStep), so the gradients of a full fine-tune never all exist at once. Exact only
+    # with a per-tensor optimizer (adamw, adamw8bit), without fp16 loss scaling and on one process.
+    fused_step: str = node_input("auto", choices=FUSED_STEPS,
+                                 tooltip="Step the optimizer for each weight as soon as its gradient is ready and "
+                                         "free that gradient (full fine-tuning: saves the memory of all gradients). "
+                                         "auto: on for full fine-tuning with adamw/adamw8bit, off for adapters "
+                                         "and with fp16 or prodigy.")
 
     def validate(self, node: str) -> None:
         def bad(input: str, what: str, fix: str) -> FinetuneError:
@@ -107,6 +118,8 @@ class TrainSettings:
         if self.channels_last not in CHANNELS_LAST:
             raise bad("channels_last", f"unknown channels_last '{self.channels_last}'",
                       f"use one of {', '.join(CHANNELS_LAST)}")
+        if self.fused_step not in FUSED_STEPS:
+            raise bad("fused_step", f"unknown fused_step '{self.fused_step}'", f"use one of {', '.join(FUSED_STEPS)}")
         if self.min_snr_gamma < 0:
             raise bad("min_snr_gamma", "min_snr_gamma must be 0 (off) or positive", "use 0 or 5")
 
