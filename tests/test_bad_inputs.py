@@ -87,6 +87,7 @@ DEFAULTS: dict[str, dict] = {
                             class_prompt="a photo of a circle", method="lora", prior_preservation=False,
                             prior_loss_weight=1.0, prior_mode="base_prediction", num_class_images=0,
                             train_text_encoder=False, text_learning_rate=5e-6, rank=2, alpha=2.0, **COMMON_TRAIN),
+    "FinetuneNativeModelToPipe": dict(model="MODEL", clip="CLIP", vae="VAE", device="cpu"),
     "FinetunePivotalTuning": dict(pipe=PIPE, dataset=DATASET, instance_prompt="a photo of <piv> circle",
                                   class_prompt="a photo of a circle", token="<piv>", initializer="circle",
                                   num_vectors=1, embedding_learning_rate=1e-2, embedding_fraction=1.0,
@@ -398,6 +399,12 @@ ROWS: list[Row] = [
     Row("DreamBoothTrain-chinese-instance-prompt-ok", "DreamBoothTrain",
         dict(instance_prompt="一张 sks 圆的照片", class_prompt="一张圆的照片", prior_preservation=True,
              prior_mode="base_prediction"), error=None, check=_trained),
+    # ------------------------------------------------------------------------------------------ NativeModelToPipe
+    Row("NativeModelToPipe-headless", "FinetuneNativeModelToPipe", dict(), match="needs ComfyUI", input="model"),
+    Row("NativeModelToPipe-model-constant-executor", "FinetuneNativeModelToPipe", dict(), via="executor",
+        error=PromptValidationError, match="type MODEL", input="model"),
+    Row("NativeModelToPipe-device-unknown-executor", "FinetuneNativeModelToPipe", dict(device="tpu"),
+        via="executor", error=PromptValidationError, match="tpu", input="device"),
     # ------------------------------------------------------------------------------------------ FinetunePivotalTuning
     Row("PivotalTuning-instance_prompt-without-token", "FinetunePivotalTuning",
         dict(instance_prompt="a photo of sks circle"), match="does not contain the token", input="instance_prompt",
