@@ -74,7 +74,13 @@ class ApplyLoRAToModel(FTNode):
 
     def run(self, model, clip, lora, pipe, strength_model=1.0, strength_clip=1.0):
         check_fits(lora, pipe, node=self.NODE_ID, input="lora")
-        state_dict, _ = to_kohya_state_dict(lora, family=pipe.family, unet_config=dict(pipe.base.unet.config))
+        # the words a LoRA bundles (pivotal tuning) are prompt-level: ComfyUI's LoRA loader reads no bundle_emb
+        # keys, its prompts take them as embedding files (Embedding → Prompt Word)
+        state_dict, _ = to_kohya_state_dict(lora, family=pipe.family, unet_config=dict(pipe.base.unet.config),
+                                            bundle=False)
+        if lora.embeddings:
+            host.log.info("[FinetuneApplyLoRAToModel] the LoRA bundles the word(s) %s: save them with Finetune "
+                          "Embedding → Prompt Word to use them in CLIPTextEncode", ", ".join(lora.embeddings))
         state_dict = {k: v.detach() for k, v in state_dict.items()}
         new_model, new_clip = host.apply_lora_to_native(model, clip, state_dict, float(strength_model),
                                                         float(strength_clip))
