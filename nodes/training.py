@@ -24,7 +24,7 @@ SETTINGS_INPUTS = ("steps", "learning_rate", "batch_size", "grad_accum", "lr_sch
 # widget values keep their positions.
 VALIDATION_INPUTS = ("validation_prompt", "validate_every", "negative", "validation_size", "validation_steps",
                      "validation_sampler", "validation_scheduler", "validation_cfg", "save_every", "resume", "on_nan",
-                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe", "fused_step")
+                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe", "fused_step", "fp8_base")
 
 _SAMPLE = SampleSettings(prompt="")  # validation samples default to the Sample settings' defaults
 # The validation inputs that are not TrainSettings fields: they make a Validation (validation_from).

@@ -350,3 +350,15 @@ def test_prior_weight_is_applied_in_training(tiny_handles, red, striped, method)
     instance, prior = first[0], first[1] - first[0]
     assert prior > 1e-4, "the class batch must contribute a prior term"
     assert first[2] == pytest.approx(instance + 2.5 * prior, rel=1e-4)
+
+
+def test_full_offload_moves_the_input_unet_unless_the_prior_reads_it(tiny_handles, red, offload_moves):
+    """offload_frozen with method full: the input UNet waits on the CPU too (only validation reads it), except with
+    the base_prediction prior, whose targets are its predictions every step."""
+    h = tiny_handles["sd1"]
+    for mode, moved in (("class_images", True), ("base_prediction", False)):
+        offload_moves.clear()
+        settings = TrainSettings(steps=1, learning_rate=1e-5, seed=0, offload_frozen=True, cache_to_disk=False)
+        db.train_dreambooth(h, red, settings, spec(method="full", prior_mode=mode, num_class_images=1))
+        assert any(m is h.base.vae and d == "cpu" for m, d in offload_moves)
+        assert any(m is h.base.unet and d == "cpu" for m, d in offload_moves) == moved, mode

@@ -145,8 +145,7 @@ def test_fused_resume_mid_run_is_exact(tmp_path):
 
 
 def test_fused_step_plan_auto_and_refusals():
-    big = [{"params": [torch.zeros(loop.FUSED_AUTO_BYTES // 4 + 1, device="meta")]}]
-    small = [{"params": [torch.zeros(10)]}]
+    big, small = loop.FUSED_AUTO_BYTES, 40
     cpu = torch.device("cpu")
     assert loop.fused_step_plan(TrainSettings(), big, cpu, "n")[0]
     assert not loop.fused_step_plan(TrainSettings(), small, cpu, "n")[0]  # adapters: off

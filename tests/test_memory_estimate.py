@@ -199,3 +199,20 @@ def test_a_run_that_cannot_fit_fails_before_the_first_step(models_dir, tiny_hand
     monkeypatch.delenv(memory.CHECK_ENV)
     monkeypatch.delenv(memory.FREE_MEMORY_ENV)
     assert os.environ.get(memory.FREE_MEMORY_ENV) is None
+
+
+# Issue targets (real-size estimates, GB) and the options each needs
+TARGETS = [(("sd15", "lora", 512, 1, True, "bf16", "adamw", ("fp8",)), 2.5),
+           (("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ("fp8",)), 8.0),
+           (("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ("stream", "offload")), 4.0),
+           (("sd15", "full", 512, 1, True, "bf16", "adamw8bit", ("fused", "offload")), 8.0)]
+
+
+def test_real_size_targets_with_the_options_they_name(one_thread):
+    rows = memory.real_size_estimates([case for case, _ in TARGETS], kolors=False)
+    plain = memory.real_size_estimates([case[:-1] + ((),) for case, _ in TARGETS], kolors=False)
+    for (case, target), row, base in zip(TARGETS, rows, plain):
+        assert row["peak_gb"] <= target, (case, row["peak_gb"], row["parts"])
+        assert row["peak_gb"] < base["peak_gb"] - 0.5, (case, row["peak_gb"], base["peak_gb"])  # the option saves
+        assert row.get("encode_peak_gb", 0) <= target  # the first run's encoding fits too
+    assert [r["options"] for r in rows][-1] == ["fused_step", "offload_frozen"]

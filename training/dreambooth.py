@@ -474,6 +474,17 @@ class FullObjective:
     are copied when trained, or when the input's LoRAs change them (to bake those in); otherwise they are shared
     with the input base. Embedding patches are kept on the output handle (they are prompt-level, not weights);
     LoRA patches are not (they are in the weights now).
+
+    Master weights: the trained copies are fp32 (autocast runs the forward pass in bf16/fp16), not bf16 with
+    stochastic rounding. bf16 keeps 8 significant bits, so an AdamW update of about ``lr`` (1e-6 to 5e-6 for full
+    DreamBooth) on a weight of 0.05 is 50 to 250 times smaller than the spacing of bf16 values there (2^-12 for
+    [2^-5, 2^-4)) and is lost by round-to-nearest; stochastic rounding keeps it only in expectation, adds noise of
+    that spacing to every weight every step, and needs its random stream in the checkpoint for resume to stay exact.
+    fp32 costs 1.7 GB more for SD 1.5 (3.4 GB instead of 1.7), which the fused optimizer step (no gradient
+    buffer, ``fused_step``), 8-bit AdamW and ``offload_frozen`` more than pay for (README "Performance").
+
+    With ``offload_frozen`` the input UNet waits on the CPU too when nothing reads it during training (no
+    ``base_prediction`` prior, whose targets are its predictions every step).
     """
 
     def __init__(self, handle: ModelHandle, dataset: TrainingSet, settings: TrainSettings, spec: DreamBoothSpec,
@@ -486,6 +497,7 @@ class FullObjective:
         self.prompts = [*dataset_captions(dataset), *extra_prompts]
         self.latents = LatentCache(handle, dataset)
         self.frozen_text = TextCache(handle, node, prompts=frozen_prompts)  # the input model's, for prior targets
+        self.reads_input_unet = bool(frozen_prompts)  # base_prediction: the input UNet predicts every step
         self._train_handle: ModelHandle | None = None
         self.text: TextCache | None = None
 
@@ -528,7 +540,8 @@ class FullObjective:
         train, src = self.train_handle.base, self.source.base
         tes = [te for te in (*train.text_encoders, *src.text_encoders) if not self.db.train_text_encoder
                or te not in train.text_encoders]
-        return [src.vae, *dict.fromkeys(tes)]
+        unet = [] if self.reads_input_unet else [src.unet]  # otherwise only validation samples use it: offloadable
+        return [src.vae, *unet, *dict.fromkeys(tes)]
 
     def denoiser(self) -> torch.nn.Module:
         return self.train_handle.base.unet

@@ -8,8 +8,9 @@ cancelled:
 2. the input handle's patches merged into the base weights (:meth:`ModelHandle.patched`);
 3. every base weight frozen (``requires_grad`` flags and train/eval modes put back after);
 4. the objective attached (adapters injected, trained copies made, trainable tensors created);
-5. the speed and memory options applied once, to what the objective declares: SDPA attention, channels-last and
-   ``torch.compile`` on its :meth:`~Objective.denoiser`, gradient checkpointing on its
+5. the speed and memory options applied once, to what the objective declares: SDPA attention, channels-last,
+   ``fp8_base`` (:mod:`.fp8`: its frozen layers' weights in float8) and ``torch.compile`` on its
+   :meth:`~Objective.denoiser`, gradient checkpointing on its
    :meth:`~Objective.trained_modules`, the disk cache and the offload of its :meth:`~Objective.frozen_modules`
    on its :meth:`~Objective.caches` (filled first; an encoder a cache still needs every step, the VAE with random
    crops, stays on the device, and a cache miss brings back only its own encoder);
@@ -48,7 +49,7 @@ from ..core.families import Family
 from ..core.handle import ModelHandle
 from ..core.sampling import SampleSettings, make_scheduler, sample_patched, sample_prompts_patched
 from ..scoring.scorers import Evaluation, Scorer, images_from
-from . import speed
+from . import fp8, speed
 from .data import TrainingSet, subset
 from .diffusion import Cache, LatentCache, evaluation_loss
 from .loop import Scoring, TrainResult, checkpoint_path, run_key, train, training_mode
@@ -155,6 +156,11 @@ def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
             sub.training = mode
 
 
+# options added after checkpoints were keyed: left out of a run's key while off, so older runs keep their key (their
+# checkpoints resume) and a run with the option on gets its own
+NEW_OFF_BY_DEFAULT = ("fp8_base",)
+
+
 def offloads_frozen(settings: TrainSettings, family: Family, device: torch.device | str) -> bool:
     """Whether the frozen modules wait on the CPU during training: ``offload_frozen``, and always for Kolors on a GPU
     (ChatGLM3 is 6.2 B parameters, 12.5 GB in 16 bit, more than the UNet it conditions)."""
@@ -177,6 +183,14 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
         if settings.gradient_checkpointing:
             stack.enter_context(speed.checkpointing(objective.trained_modules().values()))
         stack.enter_context(speed.channels_last(unet, settings.use_channels_last(device)))
+        if settings.fp8_base:
+            layers = fp8.frozen_layers(unet)
+            if layers:
+                stack.enter_context(fp8.layers_outside(layers, device, fp8=True))
+                log.info("[%s] fp8_base: %d frozen UNet layers in float8 e4m3", node, len(layers))
+            else:
+                log.warning("[%s] fp8_base: the UNet trains itself (full fine-tuning), so no frozen layer is "
+                            "stored in float8", node)
         offload = None
         if offloads_frozen(settings, base.family, device):
             if not settings.offload_frozen:
@@ -293,7 +307,8 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
                  if score.scorer.patience else "")
     key = run_key(kind, handle.signature(), dataset.signature(), config,
                   {k: v for k, v in asdict(settings).items()
-                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy", "fused_step")})
+                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy", "fused_step")
+                   and not (k in NEW_OFF_BY_DEFAULT and not v)})
     ckpt = checkpoint_path(kind, key)
     host.free_host_models()
     device = handle.base.device

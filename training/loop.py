@@ -267,8 +267,9 @@ FUSED_AUTO_BYTES = 512_000_000
 PER_TENSOR_OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def fused_step_plan(settings: TrainSettings, groups: list[dict], device: torch.device, node: str) -> tuple[bool, str]:
-    """``(fused, why)``: whether the optimizer steps inside the backward pass (:class:`FusedStep`).
+def fused_step_plan(settings: TrainSettings, grad_bytes: int, device: torch.device, node: str) -> tuple[bool, str]:
+    """``(fused, why)``: whether the optimizer steps inside the backward pass (:class:`FusedStep`), for trainables
+    whose gradients take ``grad_bytes``.
 
     It is exact (the same update as ``optimizer.step()`` after backward) when the optimizer is per-tensor, no fp16
     loss scaling must first see every gradient for inf/NaN, and one process trains (data-parallel ranks average the
@@ -298,7 +299,6 @@ def fused_step_plan(settings: TrainSettings, groups: list[dict], device: torch.d
         return False, blockers[0][1]
     if mode == "on":
         return True, "fused_step on"
-    grad_bytes = sum(p.numel() * p.element_size() for g in groups for p in g["params"])
     if settings.grad_accum > 1:
         return False, "grad_accum > 1 keeps every gradient between micro-batches anyway"
     if grad_bytes < FUSED_AUTO_BYTES:
@@ -533,7 +533,8 @@ class _Loop:
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise FinetuneError("nothing to train", node=node, fix="check the training targets")
-        fused, why = fused_step_plan(settings, groups, self.device, node)
+        grad_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        fused, why = fused_step_plan(settings, grad_bytes, self.device, node)
         self.optimizer = FusedStep(groups, settings, node) if fused else make_optimizer(groups, settings, node)
         self.result.fused_step = fused
         log.info("[%s] fused optimizer step %s (%s)", node, "on" if fused else "off", why)

@@ -17,7 +17,13 @@ The peak is ``weights + trainable + grads + optimizer + activations + workspace`
   a full fine-tune's trained copy; not what ``offload_frozen`` moved to the CPU), at their dtypes. They are
   already loaded when the check runs, so they count on both sides: available = free memory + these weights.
 * **trainable / grads**: the trainable tensors not already in the weights (LoRA A/B, new embedding vectors) and
-  one gradient per trainable value, at the trainables' dtype (fp32).
+  one gradient per trainable value, at the trainables' dtype (fp32). With the fused optimizer step
+  (``fused_step``, :class:`.loop.FusedStep`; grad_accum 1) only one tensor's gradient exists at a time: twice the
+  largest trainable tensor (its gradient and the optimizer's temporary of that size).
+* **frozen layers** (:func:`frozen_layers`): the denoiser's frozen Linear/Conv weights are part of the weights at
+  their dtype; ``fp8_base`` (:mod:`.fp8`) stores them in 1 byte a value on the device (the originals wait on the
+  CPU; on a CPU device they stay and the float8 copies come on top) plus the upcast layer twice in the workspace;
+  ``offload_unet`` keeps them on the CPU with ``STREAM_WINDOW`` layers on the device.
 * **optimizer**: AdamW 2 fp32 states per trainable value (8 B), 8-bit AdamW 2 one-byte states (~2 B with its
   block scales), Prodigy 4 fp32 states (16 B).
 * **activations**: what autograd keeps for the backward pass, per sample, measured on the architecture itself:
@@ -68,7 +74,7 @@ import torch
 
 from ..core.errors import FinetuneError
 from ..core.realsize import load_configs
-from . import distributed
+from . import distributed, fp8
 from .settings import UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
@@ -105,6 +111,12 @@ class Workload:
     height: int
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    largest_trainable_values: int = 0  # the largest trainable tensor (the fused step's one live gradient)
+    # the denoiser's frozen Linear/Conv weights (what fp8_base stores in float8 and offload_unet streams), counted
+    # in weight_bytes at their own dtype: values, bytes, the largest layer's values
+    frozen_layer_values: int = 0
+    frozen_layer_bytes: int = 0
+    largest_frozen_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,9 @@ class Choice:
     height: int
     half_weights: bool = False        # frozen models loaded in 16 bit (a loader change)
     grad_accum: int = 1
+    fused_step: bool = False          # the optimizer steps each tensor in backward (loop.FusedStep)
+    fp8_base: bool = False            # frozen UNet layer weights stored in float8 (training/fp8.py)
+    offload_unet: bool = False        # frozen UNet layer weights streamed from the CPU per layer (training/offload.py)
 
 
 @dataclass
@@ -206,8 +221,10 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
     trainables = {id(p): p for g in param_groups for p in g["params"]}
     seen: dict[int, torch.nn.Parameter] = {}
     for m in (*shape.modules, unet):
-        for p in m.parameters():  # what waits elsewhere (offload_frozen moved it off the device) takes no room
-            if p.device.type in (device.type, "meta"):
+        for p in m.parameters():  # what waits elsewhere (offload_frozen moved it off the device) takes no room;
+            # a layer weight that fp8_base / offload_unet took off the device counts where it came from (the
+            # estimate models those options from the layers' own bytes)
+            if p.device.type in (device.type, "meta") or fp8.moved_from(p) is not None:
                 seen.setdefault(id(p), p)
     weight_bytes = sum(p.numel() * p.element_size() for p in seen.values())
     frozen_half = sum(p.numel() * p.element_size() // 2 for i, p in seen.items()
@@ -233,12 +250,24 @@ def describe(shape: RunShape, param_groups: list[dict], device: torch.device) ->
         te_values += int(layers) * tokens * int(cfg.hidden_size)
     width, height = max(shape.sizes, key=lambda s: s[0] * s[1])
     vae_ch = int(shape.vae.config.block_out_channels[0]) if shape.vae is not None else 128
-    return Workload(unet=unet, weight_bytes=weight_bytes, frozen_half_saving=frozen_half,
+    layers = [p for p in frozen_layer_weights(unet) if id(p) in seen]
+    return Workload(largest_trainable_values=max((p.numel() for p in trainables.values()), default=0),
+                    frozen_layer_values=sum(p.numel() for p in layers),
+                    frozen_layer_bytes=sum(p.numel() * p.element_size() for p in layers),
+                    largest_frozen_layer=max((p.numel() for p in layers), default=0),
+                    unet=unet, weight_bytes=weight_bytes, frozen_half_saving=frozen_half,
                     extra_trainable_values=extra, trainable_values=values, trainable_bytes_per_value=4,
                     mode=mode, trained_names=lora_names if mode == "lora" else frozenset(),
                     context_grad=bool(shape.grad_text_encoders), text_encoder_values=te_values,
                     unet_passes=shape.unet_passes, vae_channels=vae_ch, encode_batches=shape.encode_batches,
                     width=int(width), height=int(height), world_size=distributed.world_size(), device=device)
+
+
+def frozen_layer_weights(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The frozen Linear/Conv weights of ``unet`` (those fp8_base and offload_unet apply to; adapters' own layers
+    train, so they are not among them)."""
+    return [m.weight for m in unet.modules() if isinstance(m, fp8.LAYER_TYPES)
+            and isinstance(m.weight, torch.nn.Parameter) and not m.weight.requires_grad]
 
 
 def extra_ids(unet: torch.nn.Module) -> set[int]:
@@ -398,19 +427,56 @@ def estimate(work: Workload, choice: Choice) -> Estimate:
     vae_bytes = 2 if half or unet_dtype != torch.float32 else 4
     encode = 6 * work.vae_channels * choice.width * choice.height * vae_bytes * (
         choice.batch_size if work.encode_batches else 1)
-    weights = work.weight_bytes - (work.frozen_half_saving if choice.half_weights else 0)
+    layers, transient = frozen_layers(work, choice)
+    weights = work.weight_bytes - (work.frozen_half_saving if choice.half_weights else 0) \
+        - work.frozen_layer_bytes + layers
+    grads = work.trainable_values * work.trainable_bytes_per_value
+    if choice.fused_step and choice.grad_accum == 1:  # one tensor's gradient and the step's temporary of its size
+        grads = min(grads, 2 * work.largest_trainable_values * work.trainable_bytes_per_value)
     return Estimate(weights=weights,
                     trainable=work.extra_trainable_values * work.trainable_bytes_per_value,
-                    grads=work.trainable_values * work.trainable_bytes_per_value,
+                    grads=grads,
                     optimizer=int(work.trainable_values * OPTIMIZER_BYTES.get(choice.optimizer, 8.0)),
-                    activations=activations, workspace=2 * largest, encode=encode)
+                    activations=activations, workspace=2 * largest + transient, encode=encode)
+
+
+STREAM_WINDOW = 2  # offload_unet: layers on the device at once, the one running and the next (prefetched)
+
+
+def frozen_layers(work: Workload, choice: Choice) -> tuple[int, int]:
+    """``(resident, transient)`` bytes of the denoiser's frozen Linear/Conv weights under ``choice``.
+
+    Plain: their own bytes. ``fp8_base``: 1 byte a value (the per-tensor scale is one float), the originals moved
+    to the CPU (on a CPU device they stay, so the float8 copies come on top), and while a layer runs its weight
+    upcast to the original dtype, twice at most (the forward's and the backward's, which upcasts again instead of
+    keeping it). ``offload_unet``: the weights (float8 or not) wait on the CPU and :data:`STREAM_WINDOW` layers
+    are on the device at once (on a CPU device nothing moves)."""
+    values, nominal, largest = work.frozen_layer_values, work.frozen_layer_bytes, work.largest_frozen_layer
+    if not values or not (choice.fp8_base or choice.offload_unet):
+        return nominal, 0
+    each = nominal / values
+    stored_each = 1.0 if choice.fp8_base else each
+    transient = int(2 * largest * each) if choice.fp8_base else 0
+    if work.device.type == "cpu":
+        return nominal + (values if choice.fp8_base else 0), transient
+    if choice.offload_unet:
+        return int(STREAM_WINDOW * largest * stored_each), transient
+    return values, transient
 
 
 def current_choice(work: Workload, settings: TrainSettings) -> Choice:
+    from .loop import fused_step_plan  # noqa: PLC0415 - the loop's own rule
+
+    grad_bytes = work.trainable_values * work.trainable_bytes_per_value
+    try:
+        fused = fused_step_plan(settings, grad_bytes, work.device, "")[0]
+    except FinetuneError:  # fused_step on where it cannot be exact: the loop refuses it, with its own error
+        fused = False
     return Choice(batch_size=max(1, int(settings.batch_size) // max(1, work.world_size)),
                   gradient_checkpointing=bool(settings.gradient_checkpointing),
                   precision=settings.resolved_precision(work.device), optimizer=str(settings.optimizer),
-                  width=work.width, height=work.height, grad_accum=int(settings.grad_accum))
+                  width=work.width, height=work.height, grad_accum=int(settings.grad_accum), fused_step=fused,
+                  fp8_base=bool(settings.fp8_base) and work.frozen_layer_values > 0)
 
 
 @contextlib.contextmanager
@@ -450,6 +516,12 @@ def alternatives(work: Workload, now: Choice) -> Iterator[tuple[int, Choice, lis
     while b > 1:
         b, k = max(1, b // 2), k + 1
         batches.append((b, 2 * k, b))
+    fused = [(now.fused_step, 0, None)]
+    if not now.fused_step and now.grad_accum == 1 and work.world_size == 1:
+        fused.append((True, 1, "fused_step on"))
+    fp8s = [(now.fp8_base, 0, None)]
+    if not now.fp8_base and work.frozen_layer_values and work.device.type != "cpu":
+        fp8s.append((True, 3, "fp8_base on"))
     weights = [(False, 0, None)]
     if work.frozen_half_saving:
         weights.append((True, 3, "load the model with dtype bf16" if not cuda or torch.cuda.is_bf16_supported()
@@ -460,25 +532,26 @@ def alternatives(work: Workload, now: Choice) -> Iterator[tuple[int, Choice, lis
         f = target / side
         sizes.append((max(64, int(now.width * f) // 64 * 64), max(64, int(now.height * f) // 64 * 64), 4 + 2 * k,
                       f"resolution {target} in the Training Data node"))
-    for (c, cc, cn), (p, pc, pn), (o, oc, on), (bs, bc, bn), (hw, wc, wn), (w, h, sc, sn) in itertools.product(
-            ckpt, prec, opt, batches, weights, sizes):
-        cost = cc + pc + oc + bc + wc + sc
-        if cost == 0:
-            continue
-        changes = [x for x in (cn, pn, on) if x]
+    for (c, cc, cn), (p, pc, pn), (o, oc, on), (bs, bc, bn), (hw, wc, wn), (w, h, sc, sn), (fu, fc, fn), \
+            (f8, f8c, f8n) in itertools.product(ckpt, prec, opt, batches, weights, sizes, fused, fp8s):
+        cost = cc + pc + oc + bc + wc + sc + fc + f8c
+        if cost == 0 or (fu and fn and (p == "fp16" or o not in ("adamw", "adamw8bit"))):
+            continue  # (the fused step is exact only with a per-tensor optimizer and no fp16 loss scaling)
+        changes = [x for x in (cn, pn, on, fn, f8n) if x]
         if bn is not None:
             accum = now.grad_accum * (now.batch_size // bs)
             changes.append(f"batch_size {bs * work.world_size} with grad_accum {accum} (the same effective batch)")
         changes += [x for x in (wn, sn) if x]
-        yield cost, Choice(bs, c, p, o, w, h, hw, now.grad_accum), changes
+        yield cost, Choice(bs, c, p, o, w, h, hw, now.grad_accum, fu, f8, now.offload_unet), changes
 
 
 def suggest(work: Workload, now: Choice, budget: float) -> tuple[list[str], Choice, int] | None:
     """The cheapest (by :func:`alternatives`' cost, then by memory) changes whose estimate fits in ``budget``
     bytes beyond the loaded weights: (changes, choice, bytes needed); None if nothing fits."""
     best: tuple[int, int, list[str], Choice] | None = None
+    loaded = estimate(work, now).weights
     for cost, choice, changes in alternatives(work, now):
-        need = estimate(work, choice).total - work.weight_bytes
+        need = estimate(work, choice).total - loaded
         if need <= budget and (best is None or (cost, need) < best[:2]):
             best = (cost, need, changes, choice)
     return None if best is None else (best[2], best[3], best[1])
@@ -501,7 +574,7 @@ def check(shape: RunShape, param_groups: list[dict], settings: TrainSettings, *,
         log.warning("[%s] memory estimate skipped (%s: %s)", node, type(exc).__name__, str(exc)[:200])
         return None
     budget = free * USABLE
-    need = est.total - work.weight_bytes  # the weights are loaded already: the free figure excludes them
+    need = est.total - est.weights  # the weights are loaded already (as the options put them): free excludes them
     log.info("[%s] memory estimate: peak %s (%s); %s more needed, %s free", node, _gb(est.total), est.parts(),
              _gb(need), _gb(free))
     if need <= budget:
@@ -524,7 +597,8 @@ def check(shape: RunShape, param_groups: list[dict], settings: TrainSettings, *,
 
 def _input_of(change: str) -> str:
     """The node input a suggested change is made in."""
-    for name in ("gradient_checkpointing", "precision", "optimizer", "batch_size", "dtype", "resolution"):
+    for name in ("gradient_checkpointing", "precision", "optimizer", "batch_size", "dtype", "resolution", "fused_step",
+                 "fp8_base", "offload_unet"):
         if name in change:
             return name
     return "batch_size"
@@ -602,41 +676,81 @@ def kolors_estimates() -> list[dict]:
     return rows
 
 
-def real_size_estimates() -> list[dict]:
+def _layer_stats(unet: torch.nn.Module) -> dict:
+    """The Workload fields of a meta UNet's Linear/Conv weights, as frozen layers (LoRA-type runs)."""
+    ws = [m.weight for m in unet.modules() if isinstance(m, fp8.LAYER_TYPES)]
+    return {"frozen_layer_values": sum(w.numel() for w in ws),
+            "frozen_layer_bytes": sum(w.numel() * w.element_size() for w in ws),
+            "largest_frozen_layer": max(w.numel() for w in ws)}
+
+
+# (architecture, kind, resolution, batch, checkpointing, precision, optimizer, options): the README's rows.
+# options: fused (fused_step), fp8 (fp8_base), stream (offload_unet), offload (offload_frozen: VAE and text
+# encoders, and for full fine-tuning the input UNet, on the CPU once the latents and captions are cached)
+REAL_SIZE_CASES = [
+    ("sd15", "lora", 512, 1, True, "bf16", "adamw", ()), ("sd15", "lora", 512, 1, True, "bf16", "adamw", ("fp8",)),
+    ("sd15", "lora", 512, 1, False, "bf16", "adamw", ()),
+    ("sd15", "lora", 512, 8, False, "bf16", "adamw", ()), ("sd15", "lora", 512, 8, True, "bf16", "adamw", ()),
+    ("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ()), ("sdxl", "lora", 1024, 1, False, "bf16", "adamw", ()),
+    ("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ("fp8",)),
+    ("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ("stream", "offload")),
+    ("sdxl", "lora", 1024, 1, True, "bf16", "adamw", ("fp8", "stream", "offload")),
+    ("sd15", "full", 512, 1, True, "bf16", "adamw8bit", ()), ("sd15", "full", 512, 1, True, "bf16", "adamw", ()),
+    ("sd15", "full", 512, 1, True, "bf16", "adamw8bit", ("fused",)),
+    ("sd15", "full", 512, 1, True, "bf16", "adamw8bit", ("fused", "offload")),
+    ("sd15", "full", 512, 1, True, "bf16", "adamw", ("fused", "offload")),
+]
+OPTION_NAMES = {"fused": "fused_step", "fp8": "fp8_base", "stream": "offload_unet", "offload": "offload_frozen"}
+
+
+def real_size_estimates(cases: list[tuple] | None = None, kolors: bool = True) -> list[dict]:
     """Estimated peaks of the target settings (README "Performance") on the real SD 1.5 / SDXL architectures
-    (``configs/``, built on the meta device: nothing is allocated or downloaded). Weights in bf16 unless said
-    otherwise."""
+    (``configs/``, built on the meta device: nothing is allocated or downloaded). Weights in bf16; a full
+    fine-tune's trained copy in fp32 (FullObjective's master weights). With ``offload_frozen`` the peak is the
+    training step's: the encoders (and a full fine-tune's input UNet) are on the GPU only while the latents and
+    captions are first encoded (``encoders_gb``; a re-run with the disk cache skips that)."""
     rows = []
-    cases = [  # (architecture, kind, resolution, batch, checkpointing, precision, optimizer)
-        ("sd15", "lora", 512, 1, True, "bf16", "adamw"), ("sd15", "lora", 512, 1, False, "bf16", "adamw"),
-        ("sd15", "lora", 512, 8, False, "bf16", "adamw"), ("sd15", "lora", 512, 8, True, "bf16", "adamw"),
-        ("sdxl", "lora", 1024, 1, True, "bf16", "adamw"), ("sdxl", "lora", 1024, 1, False, "bf16", "adamw"),
-        ("sd15", "full", 512, 1, True, "bf16", "adamw8bit"), ("sd15", "full", 512, 1, True, "bf16", "adamw"),
-    ]
-    for name, kind, res, batch, ckpt, precision, optimizer in cases:
+    for name, kind, res, batch, ckpt, precision, optimizer, options in (REAL_SIZE_CASES if cases is None else cases):
         unet, n_unet, n_other = _meta_counts(name, torch.bfloat16)
         names, lora = _lora_names(unet)
+        offload = "offload" in options
         if kind == "lora":
-            weights, extra, values = (n_unet + n_other) * 2, lora, lora
-        else:  # full: a fp32 trained copy of the UNet beside the bf16 base (FullObjective)
-            weights, extra, values = (n_unet + n_other) * 2 + n_unet * 4, 0, n_unet
+            resident = n_unet * 2 if offload else (n_unet + n_other) * 2
+            weights, extra, values, largest = resident, lora, lora, 0
+            layers = _layer_stats(unet)
+        else:  # full: a fp32 trained copy of the UNet beside the bf16 input model (FullObjective)
+            resident = 0 if offload else (n_unet + n_other) * 2
+            weights, extra, values = resident + n_unet * 4, 0, n_unet
+            largest = max(p.numel() for p in unet.parameters())
+            layers = {}
         work = Workload(unet=unet, weight_bytes=weights, frozen_half_saving=0, extra_trainable_values=extra,
                         trainable_values=values, trainable_bytes_per_value=4, mode=kind,
                         trained_names=names if kind == "lora" else frozenset(), context_grad=False,
                         text_encoder_values=0, unet_passes=1, vae_channels=128, encode_batches=False,
-                        width=res, height=res, device=torch.device("cuda"))
+                        width=res, height=res, device=torch.device("cuda"), largest_trainable_values=largest,
+                        **layers)
         if kind == "full":  # the trained copy is fp32 (autocast bf16): probe it as such
             work.unet = _meta_counts(name, torch.float32)[0]
-        est = estimate(work, Choice(batch, ckpt, precision, optimizer, res, res))
+        est = estimate(work, Choice(batch, ckpt, precision, optimizer, res, res, fused_step="fused" in options,
+                                    fp8_base="fp8" in options, offload_unet="stream" in options))
+        encoders = (n_other + (n_unet if kind == "full" else 0)) * 2 if offload else 0
         rows.append({"model": name, "kind": kind, "resolution": res, "batch": batch, "checkpointing": ckpt,
                      "precision": precision, "optimizer": optimizer, "peak_gb": est.total / GB,
-                     "parts": est.parts()})
-    return rows + kolors_estimates()
+                     "parts": est.parts(), "options": [OPTION_NAMES[o] for o in options],
+                     "encoders_gb": encoders / GB,
+                     # the first run's encoding, before those go: weights and trainables, the encoders, the VAE's work
+                     "encode_peak_gb": (est.weights + est.trainable + encoders + est.encode) / GB})
+    return rows + (kolors_estimates() if kolors else [])
 
 
 if __name__ == "__main__":  # python -m comfy_finetune.training.memory: the real-size table
     for row in real_size_estimates():
         where = f"  [{row['where']}]" if "where" in row else ""
+        if row.get("options"):
+            where += f"  [{', '.join(row['options'])}]"
+        if row.get("encoders_gb"):
+            where += (f" (first encoding, {row['encoders_gb']:.1f} GB of encoders still on the device: peak "
+                      f"{row['encode_peak_gb']:.1f} GB)")
         print(f"{row['model']:6} {row['kind']:4} {row['resolution']:5} px  batch {row['batch']}  "
               f"ckpt {'on ' if row['checkpointing'] else 'off'}  {row['precision']}  {row['optimizer']:9}  "
               f"peak {row['peak_gb']:5.1f} GB  ({row['parts']}){where}")
