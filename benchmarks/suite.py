@@ -346,7 +346,7 @@ def _pipeline(handle):
                                              requires_safety_checker=False, **parts)
 
 
-def run_sample_case(case: dict, handle, device, repeats: int = 3) -> dict:
+def run_sample_case(case: dict, handle, device, repeats: int | None = None) -> dict:
     import torch
 
     from comfy_finetune.core.sampling import SampleSettings, comfy_noise, sample
@@ -374,6 +374,13 @@ def run_sample_case(case: dict, handle, device, repeats: int = 3) -> dict:
     fns = {"ours": ours, "diffusers": theirs}
     for fn in fns.values():
         fn(2)  # warm-up
+    if repeats is None:
+        # As many alternating pairs as fit in about 20 s (3 to 15): on a shared CPU a tiny model's run takes under a
+        # second and the load of other processes moves single runs by several per cent, so a median of three pairs
+        # put the same code anywhere from 0.98 to 1.03 against diffusers.
+        t = time.perf_counter()
+        ours(steps)
+        repeats = max(3, min(15, int(10.0 / max(time.perf_counter() - t, 1e-3))))
     mem = Memory(device)
     mem.start()
     for r in range(repeats):
@@ -387,7 +394,9 @@ def run_sample_case(case: dict, handle, device, repeats: int = 3) -> dict:
     memory = mem.result()
     med = {k: statistics.median(v) for k, v in timings.items()}
     flops = count_flops(lambda: ours(2)) - count_flops(lambda: ours(1))
+    pairs = sorted(a / b for a, b in zip(timings["ours"], timings["diffusers"]))
     return {"ours_s": med["ours"], "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"],
+            "repeats": repeats, "pair_ratio_range": [pairs[0], pairs[-1]],
             "steps_per_s": steps / med["ours"], "diffusers_steps_per_s": steps / med["diffusers"],
             "flops_per_step": flops, **memory}
 
@@ -480,7 +489,9 @@ def report(env: dict, rate: dict, rows: list[dict], overhead: dict, flops_real: 
         if row["case"]["kind"] == "sample":
             lines.append(f"{label(row['case']):44}{r['ours_s'] / row['case']['steps']:9.4f}{'':9}"
                          f"{r['steps_per_s']:9.2f}{r['ratio']:9.3f}{r['flops_per_step'] / 1e9:10.1f}"
-                         f"{r['mfu']:7.1%}{mem:10.0f}")
+                         f"{r['mfu']:7.1%}{mem:10.0f}"
+                         + (f"  (median of {r['repeats']} pairs, {r['pair_ratio_range'][0]:.3f}-"
+                            f"{r['pair_ratio_range'][1]:.3f})" if "repeats" in r else ""))
         else:
             lines.append(f"{label(row['case']):44}{r['step_s']:9.4f}{r['images_per_s']:9.2f}{'':9}{'':9}"
                          f"{r['flops_per_step'] / 1e9:10.1f}{r['mfu']:7.1%}{mem:10.0f}")
