@@ -21,10 +21,11 @@ TRAIN_CATEGORY = f"{CATEGORY}/training"
 SETTINGS_INPUTS = ("steps", "learning_rate", "batch_size", "grad_accum", "lr_schedule", "warmup_steps", "optimizer",
                    "precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset", "seed")
 # Optional inputs of every trainer. The speed and memory options came last (after on_nan), so older workflows'
-# widget values keep their positions.
+# widget values keep their positions; fused_step, fp8_base and offload_unet came after recipe.
 VALIDATION_INPUTS = ("validation_prompt", "validate_every", "negative", "validation_size", "validation_steps",
                      "validation_sampler", "validation_scheduler", "validation_cfg", "save_every", "resume", "on_nan",
-                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe", "fused_step", "fp8_base")
+                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe", "fused_step", "fp8_base",
+                     "offload_unet")
 
 _SAMPLE = SampleSettings(prompt="")  # validation samples default to the Sample settings' defaults
 # The validation inputs that are not TrainSettings fields: they make a Validation (validation_from).

@@ -77,9 +77,9 @@ def test_fp8_lora_training_is_in_effect_resumes_exactly_and_leaves_the_base(tiny
     calls: list[int] = []
     real, real_call = fp8.Layer.weight, fp8._call
 
-    def counting(self):
+    def counting(self, backward=False):
         fetched.append(1)
-        return real(self)
+        return real(self, backward)
 
     def call(layer, x, w):
         calls.append(1)
@@ -145,3 +145,68 @@ def test_the_estimate_models_fp8(tiny_handles, dataset):
     on_gpu = memory.estimate(gpu, memory.Choice(2, False, "fp32", "adamw", 64, 64, fp8_base=True))
     assert on_gpu.weights == plain.weights - 3 * work.frozen_layer_values  # 4 bytes -> 1 on a GPU
     assert on_gpu.workspace == plain.workspace + 2 * 4 * work.largest_frozen_layer  # the upcast layer
+
+
+# ------------------------------------------------------------------------------------------------ offload_unet
+def test_offload_unet_streams_each_layer_with_prefetch_and_resumes_exactly(tiny_handles, dataset, monkeypatch):
+    """On the CPU the weights are where they are, but the schedule runs: every frozen layer's weight comes through
+    the streamer, once per forward and again in backward where needed, and after the first step (which learns the
+    order) nearly every fetch finds its copy already started by the previous layer's."""
+    from comfy_finetune.training import offload
+
+    h = tiny_handles["sd1"]
+    streamers: list = []
+    real_init = offload.Streamer.__init__
+
+    def init(self, layers, device):
+        real_init(self, layers, device)
+        streamers.append(self)
+
+    monkeypatch.setattr(offload.Streamer, "__init__", init)
+    lora_s, r_s = train_lora(h, dataset, _settings(offload_unet="on"), LoraSpec(rank=4, alpha=4.0))
+    (st,) = streamers
+    n = len(st.layers)
+    assert n == len(fp8.frozen_layers(h.base.unet)) and st.layers[0].fetch is None  # closed after the run
+    assert len(st.orders[False]) == n and 0 < len(st.orders[True]) < n  # forward: all; backward: those needing it
+    fetches = sum(layer.fetches for layer in st.layers)
+    assert fetches == 3 * (n + len(st.orders[True]))
+    assert st.prefetched >= 2 * (n + len(st.orders[True])) - 8  # steps 2 and 3: served by the prefetch
+    assert st.copies <= fetches + 3 * 2 + 2  # at most one copy in flight beyond the ones used
+    # the same training as without streaming (the same weights, the input gradient computed by the layer function)
+    lora, r = train_lora(h, dataset, _settings(offload_unet="off"), LoraSpec(rank=4, alpha=4.0))
+    assert len(streamers) == 1
+    assert r_s.losses == pytest.approx(r.losses, rel=1e-5)
+    # resume: 2 steps with checkpoints, the third from the checkpoint = the uninterrupted streamed run
+    train_lora(h, dataset, _settings(steps=2, offload_unet="on", save_every=1), LoraSpec(rank=4, alpha=4.0))
+    again, r2 = train_lora(h, dataset, _settings(offload_unet="on", resume=True), LoraSpec(rank=4, alpha=4.0))
+    assert r2.resumed_from == 2 and r2.losses == r_s.losses and _same_lora(lora_s, again)
+
+
+def test_offload_unet_auto_follows_the_estimate(tiny_handles, dataset, monkeypatch):
+    import dataclasses
+
+    h = tiny_handles["sd1"]
+    real = memory.describe
+    # a GPU run as the estimate sees it: the same workload on a "cuda" device
+    monkeypatch.setattr(memory, "describe", lambda shape, groups, device: dataclasses.replace(
+        real(shape, groups, torch.device("cpu")), device=torch.device(device)))
+    cuda = torch.device("cuda")
+    settings = _settings()
+    objective = LoraObjective(h, dataset, settings, LoraSpec(rank=4, alpha=4.0), node="t")
+    with prepared(objective, h, settings, node="t"):
+        shape, groups = objective.workload(), objective.param_groups()
+        work = memory.describe(shape, groups, cuda)
+        now = memory.current_choice(work, settings)
+        est = memory.estimate(work, now)
+        streamed = memory.estimate(work, dataclasses.replace(now, offload_unet=True))
+        need = est.total - est.weights
+        assert streamed.weights == est.weights - work.frozen_layer_bytes + 2 * 4 * work.largest_frozen_layer
+        assert memory.wants_offload(shape, groups, settings, cuda, free_bytes=int(need / 2))
+        assert not memory.wants_offload(shape, groups, settings, cuda, free_bytes=int(need * 2))
+        assert not memory.wants_offload(shape, groups, settings, torch.device("cpu"), free_bytes=1)  # CPU: no gain
+        off, on = _settings(offload_unet="off"), _settings(offload_unet="on")
+        assert not memory.wants_offload(shape, groups, off, cuda, free_bytes=1)
+        assert memory.wants_offload(shape, groups, on, torch.device("cpu"), free_bytes=10**12)
+        # the check offers it as a change (on a GPU), with what it saves
+        alone = [alt for _, alt, changes in memory.alternatives(work, now) if changes == ["offload_unet on"]]
+        assert len(alone) == 1 and memory.estimate(work, alone[0]).total == streamed.total

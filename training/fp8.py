@@ -74,17 +74,29 @@ class Layer:
             q, self.scale = quantize(self.param)
             self.q = q.to(device)
         self.moved = False  # the original waits on the CPU (GPU runs)
+        self.fetch = None  # offload_unet: the Streamer that brings the stored weight over (.offload)
+        self.index = -1
+
+    def pin(self) -> None:
+        """Page-lock the stored weight on the CPU (asynchronous copies to CUDA)."""
+        if self.fp8:
+            self.q = self.q.pin_memory()
+        else:
+            self.param.data = self.param.data.pin_memory()
 
     def stored(self) -> torch.Tensor:
         """What this layer keeps for its weight (float8 or the original), wherever it is."""
         return self.q if self.fp8 else self.param
 
-    def weight(self) -> torch.Tensor:
-        """The weight on the training device in the layer's dtype, for one call."""
+    def weight(self, backward: bool = False) -> torch.Tensor:
+        """The weight on the training device in the layer's dtype, for one call (``backward``: the backward pass's)."""
         self.fetches += 1
-        src = self.stored()
-        if src.device != self.device:
-            src = src.to(self.device, non_blocking=True)
+        if self.fetch is not None:
+            src = self.fetch(self, backward)
+        else:
+            src = self.stored()
+            if src.device != self.device:
+                src = src.to(self.device, non_blocking=True)
         return dequantize(src, self.scale, self.dtype) if self.fp8 else src
 
 
@@ -96,14 +108,14 @@ class _LayerFunction(torch.autograd.Function):
         ctx.layer, ctx.x_shape, ctx.x_dtype = layer, x.shape, x.dtype
         ctx.autocast = torch.is_autocast_enabled(x.device.type)
         ctx.autocast_dtype = torch.get_autocast_dtype(x.device.type) if ctx.autocast else None
-        return _call(layer, x, layer.weight())
+        return _call(layer, x, layer.weight(backward=False))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         layer = ctx.layer
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = layer.weight()
+        w = layer.weight(backward=True)
         # the forward ran at the autocast dtype (if autocast was on): the input's gradient is computed there too
         dtype = ctx.autocast_dtype if ctx.autocast else grad.dtype
         w, g = w.to(dtype), grad.to(dtype)
@@ -149,10 +161,14 @@ def layers_outside(modules: Iterable[torch.nn.Module], device: torch.device, *, 
                    offload: bool = False) -> Iterator[list[Layer]]:
     """For the block, every layer of ``modules`` (:func:`frozen_layers`) calls its weight from a :class:`Layer`:
     float8 with ``fp8``; the original weights (or the float8 copies, with ``offload``) wait on the CPU when
-    ``device`` is not the CPU. Everything is put back when the block exits."""
+    ``device`` is not the CPU, and with ``offload`` a :class:`.offload.Streamer` brings them over per layer.
+    Everything is put back when the block exits."""
+    from .offload import Streamer  # noqa: PLC0415
+
     device = torch.device(device)
     layers: list[Layer] = []
     off_device = device.type != "cpu"
+    streamer = None
     try:
         for m in modules:
             layer = Layer(m, device, fp8)
@@ -164,8 +180,12 @@ def layers_outside(modules: Iterable[torch.nn.Module], device: torch.device, *, 
                 _MOVED[id(layer.param)] = device
             if off_device and offload and fp8:
                 layer.q = layer.q.to("cpu")
+        if offload:
+            streamer = Streamer(layers, device)
         yield layers
     finally:
+        if streamer is not None:
+            streamer.close()
         for layer in reversed(layers):
             vars(layer.module).pop("forward", None)
             if layer.moved:  # the same values, bit for bit, in the same layout (``to`` preserves the strides)

@@ -9,7 +9,8 @@ cancelled:
 3. every base weight frozen (``requires_grad`` flags and train/eval modes put back after);
 4. the objective attached (adapters injected, trained copies made, trainable tensors created);
 5. the speed and memory options applied once, to what the objective declares: SDPA attention, channels-last,
-   ``fp8_base`` (:mod:`.fp8`: its frozen layers' weights in float8) and ``torch.compile`` on its
+   ``fp8_base`` (:mod:`.fp8`: its frozen layers' weights in float8), ``offload_unet`` (:mod:`.offload`: those
+   weights streamed from the CPU; auto from the memory estimate) and ``torch.compile`` on its
    :meth:`~Objective.denoiser`, gradient checkpointing on its
    :meth:`~Objective.trained_modules`, the disk cache and the offload of its :meth:`~Objective.frozen_modules`
    on its :meth:`~Objective.caches` (filled first; an encoder a cache still needs every step, the VAE with random
@@ -53,7 +54,7 @@ from . import fp8, speed
 from .data import TrainingSet, subset
 from .diffusion import Cache, LatentCache, evaluation_loss
 from .loop import Scoring, TrainResult, checkpoint_path, run_key, train, training_mode
-from .memory import RunShape
+from .memory import RunShape, wants_offload
 from .memory import check as check_memory
 from .settings import TrainSettings
 
@@ -122,6 +123,7 @@ class Run:
     objective: Objective
     denoiser: Callable
     offload: speed.Offload | None = None
+    streams: bool = False  # offload_unet: the frozen UNet layers stream from the CPU (.offload)
 
     def param_groups(self) -> list[dict]:
         return self.objective.param_groups()
@@ -159,6 +161,8 @@ def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
 # options added after checkpoints were keyed: left out of a run's key while off, so older runs keep their key (their
 # checkpoints resume) and a run with the option on gets its own
 NEW_OFF_BY_DEFAULT = ("fp8_base",)
+# options that change where weights wait, not what is computed: not in a run's key (a run resumes with them changed)
+PLACEMENT = ("fused_step", "offload_unet")
 
 
 def offloads_frozen(settings: TrainSettings, family: Family, device: torch.device | str) -> bool:
@@ -183,14 +187,20 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
         if settings.gradient_checkpointing:
             stack.enter_context(speed.checkpointing(objective.trained_modules().values()))
         stack.enter_context(speed.channels_last(unet, settings.use_channels_last(device)))
-        if settings.fp8_base:
+        stream = wants_offload(objective.workload(), objective.param_groups(), settings, device)
+        if settings.fp8_base or stream:
             layers = fp8.frozen_layers(unet)
             if layers:
-                stack.enter_context(fp8.layers_outside(layers, device, fp8=True))
-                log.info("[%s] fp8_base: %d frozen UNet layers in float8 e4m3", node, len(layers))
+                stack.enter_context(fp8.layers_outside(layers, device, fp8=settings.fp8_base, offload=stream))
+                log.info("[%s] %d frozen UNet layers%s%s", node, len(layers),
+                         " in float8 e4m3 (fp8_base)" if settings.fp8_base else "",
+                         " streamed from the CPU (offload_unet" + (" auto: the estimate did not fit)"
+                                                                  if settings.offload_unet == "auto" else ")")
+                         if stream else "")
             else:
-                log.warning("[%s] fp8_base: the UNet trains itself (full fine-tuning), so no frozen layer is "
-                            "stored in float8", node)
+                log.warning("[%s] fp8_base / offload_unet: the UNet trains itself (full fine-tuning), so no frozen "
+                            "layer is stored in float8 or streamed", node)
+                stream = False
         offload = None
         if offloads_frozen(settings, base.family, device):
             if not settings.offload_frozen:
@@ -208,7 +218,7 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
                         log.warning("[%s] offload_frozen: random crops are encoded every step, so the VAE stays on "
                                     "the device", node)
             stack.enter_context(offload.offloaded())
-        yield Run(objective, speed.maybe_compile(unet, settings.compile), offload)
+        yield Run(objective, speed.maybe_compile(unet, settings.compile), offload, stream)
 
 
 @dataclass(frozen=True)
@@ -307,7 +317,7 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
                  if score.scorer.patience else "")
     key = run_key(kind, handle.signature(), dataset.signature(), config,
                   {k: v for k, v in asdict(settings).items()
-                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy", "fused_step")
+                   if k not in ("steps", "save_every", "validate_every", "resume", "nan_policy", *PLACEMENT)
                    and not (k in NEW_OFF_BY_DEFAULT and not v)})
     ckpt = checkpoint_path(kind, key)
     host.free_host_models()
@@ -342,7 +352,8 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
 
                 scoring = Scoring(evaluate, score.scorer.interval(settings.steps), score.scorer.patience,
                                   score.scorer.describe())
-            check_memory(objective.workload(), objective.param_groups(), settings, node=node, device=device)
+            check_memory(objective.workload(), objective.param_groups(), settings, node=node, device=device,
+                         offload_unet=run.streams)
             result = train(run, lambda first: dataset.batches(settings.batch_size, settings.seed, first), settings,
                            node=node, device=device, checkpoint=ckpt, validate=validate if validating else None,
                            scoring=scoring)

@@ -464,7 +464,9 @@ def frozen_layers(work: Workload, choice: Choice) -> tuple[int, int]:
     return values, transient
 
 
-def current_choice(work: Workload, settings: TrainSettings) -> Choice:
+def current_choice(work: Workload, settings: TrainSettings, offload_unet: bool = False) -> Choice:
+    """The settings as a :class:`Choice`; ``offload_unet``: the frame streams the frozen layers (its decision for
+    ``offload_unet`` auto)."""
     from .loop import fused_step_plan  # noqa: PLC0415 - the loop's own rule
 
     grad_bytes = work.trainable_values * work.trainable_bytes_per_value
@@ -476,7 +478,8 @@ def current_choice(work: Workload, settings: TrainSettings) -> Choice:
                   gradient_checkpointing=bool(settings.gradient_checkpointing),
                   precision=settings.resolved_precision(work.device), optimizer=str(settings.optimizer),
                   width=work.width, height=work.height, grad_accum=int(settings.grad_accum), fused_step=fused,
-                  fp8_base=bool(settings.fp8_base) and work.frozen_layer_values > 0)
+                  fp8_base=bool(settings.fp8_base) and work.frozen_layer_values > 0,
+                  offload_unet=offload_unet and work.frozen_layer_values > 0)
 
 
 @contextlib.contextmanager
@@ -522,6 +525,9 @@ def alternatives(work: Workload, now: Choice) -> Iterator[tuple[int, Choice, lis
     fp8s = [(now.fp8_base, 0, None)]
     if not now.fp8_base and work.frozen_layer_values and work.device.type != "cpu":
         fp8s.append((True, 3, "fp8_base on"))
+    streams = [(now.offload_unet, 0, None)]
+    if not now.offload_unet and work.frozen_layer_values and work.device.type != "cpu":
+        streams.append((True, 2, "offload_unet on"))
     weights = [(False, 0, None)]
     if work.frozen_half_saving:
         weights.append((True, 3, "load the model with dtype bf16" if not cuda or torch.cuda.is_bf16_supported()
@@ -533,16 +539,17 @@ def alternatives(work: Workload, now: Choice) -> Iterator[tuple[int, Choice, lis
         sizes.append((max(64, int(now.width * f) // 64 * 64), max(64, int(now.height * f) // 64 * 64), 4 + 2 * k,
                       f"resolution {target} in the Training Data node"))
     for (c, cc, cn), (p, pc, pn), (o, oc, on), (bs, bc, bn), (hw, wc, wn), (w, h, sc, sn), (fu, fc, fn), \
-            (f8, f8c, f8n) in itertools.product(ckpt, prec, opt, batches, weights, sizes, fused, fp8s):
-        cost = cc + pc + oc + bc + wc + sc + fc + f8c
+            (f8, f8c, f8n), (st, stc, stn) in itertools.product(ckpt, prec, opt, batches, weights, sizes, fused, fp8s,
+                                                                streams):
+        cost = cc + pc + oc + bc + wc + sc + fc + f8c + stc
         if cost == 0 or (fu and fn and (p == "fp16" or o not in ("adamw", "adamw8bit"))):
             continue  # (the fused step is exact only with a per-tensor optimizer and no fp16 loss scaling)
-        changes = [x for x in (cn, pn, on, fn, f8n) if x]
+        changes = [x for x in (cn, pn, on, fn, f8n, stn) if x]
         if bn is not None:
             accum = now.grad_accum * (now.batch_size // bs)
             changes.append(f"batch_size {bs * work.world_size} with grad_accum {accum} (the same effective batch)")
         changes += [x for x in (wn, sn) if x]
-        yield cost, Choice(bs, c, p, o, w, h, hw, now.grad_accum, fu, f8, now.offload_unet), changes
+        yield cost, Choice(bs, c, p, o, w, h, hw, now.grad_accum, fu, f8, st), changes
 
 
 def suggest(work: Workload, now: Choice, budget: float) -> tuple[list[str], Choice, int] | None:
@@ -557,8 +564,29 @@ def suggest(work: Workload, now: Choice, budget: float) -> tuple[list[str], Choi
     return None if best is None else (best[2], best[3], best[1])
 
 
+def wants_offload(shape: RunShape, param_groups: list[dict], settings: TrainSettings, device: torch.device,
+                  free_bytes: int | None = None) -> bool:
+    """``offload_unet`` auto: stream the frozen UNet layers when the run, as set, would not fit in the free memory
+    of a non-CPU device (by the estimate) and there are frozen layers to stream."""
+    device = torch.device(device)
+    if settings.offload_unet != "auto":
+        return settings.offload_unet == "on"
+    if device.type == "cpu" or os.environ.get(CHECK_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    free = free_bytes if free_bytes is not None else free_memory(device)
+    if free is None:
+        return False
+    try:
+        work = describe(shape, param_groups, device)
+        est = estimate(work, current_choice(work, settings))
+    except Exception as exc:  # noqa: BLE001 - an architecture the probe cannot run: as set
+        log.debug("offload_unet auto: no estimate (%s)", exc)
+        return False
+    return bool(work.frozen_layer_values) and est.total - est.weights > free * USABLE
+
+
 def check(shape: RunShape, param_groups: list[dict], settings: TrainSettings, *, node: str, device: torch.device,
-          free_bytes: int | None = None) -> Estimate | None:
+          free_bytes: int | None = None, offload_unet: bool = False) -> Estimate | None:
     """Raise a :class:`FinetuneError` naming the settings that fit when the run will not fit; returns the
     estimate (None when the check is off, the free memory is unknown, or the model cannot be probed)."""
     if os.environ.get(CHECK_ENV, "").strip().lower() in ("0", "off", "false", "no"):
@@ -568,7 +596,7 @@ def check(shape: RunShape, param_groups: list[dict], settings: TrainSettings, *,
         return None
     try:
         work = describe(shape, param_groups, torch.device(device))
-        now = current_choice(work, settings)
+        now = current_choice(work, settings, offload_unet)
         est = estimate(work, now)
     except Exception as exc:  # noqa: BLE001 - an architecture the probe cannot run: train without the check
         log.warning("[%s] memory estimate skipped (%s: %s)", node, type(exc).__name__, str(exc)[:200])

@@ -16,6 +16,7 @@ CHANNELS_LAST = ("auto", "on", "off")  # auto: on for CUDA (faster convolutions 
 # auto: the fused optimizer step (loop.FusedStep) wherever it is exact and the trainables are large (full
 # fine-tuning: at least FUSED_AUTO_VALUES values), off for adapters (small gradients, many small tensors)
 FUSED_STEPS = ("auto", "on", "off")
+OFFLOAD_UNET = ("auto", "on", "off")  # auto: on where the memory estimate says the run does not fit otherwise (GPU)
 # LoRA target presets: the module names (suffixes) a LoRA wraps in the UNet, and in the text encoders
 UNET_TARGETS = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -95,6 +96,13 @@ class TrainSettings:
                                                "(e4m3, one scale per tensor) on the GPU and upcast each layer as it "
                                                "runs: about half the memory of a 16-bit UNet, slightly less exact "
                                                "forward passes. The model itself is put back unchanged.")
+    # LoRA-type training: the frozen UNet's layer weights wait on the CPU and stream to the device one layer at a
+    # time, the next one's copy overlapping the current one's compute (training/offload.py).
+    offload_unet: str = node_input("auto", choices=OFFLOAD_UNET,
+                                   tooltip="LoRA / embeddings on a small GPU: keep the frozen UNet's weights on the "
+                                           "CPU and stream them to the GPU layer by layer while it computes (slower "
+                                           "steps, a fraction of the memory). auto: on when the memory estimate "
+                                           "says the run would not fit otherwise.")
 
     def validate(self, node: str) -> None:
         def bad(input: str, what: str, fix: str) -> FinetuneError:
@@ -127,6 +135,9 @@ class TrainSettings:
                       f"use one of {', '.join(CHANNELS_LAST)}")
         if self.fused_step not in FUSED_STEPS:
             raise bad("fused_step", f"unknown fused_step '{self.fused_step}'", f"use one of {', '.join(FUSED_STEPS)}")
+        if self.offload_unet not in OFFLOAD_UNET:
+            raise bad("offload_unet", f"unknown offload_unet '{self.offload_unet}'",
+                      f"use one of {', '.join(OFFLOAD_UNET)}")
         if self.min_snr_gamma < 0:
             raise bad("min_snr_gamma", "min_snr_gamma must be 0 (off) or positive", "use 0 or 5")
 
