@@ -21,11 +21,10 @@ TRAIN_CATEGORY = f"{CATEGORY}/training"
 SETTINGS_INPUTS = ("steps", "learning_rate", "batch_size", "grad_accum", "lr_schedule", "warmup_steps", "optimizer",
                    "precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset", "seed")
 # Optional inputs of every trainer. The speed and memory options came last (after on_nan), so older workflows'
-# widget values keep their positions; fused_step, fp8_base and offload_unet came after recipe.
+# widget values keep their positions.
 VALIDATION_INPUTS = ("validation_prompt", "validate_every", "negative", "validation_size", "validation_steps",
                      "validation_sampler", "validation_scheduler", "validation_cfg", "save_every", "resume", "on_nan",
-                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe", "fused_step", "fp8_base",
-                     "offload_unet")
+                     "cache_to_disk", "compile", "channels_last", "offload_frozen", "recipe")
 
 _SAMPLE = SampleSettings(prompt="")  # validation samples default to the Sample settings' defaults
 # The validation inputs that are not TrainSettings fields: they make a Validation (validation_from).
@@ -59,8 +58,13 @@ def validation_inputs() -> dict:
     return widgets(VALIDATION_INPUTS, VALIDATION_WIDGETS, TrainSettings)
 
 
+# Speed and memory options added after every trainer's own late inputs (TrainLoRA's algorithm, DreamBoothTrain's
+# targets, LearnEmbedding's min_timestep, which follow VALIDATION_INPUTS): every trainer ends its optional inputs
+# with SCORER_INPUT, so they ride at its front and take the widget positions after all the older ones. Append only.
+LATE_SETTINGS_INPUTS = ("fused_step", "fp8_base", "offload_unet")
 # The scorer link: optional, after every widget (a link takes no widget position).
-SCORER_INPUT = {"scorer": (SCORER, {"tooltip": "Score the model every N steps (a Scorer node) and keep the best "
+SCORER_INPUT = {**widgets(LATE_SETTINGS_INPUTS, TrainSettings),
+                "scorer": (SCORER, {"tooltip": "Score the model every N steps (a Scorer node) and keep the best "
                                                "checkpoint: the outputs are then the best-scoring step's, named on "
                                                "the node and in the loss plot. The validation_* settings are the "
                                                "sampling settings it scores with."})}

@@ -39,7 +39,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -187,7 +187,19 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
         if settings.gradient_checkpointing:
             stack.enter_context(speed.checkpointing(objective.trained_modules().values()))
         stack.enter_context(speed.channels_last(unet, settings.use_channels_last(device)))
-        stream = wants_offload(objective.workload(), objective.param_groups(), settings, device)
+        offload = None
+        if offloads_frozen(settings, base.family, device):
+            if not settings.offload_frozen:
+                log.info("[%s] Kolors on a GPU: the text encoder and VAE wait on the CPU once their encodings are "
+                         "cached (offload_frozen)", node)
+            offload = speed.Offload(objective.frozen_modules(), device)
+        # before the caches fill (the first encoding then runs beside the float8 / streamed UNet); offload_unet
+        # auto judges the run as it will train, with the frozen encoders already gone
+        shape = objective.workload()
+        if offload is not None:
+            away = {id(m) for m in offload.modules}
+            shape = replace(shape, modules=tuple(m for m in shape.modules if id(m) not in away))
+        stream = wants_offload(shape, objective.param_groups(), settings, device)
         if settings.fp8_base or stream:
             layers = fp8.frozen_layers(unet)
             if layers:
@@ -201,12 +213,6 @@ def prepared(objective: Objective, handle: ModelHandle, settings: TrainSettings,
                 log.warning("[%s] fp8_base / offload_unet: the UNet trains itself (full fine-tuning), so no frozen "
                             "layer is stored in float8 or streamed", node)
                 stream = False
-        offload = None
-        if offloads_frozen(settings, base.family, device):
-            if not settings.offload_frozen:
-                log.info("[%s] Kolors on a GPU: the text encoder and VAE wait on the CPU once their encodings are "
-                         "cached (offload_frozen)", node)
-            offload = speed.Offload(objective.frozen_modules(), device)
         caches = list({id(c): c for c in objective.caches()}.values())
         for cache in caches:
             cache.configure(disk=settings.cache_to_disk, offload=offload)
