@@ -71,8 +71,8 @@ class Layer:
         self.q = self.scale = None
         self.fetches = 0  # materialisations (tests: the layer's weight really comes from here)
         if fp8:
-            q, self.scale = quantize(self.param)
-            self.q = q.to(device)
+            q, scale = quantize(self.param)
+            self.q, self.scale = q.to(device), scale.to(device)  # the scale stays on the device (also when streaming)
         self.moved = False  # the original waits on the CPU (GPU runs)
         self.fetch = None  # offload_unet: the Streamer that brings the stored weight over (.offload)
         self.index = -1
