@@ -405,6 +405,15 @@ with handle.with_patch(LoraPatch(converted, 1.0, 1.0)).patched():
                - getattr(handle.base.unet.get_submodule(p), name)).abs().max())
         for (_, p), m in converted.modules.items() for name in ("weight", "bias")
         if (m.delta() if name == "weight" else m.bias_delta()) is not None)
+    # and so the denoiser: ComfyUI's UNet with its loader's patch and this pack's through Add LoRA give the same
+    # prediction for the same latents, timesteps and context (hence the same images from any sampler)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    ts = torch.tensor([999.0, 250.0])
+    with torch.no_grad():
+        theirs = base_model.diffusion_model(x, timesteps=ts, context=ctx)
+        ours = handle.base.unet(x, ts, encoder_hidden_states=ctx).sample
+    RESULT["native_unet_out_diff"] = float((theirs - ours).abs().max())
+    RESULT["native_unet_out_scale"] = float(theirs.abs().max())
 '''
 
 
@@ -439,6 +448,7 @@ def test_bridges_inside_comfyui(tmp_path):
     if r["native_diff_keys"]:
         assert f"{r['native_diff_modules']} full-weight/bias deltas" in r["converted_notes"][0], r
     assert r["native_max_diff"] < 1e-5, r
+    assert r["native_unet_out_diff"] < 1e-4 * max(1.0, r["native_unet_out_scale"]), r
 
 
 # ---------------------------------------------------------------------------------------------- 7. robustness
