@@ -1,6 +1,7 @@
 """Does personalization work? DreamBooth, Textual Inversion and LoRA on ``shapes-tiny``, over every held-out concept.
 
-    python benchmarks/personalization.py [--out bench-out] [--seeds 2] [--fast] [--only base,dreambooth,ti,lora]
+    python benchmarks/personalization.py [--out bench-out] [--seeds 2] [--samples 8] [--fast]
+        [--only base,dreambooth,ti,lora] [--methods lora,full,pivotal]
 
 (``benchmarks/personalization.py`` runs this module's :func:`main`; the tests import the measures from here.)
 
@@ -420,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="bench-out", help="folder for grid.png (default: bench-out)")
     p.add_argument("--fast", action="store_true", help="the tests' budget: fewer steps and samples")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per concept (default 2; --fast 1)")
+    p.add_argument("--samples", type=int, default=None, help="samples per measured prompt (default 8; --fast 4)")
     p.add_argument("--only", default="base,dreambooth,ti,lora")
     p.add_argument("--methods", default=",".join(DREAMBOOTH_METHODS),
                    help="the subject trainers to run: lora and full (DreamBooth), pivotal (pivotal tuning)")
@@ -431,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = FAST if args.fast else FULL
     if args.seeds is not None:
         budget = replace(budget, seeds=tuple(range(args.seeds)))
+    if args.samples is not None:
+        budget = replace(budget, samples=args.samples)
     result = run(budget, [s.strip() for s in args.only.split(",")], Path(args.out),
                  methods=[m.strip() for m in args.methods.split(",")])
     print()
