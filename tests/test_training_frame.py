@@ -2,11 +2,11 @@
 it found it.
 
 The option table runs each trainer (LoRA, Textual Inversion, DreamBooth LoRA, DreamBooth full, pivotal tuning) with
-each option (compile, channels_last, offload_frozen, cache_to_disk, gradient_checkpointing) on the tiny SD 1.x model
-and checks the option's effect where it shows: the compiled module is the one called, the memory format the
-denoiser's weights have while it runs, where the frozen VAE is during UNet steps, the cache hit on a second run,
-the recomputation in the backward pass. Every check only looks at forward passes with autograd on, so the class
-images DreamBooth samples before training (no gradients) do not count.
+each option (compile, channels_last, offload_frozen, cache_to_disk, gradient_checkpointing, fp8_base, offload_unet) on
+the tiny SD 1.x model and checks the option's effect where it shows: the compiled module is the one called, the
+memory format the denoiser's weights have while it runs, where the frozen VAE is during UNet steps, the cache hit on
+a second run, the recomputation in the backward pass, the frozen layers' own forward. Every check only looks at
+forward passes with autograd on, so the class images DreamBooth samples before training (no gradients) do not count.
 """
 
 from __future__ import annotations
@@ -138,6 +138,20 @@ def test_offload_with_random_crops_keeps_only_the_vae_on_the_device(tiny_handles
     train("lora", tiny_handles["sd1"], cropped, offload_frozen=True)
     assert [d for m, d in offload_moves if m is base.text_encoders[0]] == ["cpu", str(base.device)]
     assert not [d for m, d in offload_moves if m is base.vae]
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_fp8_base_and_offload_unet_wrap_the_frozen_denoiser_layers(tiny_handles, dataset, kind, cache_dir,
+                                                                   one_thread):
+    """fp8_base / offload_unet: the frozen UNet's layers run through training/fp8.py's layer function during steps
+    (a forward of their own for the run), in every LoRA-type trainer; full DreamBooth trains its UNet, so its
+    layers stay as they are; after the run no layer keeps the replacement."""
+    unet = tiny_handles["sd1"].base.unet
+    for options in ({"fp8_base": True}, {"offload_unet": "on"}):
+        with _GradHook(unet.down_blocks[0].resnets[0].conv1, lambda m: "forward" in vars(m)) as hook:
+            train(kind, tiny_handles["sd1"], dataset, **options)
+        assert hook.seen and all(x == (kind != "dreambooth-full") for x in hook.seen), (options, hook.seen)
+    assert not any("forward" in vars(m) for m in unet.modules())
 
 
 @pytest.mark.parametrize("kind", TRAINERS)
