@@ -71,7 +71,7 @@ def check(handle: ModelHandle, spec: PivotalSpec, instance_prompt: str | None, n
     if handle.family is Family.KOLORS:
         raise FinetuneError("pivotal tuning needs token embeddings of CLIP text encoders; Kolors' ChatGLM3 has no "
                             "embedding layout others read", node=node, input="pipe",
-                            fix="use Dream Booth Train (method lora) for Kolors, or an SD 1.x / 2.x / SDXL model")
+                            fix="use DreamBooth Train (method lora) for Kolors, or an SD 1.x / 2.x / SDXL model")
     check_spec(handle, spec.ti_spec(), node)
     if not float(spec.embedding_learning_rate) > 0:
         raise FinetuneError(f"embedding_learning_rate must be positive (got {spec.embedding_learning_rate})",
