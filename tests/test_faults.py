@@ -532,8 +532,10 @@ def test_nan_policy_setting_and_node_input():
         optional = node.INPUT_TYPES()["optional"]
         # on_nan came last before the speed/memory options and then the recipe were appended (widget positions of
         # older workflows)
-        late = {DreamBoothTrain: ["targets"], LearnEmbedding: ["min_timestep"]}.get(node, [])  # after the recipe
-        late = [*late, "scorer"]  # a link (no widget position), last
+        late = {DreamBoothTrain: ["targets", "algorithm"], LearnEmbedding: ["min_timestep"],
+                TrainLoRA: ["algorithm"]}.get(node, [])  # after the recipe
+        # then the memory options every trainer shares, and the scorer: a link (no widget position), last
+        late = [*late, "fused_step", "fp8_base", "offload_unet", "scorer"]
         assert list(optional)[-6 - len(late):] == ["on_nan", "cache_to_disk", "compile", "channels_last",
                                                    "offload_frozen", "recipe", *late], node
         choices, opts = optional["on_nan"]
