@@ -62,12 +62,22 @@ def plan(models: list[str], device: str, quick: bool) -> list[dict]:
             # the small-GPU setting: checkpointing, everything cached, VAE and text encoders on the CPU
             cases.append(dict(kind="lora", model=m, size=size, batch=1, precision=prec, gc=True, steps=steps,
                               offload=True))
+            # the memory options, each beside the plain row above for its step-time ratio and peak: the frozen UNet
+            # in float8, then streamed layer by layer (with the encoders offloaded)
+            cases.append(dict(kind="lora", model=m, size=size, batch=1, precision=prec, gc=True, steps=steps,
+                              fp8=True))
+            cases.append(dict(kind="lora", model=m, size=size, batch=1, precision=prec, gc=True, steps=steps,
+                              offload=True, stream=True))
             if not m.startswith("tiny"):
                 cases.append(dict(kind="lora", model=m, size=size, batch=8, precision=prec, gc=False, steps=steps,
                                   compile=True))
         if m in SD15_LIKE:
             cases.append(dict(kind="dreambooth", model=m, size=size, batch=1, precision=prec, gc=True, steps=steps,
                               optimizer="adamw8bit" if cuda and _has("bitsandbytes") else "adamw"))
+            if cuda:  # the full-DreamBooth target's setting: fused step, 8-bit Adam, frozen parts on the CPU
+                cases.append(dict(kind="dreambooth", model=m, size=size, batch=1, precision=prec, gc=True,
+                                  steps=steps, fused=True, offload=True,
+                                  optimizer="adamw8bit" if _has("bitsandbytes") else "adamw"))
             cases.append(dict(kind="ti", model=m, size=size, batch=1, precision=prec, gc=False, steps=steps))
         sample_steps = 20 if cuda else (10 if m.startswith("tiny") else 4)
         for b in batches:
@@ -281,7 +291,9 @@ def _train_fn(case: dict, handle, data):
                                  gradient_checkpointing=checkpointing, optimizer=case.get("optimizer", "adamw"),
                                  cache_to_disk=False,
                                  compile=case.get("compile", False) if compiled is None else compiled,
-                                 offload_frozen=case.get("offload", False), seed=0)
+                                 offload_frozen=case.get("offload", False), fp8_base=case.get("fp8", False),
+                                 offload_unet="on" if case.get("stream") else "off",
+                                 fused_step="on" if case.get("fused") else "off", seed=0)
         if kind == "lora":
             from comfy_finetune.training.lora_trainer import LoraSpec, train_lora
 
@@ -466,6 +478,9 @@ def label(case: dict) -> str:
         bits.append("offload")
     if case.get("compile"):
         bits.append("compile")
+    for key in ("fp8", "stream", "fused"):
+        if case.get(key):
+            bits.append(key)
     if case.get("optimizer", "adamw") != "adamw":
         bits.append(case["optimizer"])
     return " ".join(bits)
