@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from .offload import Streamer
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
@@ -163,8 +165,6 @@ def layers_outside(modules: Iterable[torch.nn.Module], device: torch.device, *, 
     float8 with ``fp8``; the original weights (or the float8 copies, with ``offload``) wait on the CPU when
     ``device`` is not the CPU, and with ``offload`` a :class:`.offload.Streamer` brings them over per layer.
     Everything is put back when the block exits."""
-    from .offload import Streamer  # noqa: PLC0415
-
     device = torch.device(device)
     layers: list[Layer] = []
     off_device = device.type != "cpu"

@@ -75,6 +75,7 @@ import torch
 from ..core.errors import FinetuneError
 from ..core.realsize import load_configs
 from . import distributed, fp8
+from .loop import fused_step_plan  # the loop's own rule
 from .settings import UNET_TARGETS, TrainSettings
 
 log = logging.getLogger("comfy_finetune")
@@ -467,8 +468,6 @@ def frozen_layers(work: Workload, choice: Choice) -> tuple[int, int]:
 def current_choice(work: Workload, settings: TrainSettings, offload_unet: bool = False) -> Choice:
     """The settings as a :class:`Choice`; ``offload_unet``: the frame streams the frozen layers (its decision for
     ``offload_unet`` auto)."""
-    from .loop import fused_step_plan  # noqa: PLC0415 - the loop's own rule
-
     grad_bytes = work.trainable_values * work.trainable_bytes_per_value
     try:
         fused = fused_step_plan(settings, grad_bytes, work.device, "")[0]
