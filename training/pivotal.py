@@ -37,7 +37,7 @@ from .diffusion import Cache, LatentCache, TextCache
 from .lora_trainer import FrozenModel, LoraObjective, LoraSpec
 from .memory import RunShape
 from .settings import TrainSettings
-from .ti_trainer import TISpec, check_spec, embedding_name, initial_vectors
+from .ti_trainer import TISpec, check_spec, embedding_name, fresh_vectors, initial_vectors
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,7 @@ class PivotalObjective:
         """The LoRA layers and fresh vectors for the block. The host runs nodes under inference mode, where a
         Parameter made in ``__init__`` can never get a gradient: the frame enters this after leaving it."""
         with self.lora.attached():
-            for comp, p in list(self.params.items()):
-                fresh = torch.nn.Parameter(p.detach().clone())
-                self.params[comp] = fresh
-                self.embedding.vectors[comp] = fresh
+            fresh_vectors(self.params, self.embedding)
             yield self
 
     @property

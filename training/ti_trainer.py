@@ -179,6 +179,15 @@ def caption_prompt(mode: str, caption: str, token: str, placeholder: str, templa
     return prompt
 
 
+def fresh_vectors(params: dict[str, torch.nn.Parameter], embedding: Embedding) -> None:
+    """Replace each trainable vector of ``params`` (and of the ``embedding`` that carries them) by a new Parameter
+    with its values: one made under the host's inference mode can never get a gradient."""
+    for comp, p in list(params.items()):
+        fresh = torch.nn.Parameter(p.detach().clone())
+        params[comp] = fresh
+        embedding.vectors[comp] = fresh
+
+
 class TIObjective:
     """Trainable token vectors for ``handle`` with everything else frozen."""
 
@@ -206,10 +215,7 @@ class TIObjective:
     def attached(self) -> Iterator[TIObjective]:
         """Fresh trainable vectors for the block. The host runs nodes under inference mode, where a Parameter made
         in ``__init__`` can never get a gradient: the frame enters this after leaving it."""
-        for comp, p in list(self.params.items()):
-            fresh = torch.nn.Parameter(p.detach().clone())
-            self.params[comp] = fresh
-            self.embedding.vectors[comp] = fresh
+        fresh_vectors(self.params, self.embedding)
         yield self
 
     @property
