@@ -84,9 +84,21 @@ def models_dir() -> Path:
     return Path.cwd() / "models"
 
 
+#: Model folders ComfyUI itself does not declare; the pack declares them (as the IP-Adapter and InstantID node packs
+#: do: ``models/<key>``, ComfyUI's weight extensions) unless another pack or extra_model_paths.yaml already did.
+EXTRA_MODEL_FOLDERS = ("ipadapter", "instantid", "insightface")
+
+
+def _declare(key: str) -> None:
+    fp = _fp()
+    if key in EXTRA_MODEL_FOLDERS and key not in fp.folder_names_and_paths:
+        fp.folder_names_and_paths[key] = ([os.path.join(fp.models_dir, key)], set(fp.supported_pt_extensions))
+
+
 def folder_paths_for(key: str) -> list[Path]:
-    """All folders searched for ``key`` (checkpoints, loras, embeddings, diffusers)."""
+    """All folders searched for ``key`` (checkpoints, loras, embeddings, diffusers, clip_vision, ipadapter, ...)."""
     if in_comfyui():
+        _declare(key)
         return [Path(p) for p in _fp().get_folder_paths(key)]
     return [models_dir() / key]
 
@@ -95,6 +107,7 @@ def list_files(key: str, extensions: Iterable[str] = MODEL_EXTENSIONS) -> list[s
     """Relative file names (with sub-folders, ``/``-separated) under the folders for ``key``."""
     exts = tuple(extensions)
     if in_comfyui() and key != "diffusers":
+        _declare(key)
         return sorted(n.replace(os.sep, "/") for n in _fp().get_filename_list(key) if n.lower().endswith(exts))
     names: set[str] = set()
     for root in folder_paths_for(key):

@@ -148,6 +148,8 @@ class ModelHandle:
             elif isinstance(p, EmbeddingPatch):
                 fp = sum(float(v.detach().double().sum()) for v in p.embedding.vectors.values())
                 out.append(["embedding", p.embedding.name, repr(fp)])
+            else:  # other kinds (image prompts) describe themselves
+                out.append(p.signature())
         return out
 
     def describe(self) -> str:
@@ -156,6 +158,7 @@ class ModelHandle:
             parts.append(f"+ LoRA {p.lora.name} ({p.strength_unet:g}/{p.strength_text:g})")
         for name in self.embeddings:
             parts.append(f"+ embedding {name}")
+        parts += [p.describe() for p in self.patches if not isinstance(p, (LoraPatch, EmbeddingPatch))]
         return " ".join(parts)
 
     @contextmanager

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .conditioning import PromptEncoder, same_length, sdxl_added
 from .errors import FinetuneError
+from .image_prompt import attached
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -159,7 +160,7 @@ def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequ
     scheduler = make_scheduler(base.scheduler_config, s.sampler, s.scheduler, node=node)
     device, dtype = base.device, base.dtype
     counts = [int(n) for _, n, _ in prompts]
-    with torch.inference_mode():
+    with torch.inference_mode(), attached(handle) as image_prompts:
         encoder = PromptEncoder(handle, node=node)
         pos = [encoder.encode(p) for p, _, _ in prompts]
         neg = encoder.encode(s.negative or "")
@@ -174,6 +175,8 @@ def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequ
             if use_cfg:
                 pooled.insert(0, neg.pooled.expand(b, -1))
             added = sdxl_added(torch.cat(pooled), s.height, s.width, dtype, device)
+        if image_prompts is not None:  # the image tokens ride at the end of the context (none for strength 0)
+            context = image_prompts.extend(context, uncond_rows=b if use_cfg else 0)
         context = context.to(device=device, dtype=dtype)
 
         scheduler.set_timesteps(s.steps, device=device)
@@ -186,7 +189,9 @@ def sample_prompts_patched(handle: ModelHandle, s: SampleSettings, prompts: Sequ
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if use_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t).to(dtype)
-            pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+            extra = {} if image_prompts is None else image_prompts.unet_kwargs(model_in, t, context, added)
+            pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added, **extra).sample
+            pred = pred.float()
             if use_cfg:
                 p_uncond, p_cond = pred.chunk(2)
                 pred = p_uncond + s.cfg * (p_cond - p_uncond)

@@ -14,6 +14,7 @@ from .data import NODES as _DATA
 from .dreambooth import NODES as _DREAMBOOTH
 from .embedding_training import NODES as _EMBEDDING_TRAINING
 from .generation import NODES as _GENERATION
+from .image_prompt import NODES as _IMAGE_PROMPT
 from .images import NODES as _IMAGES
 from .pivotal import NODES as _PIVOTAL
 from .saving import NODES as _SAVING
@@ -21,7 +22,7 @@ from .scoring import NODES as _SCORING
 from .training import NODES as _TRAINING
 
 ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING, *_EMBEDDING_TRAINING, *_DREAMBOOTH, *_PIVOTAL, *_SAVING, *_BRIDGES,
-             *_IMAGES, *_SCORING]
+             *_IMAGES, *_SCORING, *_IMAGE_PROMPT]
 
 # Old id -> current id, for workflows saved before the rename.
 RENAMED_NODE_IDS: dict[str, str] = {
