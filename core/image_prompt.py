@@ -381,6 +381,7 @@ class Attached:
     prompts: list[ImagePromptPatch]
     device: Any
     dtype: Any
+    pixel_scale: int = 8  # image pixels per latent pixel (the ControlNet hint is drawn at the image's size)
 
     def extend(self, context, uncond_rows: int = 0):
         """``context [B, L, D]`` with every prompt's tokens appended: the first ``uncond_rows`` rows get the
@@ -396,6 +397,8 @@ class Attached:
 
     def unet_kwargs(self, model_in, t, context, added) -> dict:
         """ControlNet residuals for the UNet call (InstantID's keypoint ControlNet); ``{}`` without one."""
+        import torch  # noqa: PLC0415
+
         down = mid = None
         end = context.shape[1]
         starts = []
@@ -407,7 +410,11 @@ class Attached:
             if p.control is None:
                 continue
             hint = p.control
-            image = hint.image.to(device=model_in.device, dtype=model_in.dtype).expand(model_in.shape[0], -1, -1, -1)
+            size = (model_in.shape[-2] * self.pixel_scale, model_in.shape[-1] * self.pixel_scale)
+            image = hint.image.float()
+            if tuple(image.shape[-2:]) != size:
+                image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            image = image.to(device=model_in.device, dtype=model_in.dtype).expand(model_in.shape[0], -1, -1, -1)
             tokens = context[:, start:start + p.cond.shape[1]]
             d, m = hint.controlnet(model_in, t, encoder_hidden_states=tokens, controlnet_cond=image,
                                    conditioning_scale=float(hint.strength), added_cond_kwargs=added,
@@ -440,7 +447,7 @@ def attached(handle: ModelHandle) -> Iterator[Attached | None]:
         for p in prompts:
             if p.control is not None:
                 p.control.controlnet.to(device=base.device, dtype=dtype)
-        yield Attached(prompts, base.device, dtype)
+        yield Attached(prompts, base.device, dtype, base.vae_scale_factor)
     finally:
         for attn, original in zip(layers, originals):
             attn.processor = original

@@ -48,6 +48,7 @@ from .. import host
 from ..core.errors import FinetuneError
 from ..core.families import Family
 from ..core.handle import ModelHandle
+from ..core.image_prompt import ImagePromptPatch
 from ..core.sampling import SampleSettings, make_scheduler, sample_patched, sample_prompts_patched
 from ..scoring.scorers import Evaluation, Scorer, images_from
 from . import fp8, speed
@@ -311,6 +312,11 @@ def run_training(kind: str, handle: ModelHandle, dataset: Dataset, settings: Tra
     ``finish`` writes into the file) names the kept step and score (its ``ss_steps`` / ``steps`` become that step)."""
     settings.validate(node)
     check_dataset(dataset, settings, node)
+    if any(isinstance(p, ImagePromptPatch) for p in handle.patches):
+        # the trainers' losses condition on text alone; an image prompt would only steer the in-loop samples
+        raise FinetuneError("the model handle carries an image prompt (IP-Adapter / InstantID)", node=node,
+                            input="pipe", fix="train on the handle before the Image Prompt / InstantID node and add "
+                            "the image prompt after the trainer")
     bound = None
     if score is not None:
         validation = validation or Validation(prompt="")
