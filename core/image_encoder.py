@@ -7,6 +7,9 @@ Facts relied on:
   keys ``vision_model.*`` and ``visual_projection.weight``). Without a config the architecture follows from the
   tensors, except the head count (16 in every released ViT-L/H/bigG) and the activation (OpenAI's ViT-L/14,
   1024 wide, uses quick_gelu; the LAION ViT-H/14 and bigG/14 use gelu).
+* transformers 5's ``CLIPVisionModel`` (no projection) is the vision transformer itself: its tensors have no
+  ``vision_model.`` prefix (transformers converts the prefixed layout when it loads a checkpoint). Files come in
+  both layouts; they are read as ``vision_model.*`` and given to the model in its own.
 * CLIP's preprocessing: resize the shortest side to the input size (bicubic), center crop a square, normalise
   with mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258, 0.27577711).
 * IP-Adapter's inputs: ``image_embeds`` (the projected pooled embedding) for the base adapters, the penultimate
@@ -106,8 +109,16 @@ def preprocess(images, size: int, *, node: str | None = None, input: str = "imag
     return (x - mean) / std
 
 
+def prefixed(state: dict) -> dict:
+    """``state`` in the ``vision_model.*`` layout (a bare transformers 5 ``CLIPVisionModel`` file gets the prefix)."""
+    if "vision_model.embeddings.patch_embedding.weight" not in state and "embeddings.patch_embedding.weight" in state:
+        return {f"vision_model.{k}": v for k, v in state.items()}
+    return state
+
+
 def encoder_config(state: dict, *, name: str = "", node: str | None = None, input: str = "clip_vision_name") -> dict:
     """A ``CLIPVisionConfig`` dict inferred from a transformers-layout state dict (see the module's facts)."""
+    state = prefixed(state)
     key = "vision_model.embeddings.patch_embedding.weight"
     if key not in state:
         hint = ""
@@ -137,7 +148,7 @@ def encoder_config(state: dict, *, name: str = "", node: str | None = None, inpu
 def load_image_encoder(path: str | Path, *, node: str | None = None, input: str = "clip_vision_name",
                        dtype=None) -> ImageEncoder:
     """A CLIP vision encoder from a ``.safetensors`` file or a folder holding ``config.json`` and
-    ``model.safetensors`` (a ``config.json`` beside a file, or one named ``<file stem>.json``, is used too)."""
+    ``model.safetensors`` (beside a file, a config named ``<file stem>.json`` is used too)."""
     import torch  # noqa: PLC0415
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection  # noqa: PLC0415
 
@@ -145,6 +156,7 @@ def load_image_encoder(path: str | Path, *, node: str | None = None, input: str 
     folder = path if path.is_dir() else None
     weights = (folder / "model.safetensors") if folder else path
     state, _ = load_safetensors(weights, node=node, input=input)
+    state = prefixed(state)
     config_file = next((c for c in ((folder / "config.json") if folder else None, path.with_suffix(".json"))
                         if c is not None and c.is_file()), None)
     if config_file is not None:
@@ -156,6 +168,8 @@ def load_image_encoder(path: str | Path, *, node: str | None = None, input: str 
     cls = CLIPVisionModelWithProjection if "visual_projection.weight" in state else CLIPVisionModel
     model = cls(config)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    if not any(k.startswith("vision_model.") for k in model.state_dict()):  # transformers 5's bare CLIPVisionModel
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

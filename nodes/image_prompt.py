@@ -153,9 +153,10 @@ class ImagePrompt(FTNode):
                 tensors = read_safetensors_header(weights).tensors
             except Exception:  # noqa: BLE001 - not readable: not a candidate
                 continue
-            want = "visual_projection.weight" if adapter.input == "image_embeds" else \
-                "vision_model.post_layernorm.weight"
-            info = tensors.get(want)
+            if adapter.input == "image_embeds":
+                info = tensors.get("visual_projection.weight")
+            else:  # the hidden width; a transformers 5 CLIPVisionModel file has no vision_model. prefix
+                info = tensors.get("vision_model.post_layernorm.weight", tensors.get("post_layernorm.weight"))
             if info is not None and info.shape[0] == adapter.embed_dim:
                 fits.append(name)
         if len(fits) != 1:
