@@ -16,13 +16,14 @@ from .embedding_training import NODES as _EMBEDDING_TRAINING
 from .generation import NODES as _GENERATION
 from .image_prompt import NODES as _IMAGE_PROMPT
 from .images import NODES as _IMAGES
+from .instantid import NODES as _INSTANTID
 from .pivotal import NODES as _PIVOTAL
 from .saving import NODES as _SAVING
 from .scoring import NODES as _SCORING
 from .training import NODES as _TRAINING
 
 ALL_NODES = [*_GENERATION, *_DATA, *_TRAINING, *_EMBEDDING_TRAINING, *_DREAMBOOTH, *_PIVOTAL, *_SAVING, *_BRIDGES,
-             *_IMAGES, *_SCORING, *_IMAGE_PROMPT]
+             *_IMAGES, *_SCORING, *_IMAGE_PROMPT, *_INSTANTID]
 
 # Old id -> current id, for workflows saved before the rename.
 RENAMED_NODE_IDS: dict[str, str] = {
