@@ -164,7 +164,7 @@ def adapter_from_state_dict(name: str, state: Mapping[str, Any], metadata: Mappi
                   "pos": int(proj["pos_emb.weight"].shape[0]) if "pos_emb.weight" in proj else 0}
         tokens = int(queries)
         source = "face" if embed == FACE_EMBED_DIM and "pos_emb.weight" not in proj else "hidden"
-    elif "proj.0.weight" in proj:
+    elif "proj.3.weight" in proj:  # full-face's MLP; FaceID's proj.0/proj.2 + norm is another model
         kind, source = "mlp", "hidden"
         embed = int(proj["proj.0.weight"].shape[1])
         tokens = 0
@@ -181,7 +181,32 @@ def adapter_from_state_dict(name: str, state: Mapping[str, Any], metadata: Mappi
     if meta.get("ft_image_input") in ("image_embeds", "hidden", "face"):  # written by the pack's own adapters
         source = meta["ft_image_input"]
     rest = {k: v for k, v in flat.items() if not k.startswith(("image_proj.", "ip_adapter."))}
-    return ImageAdapter(name, kind, source, embed, cross, tokens, proj, layers, rest, meta, config)
+    adapter = ImageAdapter(name, kind, source, embed, cross, tokens, proj, layers, rest, meta, config)
+    _check_projection(adapter, node=node, input=input)
+    return adapter
+
+
+def _check_projection(adapter: ImageAdapter, *, node, input) -> None:
+    """Refuse a projection whose tensors do not fit the module its keys name (checked on the meta device: no
+    memory, no copy), so that a damaged or unknown variant is named here rather than failing to load later."""
+    import torch  # noqa: PLC0415
+
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in build_projection(adapter, load=False).state_dict().items()}
+    except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. a resampler narrower than one 64-wide head
+        want = {}
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in adapter.image_proj.items()}
+    wrong = [f"{k} missing" for k in sorted(want.keys() - have.keys())]
+    wrong += [f"{k} unexpected" for k in sorted(have.keys() - want.keys())]
+    wrong += [f"{k} is {list(have[k])}, not {list(want[k])}" for k in sorted(want.keys() & have.keys())
+              if have[k] != want[k]]
+    if wrong:
+        raise FinetuneError(f"'{adapter.name}' has image_proj tensors that do not fit an {adapter.label} projection "
+                            f"({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''})", node=node, input=input,
+                            fix="the file is damaged or a variant this pack does not support; download it again, or "
+                            "use an h94 IP-Adapter (base, plus, plus-face, full-face) or InstantID file")
+
 
 
 def load_adapter(path: str | Path, *, node: str | None = None, input: str = "adapter_name") -> ImageAdapter:
