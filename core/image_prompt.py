@@ -340,10 +340,16 @@ def cross_attention_layers(unet) -> list[Any]:
 def check_adapter_fits(adapter: ImageAdapter, unet, *, family_label: str = "", node: str | None = None,
                        input: str = "adapter_name") -> None:
     """Refuse an adapter made for another UNet (cross-attention width, layer count or widths)."""
+    model = f"this {family_label} model" if family_label else "this model"
+    if getattr(unet.config, "encoder_hid_dim_type", None) is not None or \
+            getattr(unet, "encoder_hid_proj", None) is not None:
+        # Kolors: the UNet's forward projects the whole context (4096 -> 2048 wide), image tokens included
+        raise FinetuneError(f"{model} projects its text context inside the UNet (encoder_hid_proj), which image "
+                            "prompt tokens cannot join", node=node, input="pipe",
+                            fix="use image prompts with an SD 1.x / SD 2.x / SDXL model handle")
     layers = cross_attention_layers(unet)
     cross = int(unet.config.cross_attention_dim if not isinstance(unet.config.cross_attention_dim, (list, tuple))
                 else unet.config.cross_attention_dim[0])
-    model = f"this {family_label} model" if family_label else "this model"
     if adapter.cross_dim != cross or len(adapter.ip_layers) != len(layers):
         raise FinetuneError(f"'{adapter.name}' is made for a UNet with {len(adapter.ip_layers)} cross-attention "
                             f"layers of context width {adapter.cross_dim}; {model} has {len(layers)} of width {cross}",
