@@ -179,6 +179,11 @@ class ImagePrompt(FTNode):
             return (pipe,)
         encoder = self.encoder(adapter, adapter_name, clip_vision_name)
         embeds, hidden = encoder.encode(image, node=self.NODE_ID, input="image")
+        positions = adapter.config.get("pos", 0) if adapter.input == "hidden" else 0
+        if positions and hidden.shape[1] > positions:  # the resampler's pos_emb has a row per input token
+            raise FinetuneError(f"'{encoder.name}' gives {hidden.shape[1]} hidden states, more than the "
+                                f"{positions} positions '{adapter.name}' was trained with", input="clip_vision_name",
+                                fix=_FIX_ENCODER)
         if adapter.input == "image_embeds":  # "no image": zero image_embeds (the reference implementation's choice)
             features, zeros = embeds, torch.zeros_like(embeds[:1])
         else:  # hidden states: those of an all-zero normalised image
