@@ -208,7 +208,6 @@ def _check_projection(adapter: ImageAdapter, *, node, input) -> None:
                             "use an h94 IP-Adapter (base, plus, plus-face, full-face) or InstantID file")
 
 
-
 def load_adapter(path: str | Path, *, node: str | None = None, input: str = "adapter_name") -> ImageAdapter:
     """An adapter file: ``.safetensors``, or a ``.bin`` read with weights-only loading (never a full unpickle)."""
     path = Path(path)
@@ -364,8 +363,10 @@ def check_adapter_fits(adapter: ImageAdapter, unet, *, family_label: str = "", n
 
 
 def image_prompts(handle: ModelHandle) -> list[ImagePromptPatch]:
-    """The handle's image prompts that do anything (strength 0 is exactly no adapter)."""
-    return [p for p in handle.patches if isinstance(p, ImagePromptPatch) and p.strength != 0]
+    """The handle's image prompts that do anything: strength 0 without a ControlNet is exactly no adapter (a
+    ControlNet at a strength other than 0 still runs on the image tokens, its adapter adding nothing)."""
+    return [p for p in handle.patches if isinstance(p, ImagePromptPatch)
+            and (p.strength != 0 or (p.control is not None and p.control.strength != 0))]
 
 
 class ImagePromptAttention:

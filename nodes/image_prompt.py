@@ -169,6 +169,10 @@ class ImagePrompt(FTNode):
     def run(self, pipe, image, adapter_name=BUILTIN, clip_vision_name=AUTO, strength=1.0):
         import torch  # noqa: PLC0415
 
+        if getattr(pipe.base.unet.config, "encoder_hid_dim_type", None) is not None:
+            raise FinetuneError(f"{pipe.family.label} projects its text context inside the UNet, which an image "
+                                "prompt's tokens cannot join", input="pipe",
+                                fix="use an SD 1.x, SD 2.x or SDXL model with its IP-Adapter")
         adapter = self.adapter(adapter_name)
         if adapter.input == "face":
             raise FinetuneError(f"'{adapter.name}' is an InstantID adapter (it reads a face embedding)",

@@ -134,11 +134,6 @@ class InstantID(FTNode):
         check_adapter_fits(adapter, unet, family_label=pipe.family.label, node=self.NODE_ID,
                            input="instantid_name")
         use_control = controlnet_name not in (None, "", NONE) and controlnet_strength != 0
-        if ip_strength == 0 and use_control:
-            # The sampler runs a ControlNet only with its image prompt, and skips prompts of strength 0.
-            raise FinetuneError("ip_strength 0 with a ControlNet: the ControlNet runs only beside the face tokens",
-                                input="ip_strength", fix="set ip_strength above 0, or controlnet_name to None for "
-                                "no InstantID at all")
         controlnet = self.controlnet(controlnet_name, unet) if use_control else None
 
         app = face_analysis(insightface_root(), node=self.NODE_ID, input="image")
@@ -149,7 +144,7 @@ class InstantID(FTNode):
             size = (int(kps_image.shape[2]), int(kps_image.shape[1]))
         hint = draw_kps(*size, kps)
         preview = hint_to_image(hint)
-        if ip_strength == 0:  # and no ControlNet: exactly no adapter
+        if ip_strength == 0 and controlnet is None:  # exactly no adapter
             return (pipe, preview)
 
         module = build_projection(adapter)

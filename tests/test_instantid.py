@@ -344,9 +344,10 @@ def test_zero_ip_strength(files, tiny_handles, fake_insightface):
     assert out is pipe and preview.shape == (1, REF_H, REF_W, 3)
     out, _ = run_node(pipe, ip_strength=0.0, controlnet_strength=0.0)
     assert out is pipe
-    with pytest.raises(FinetuneError) as e:
-        run_node(pipe, ip_strength=0.0)
-    assert e.value.input == "ip_strength"
+    # IdentityNet alone: the face tokens add nothing to the UNet, the ControlNet still steers from them
+    out, _ = run_node(pipe, ip_strength=0.0, controlnet_name="ft-identitynet.safetensors")
+    assert out is not pipe and out.patches[-1].strength == 0 and out.patches[-1].control is not None
+    assert not torch.equal(sample(out, SETTINGS), sample(pipe, SETTINGS))
 
 
 # ---------------------------------------------------------------------------------------------- ControlNet files

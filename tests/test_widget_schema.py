@@ -19,7 +19,9 @@ import pytest
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "input_types.json"
 # (node id, input): combo choices read from the host's model folders at call time
-FOLDER_LISTINGS = {("LoadBase", "ckpt_name"), ("AddLoRA", "lora_name")}
+FOLDER_LISTINGS = {("LoadBase", "ckpt_name"), ("AddLoRA", "lora_name"), ("FinetuneImagePrompt", "adapter_name"),
+                   ("FinetuneImagePrompt", "clip_vision_name"), ("FinetuneInstantID", "instantid_name"),
+                   ("FinetuneInstantID", "controlnet_name")}
 FOLDER_PLACEHOLDER = "<files in the model folder>"
 
 
