@@ -89,7 +89,10 @@ def preprocess(images, size: int, *, node: str | None = None, input: str = "imag
         raise FinetuneError(f"the reference is {what} image; the image encoder needs RGB", node=node, input=input,
                             fix="load the image as RGB (Load Image gives RGB; for a mask or alpha use Join Image "
                             "with Alpha / an RGB conversion first)")
-    if b < 1 or min(h, w) < MIN_SIDE_SHARE * size:
+    if b < 1:
+        raise FinetuneError("the IMAGE batch is empty (0 images)", node=node, input=input,
+                            fix="connect an image node that outputs at least one image (Load Image)")
+    if min(h, w) < MIN_SIDE_SHARE * size:
         raise FinetuneError(f"the reference image is {w}x{h}, too small for an image encoder that reads {size}x{size}",
                             node=node, input=input, fix=f"use a reference at least {int(MIN_SIDE_SHARE * size)} px on "
                             f"its short side (ideally {size} px or more)")
