@@ -605,7 +605,8 @@ def test_the_training_frame_refuses_a_handle_with_an_image_prompt(tiny_handles, 
 # ------------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("img, match", [
     (image(c=4), "RGBA"), (image(c=1), "grayscale"), (image(3, 3), "too small"), (image(16, 40), "center crop"),
-], ids=["rgba", "gray", "small", "wide"])
+    (image(b=0), "empty"),
+], ids=["rgba", "gray", "small", "wide", "empty"])
 def test_bad_references_are_refused(tiny_handles, sd1_files, img, match):
     refused(lambda: node_run(tiny_handles["sd1"], img, "lin.safetensors"), "image", match)
 
