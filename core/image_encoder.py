@@ -12,6 +12,9 @@ Facts relied on:
   both layouts; they are read as ``vision_model.*`` and given to the model in its own.
 * CLIP's preprocessing: resize the shortest side to the input size (bicubic), center crop a square, normalise
   with mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258, 0.27577711).
+* The shapes-tiny adapter's encoder is no CLIP model but a small CNN of this pack (``model_type``
+  ``comfy_finetune_shapes_cnn`` in its config.json; :func:`shapes_cnn`), read the same way: CLIP preprocessing,
+  ``image_embeds`` from its projection, hidden states from its last feature map.
 * IP-Adapter's inputs: ``image_embeds`` (the projected pooled embedding) for the base adapters, the penultimate
   hidden states (``hidden_states[-2]``) for the plus and full-face ones; "no image" is an all-zero pixel tensor
   *after* normalisation.
@@ -28,7 +31,8 @@ from typing import Any
 from .errors import FinetuneError
 from .safeio import load_safetensors
 
-__all__ = ["ImageEncoder", "load_image_encoder", "encoder_config", "preprocess", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["ImageEncoder", "load_image_encoder", "encoder_config", "preprocess", "CLIP_MEAN", "CLIP_STD",
+           "SHAPES_CNN", "shapes_cnn"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,6 +41,42 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: more than half the image).
 MIN_SIDE_SHARE = 0.25
 MAX_ASPECT = 2.0
+#: ``model_type`` of the shapes-tiny image encoder (a small CNN; a ViT this small learns shapes too slowly).
+SHAPES_CNN = "comfy_finetune_shapes_cnn"
+
+
+def shapes_cnn(config: dict):
+    """The shapes-tiny image encoder: four 3x3 convolutions (the first strided, the others max-pooled) down to a
+    4x4 map (its 16 positions are the hidden states), a linear layer over the flattened map and the projection to
+    ``image_embeds``. Called like transformers' CLIP vision models (``pixel_values``, ``output_hidden_states``)."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    c = list(config["channels"])
+    size = int(config["image_size"])
+    side = size // 16
+
+    class ShapesEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(**config)
+            self.features = nn.Sequential(
+                nn.Conv2d(3, c[0], 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(c[0], c[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.pool = nn.Linear(c[3] * side * side, int(config["hidden_size"]))
+            self.visual_projection = nn.Linear(int(config["hidden_size"]), int(config["projection_dim"]))
+
+        def forward(self, pixel_values, output_hidden_states: bool = False):
+            fmap = self.features(pixel_values)
+            tokens = fmap.flatten(2).transpose(1, 2)
+            pooled = torch.relu(self.pool(fmap.flatten(1)))
+            return SimpleNamespace(image_embeds=self.visual_projection(pooled), hidden_states=(tokens, tokens))
+
+    return ShapesEncoder()
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,8 +202,16 @@ def load_image_encoder(path: str | Path, *, node: str | None = None, input: str 
     state = prefixed(state)
     config_file = next((c for c in ((folder / "config.json") if folder else None, path.with_suffix(".json"))
                         if c is not None and c.is_file()), None)
+    raw = json.loads(config_file.read_text()) if config_file is not None else {}
+    if raw.get("model_type") == SHAPES_CNN:
+        model = shapes_cnn(raw)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FinetuneError(f"'{path.name}' does not match its config ({str(exc).splitlines()[0][:160]})",
+                                node=node, input=input, fix="the encoder is damaged: reinstall the pack") from exc
+        return ImageEncoder(path.name, model.float().eval().requires_grad_(False), int(raw["image_size"]))
     if config_file is not None:
-        raw = json.loads(config_file.read_text())
         config = CLIPVisionConfig(**{k: v for k, v in raw.get("vision_config", raw).items()
                                      if not k.startswith("_") and k not in ("architectures", "model_type")})
     else:

@@ -55,6 +55,8 @@ from comfy_finetune.nodes.data import TrainingDataFromImages
 from comfy_finetune.nodes.dreambooth import DreamBoothTrain
 from comfy_finetune.nodes.embedding_training import LearnEmbedding
 from comfy_finetune.nodes.generation import AddLoRA, LoadBase
+from comfy_finetune.nodes.image_prompt import BUILTIN as BUILTIN_ADAPTER
+from comfy_finetune.nodes.image_prompt import ImagePrompt
 from comfy_finetune.nodes.pivotal import PivotalTuning
 from comfy_finetune.nodes.training import TrainLoRA
 from comfy_finetune.shapes import world as W
@@ -73,6 +75,10 @@ CLASS_PROMPT = "a shape"
 TARGETS = {"base_all": 0.90, "base_background": 0.98, "base_probes": 0.70, "subject_fidelity": 0.90,
            "prompt_fidelity": 0.80, "class_drift_points": 5.0, "ti_fidelity": 0.85, "style_transfer": 0.85,
            "seconds": 90.0}
+ZERO_SHOT = "Image prompt (zero-shot)"
+ZERO_SHOT_PROMPT = "a shape"  # the subject comes from the reference image; the words say only the class and where
+#: The zero-shot row's own targets (no training at all, one reference image).
+ROW_TARGETS = {ZERO_SHOT: {"subject_fidelity": 0.70, "prompt_fidelity": 0.70}}
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,31 @@ def dreambooth_row(pipe, concept: W.HeldOut, method: str, seed: int, budget: Bud
     return Row(_method_label(method), concept.name, seed, fig, seconds)
 
 
+def reference_image(concept: W.HeldOut, index: int = 0) -> torch.Tensor:
+    """One rendered image of the subject on white (ComfyUI IMAGE ``[1, 64, 64, 3]``): the zero-shot reference."""
+    spec = subject_spec(concept)
+    return torch.from_numpy(W.render_batch([spec], [W.example_seed(spec, index, "reference")])).float()
+
+
+def zero_shot_row(pipe, concept: W.HeldOut, budget: Budget) -> Row:
+    """The built-in shapes-tiny image prompt adapter given one reference image: no training. Same measures as
+    DreamBooth's with "a shape" for "a sks shape" (seconds: encoding the reference)."""
+    subject = subject_spec(concept)
+    t0 = time.perf_counter()
+    adapted = run_node(ImagePrompt, pipe=pipe, image=reference_image(concept), adapter_name=BUILTIN_ADAPTER)[0]
+    seconds = time.perf_counter() - t0
+    is_subject = lambda v: v.shape == subject.shape and v.color == subject.color  # noqa: E731
+    fig = {"subject_fidelity": share(generate(adapted, [ZERO_SHOT_PROMPT], budget), is_subject)}
+    per_bg = {}
+    for b in allowed_backgrounds(subject.color):
+        imgs = generate(adapted, [f"{ZERO_SHOT_PROMPT} on {article(b)} {b} background"], budget, seed0=2000)
+        per_bg[b] = share(imgs, lambda v, b=b: is_subject(v) and v.background == b)
+    fig["prompt_fidelity"] = sum(per_bg.values()) / len(per_bg)
+    fig.update({f"prompt_{b}": v for b, v in per_bg.items()})
+    fig["training_seconds"] = 0.0
+    return Row(ZERO_SHOT, concept.name, None, fig, seconds, "one reference image, no training")
+
+
 def _method_label(method: str) -> str:
     return "Pivotal tuning" if method == "pivotal" else f"DreamBooth {method}"
 
@@ -311,9 +342,10 @@ _AT_LEAST = ("base_all", "base_background", "base_probes", "subject_fidelity", "
 def check(row: Row) -> list[str]:
     """Targets this row misses (empty: all met)."""
     f, missed = row.figures, []
+    targets = {**TARGETS, **ROW_TARGETS.get(row.method, {})}
     for key in _AT_LEAST:
-        if key in f and f[key] < TARGETS[key]:
-            missed.append(f"{key} {f[key]:.0%} < {TARGETS[key]:.0%}")
+        if key in f and f[key] < targets[key]:
+            missed.append(f"{key} {f[key]:.0%} < {targets[key]:.0%}")
     if f.get("class_drift_points", 0.0) > TARGETS["class_drift_points"]:
         missed.append(f"class drift {f['class_drift_points']} > {TARGETS['class_drift_points']} points")
     if row.method != "base" and row.seconds > TARGETS["seconds"]:
@@ -379,10 +411,11 @@ def format_table(rows: Sequence[Row], judge_acc: float) -> str:
                       *map(format_row, summary(rows))])
 
 
-KINDS = {"dreambooth": "subject", "ti": "colour", "lora": "fill"}
+KINDS = {"dreambooth": "subject", "zeroshot": "subject", "ti": "colour", "lora": "fill"}
 
 
-def run(budget: Budget = FULL, only: Sequence[str] = ("base", "dreambooth", "ti", "lora"), out: Path | None = None,
+def run(budget: Budget = FULL, only: Sequence[str] = ("base", "dreambooth", "zeroshot", "ti", "lora"),
+        out: Path | None = None,
         log: Callable[[str], None] = print, methods: Sequence[str] = DREAMBOOTH_METHODS) -> dict:
     pipe = run_node(LoadBase, ckpt_name=SHAPES_NAME)[0]
     judge_acc = judge_evaluate(per_spec=1)["all"]
@@ -392,10 +425,14 @@ def run(budget: Budget = FULL, only: Sequence[str] = ("base", "dreambooth", "ti"
         rows.append(base_row(pipe, budget))
         log(format_row(rows[-1]))
     grid: dict = {}
-    for what in ("dreambooth", "ti", "lora"):
+    for what in ("dreambooth", "zeroshot", "ti", "lora"):
         if what not in only:
             continue
         for concept in W.concepts(KINDS[what]):
+            if what == "zeroshot":  # no training: no seeds
+                rows.append(zero_shot_row(pipe, concept, budget))
+                log(format_row(rows[-1]))
+                continue
             base_class = class_accuracy(pipe, budget, concept.color) if what == "dreambooth" else 0.0
             for seed in budget.seeds:
                 if what == "dreambooth":
@@ -422,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="the tests' budget: fewer steps and samples")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per concept (default 2; --fast 1)")
     p.add_argument("--samples", type=int, default=None, help="samples per measured prompt (default 8; --fast 4)")
-    p.add_argument("--only", default="base,dreambooth,ti,lora")
+    p.add_argument("--only", default="base,dreambooth,zeroshot,ti,lora",
+                   help="which rows: base, dreambooth (and pivotal), zeroshot (the image prompt adapter), ti, lora")
     p.add_argument("--methods", default=",".join(DREAMBOOTH_METHODS),
                    help="the subject trainers to run: lora and full (DreamBooth), pivotal (pivotal tuning)")
     p.add_argument("--json", help="also write the results as JSON here")
