@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,11 @@ class ImageAdapter:
     metadata: Mapping[str, str] = field(default_factory=dict)
     config: Mapping[str, int] = field(default_factory=dict)  # resampler dims
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A cheap content mark of the per-layer weights (two files with one name and projection still differ)."""
+        return repr(sum(float(k.double().sum()) + 2.0 * float(v.double().sum()) for k, v in self.ip_layers))
+
     @property
     def label(self) -> str:
         if self.input == "face":
@@ -105,7 +110,8 @@ class ImagePromptPatch:
     control: ControlHint | None = None
 
     def signature(self) -> list:
-        return ["image_prompt", self.adapter.name, self.strength, repr(float(self.cond.double().sum())),
+        return ["image_prompt", self.adapter.name, self.adapter.fingerprint, self.strength,
+                repr(float(self.cond.double().sum())),
                 None if self.control is None else [self.control.strength, repr(float(self.control.image.sum()))]]
 
     def describe(self) -> str:

@@ -1,7 +1,7 @@
 """Does personalization work? DreamBooth, Textual Inversion and LoRA on ``shapes-tiny``, over every held-out concept.
 
     python benchmarks/personalization.py [--out bench-out] [--seeds 2] [--samples 8] [--fast]
-        [--only base,dreambooth,ti,lora] [--methods lora,full,pivotal]
+        [--only base,dreambooth,zeroshot,ti,lora] [--methods lora,full,pivotal]
 
 (``benchmarks/personalization.py`` runs this module's :func:`main`; the tests import the measures from here.)
 
@@ -22,6 +22,8 @@ subject fidelity       "a sks shape" samples judged the subject (shape and colou
 prompt fidelity        "a sks shape on a <b> background" judged the subject on background <b>, every <b>       >= 80%
 class drift            colour+background accuracy of "a red shape on a white background"-style prompts,        <= 5
                        base minus trained, in points                                                          points
+zero-shot              the built-in image prompt adapter, one reference image of the subject, no training:    >= 70%
+                       subject and prompt fidelity as above with "a shape" for "a sks shape"                  (each)
 TI fidelity            "a <token> <shape> on a <b> background" for shapes and backgrounds its images never    >= 85%
                        showed: colour, shape and background all right
 TI no-token prompts    a prompt without the token gives the base image bit for bit                            yes
