@@ -14,6 +14,8 @@ from ..core.image_prompt import (
     check_adapter_fits,
     load_adapter,
 )
+from ..core.lora import parse_lora
+from ..core.lora_handle import with_lora
 from .base import CATEGORY, PIPE, FTNode, file_signature
 
 BUILTIN = "[built-in] shapes-tiny"
@@ -196,7 +198,24 @@ class ImagePrompt(FTNode):
         with torch.no_grad():
             cond = module(features.float()).mean(0, keepdim=True)  # several references: their tokens averaged
             uncond = module(zeros.float())
-        return (pipe.with_patch(ImagePromptPatch(adapter, cond, uncond, float(strength))),)
+        out = pipe
+        if adapter.extra:  # a LoRA shipped with the adapter (as IP-Adapter FaceID's): applied with it, same strength
+            out = with_lora(out, self.adapter_lora(adapter, pipe), float(strength), float(strength))
+        return (out.with_patch(ImagePromptPatch(adapter, cond, uncond, float(strength))),)
+
+    def adapter_lora(self, adapter: ImageAdapter, pipe):
+        """The LoRA in the adapter file's other tensors (kohya layout), for ``pipe``'s model."""
+        def load():
+            unet_modules, te_modules = pipe.base.module_shapes
+            weights, unmatched = parse_lora(adapter.extra, adapter.metadata, family=pipe.family,
+                                            unet_config=dict(pipe.base.unet.config), unet_modules=unet_modules,
+                                            te_modules=te_modules, name=adapter.name, input="adapter_name")
+            if unmatched or not weights.modules:
+                raise FinetuneError(f"'{adapter.name}' carries tensors that are neither adapter nor a LoRA for this "
+                                    f"model ({len(unmatched)} keys, e.g. {', '.join(unmatched[:3])})",
+                                    input="adapter_name", fix="use the adapter made for this model")
+            return weights
+        return self._cached("lora", (id(adapter), id(pipe.base)), load)
 
 
 NODES = [ImagePrompt]
