@@ -357,7 +357,7 @@ def save(out: Path, encoder, adapter: ImageAdapter, cfg: Config, metrics: dict) 
 
     out.mkdir(parents=True, exist_ok=True)
     save_encoder(out / ENCODER_FOLDER, encoder, cfg)
-    ip = {k: v.contiguous() for k, v in ip_state_dict(adapter).items()}
+    ip = {k: v.contiguous() for k, v in {**ip_state_dict(adapter), **adapter.extra}.items()}  # extra: the LoRA
     atomic_write(out / ADAPTER_FILE, lambda tmp: save_file(ip, str(tmp), metadata=dict(adapter.metadata)))
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
 
