@@ -370,7 +370,7 @@ HEADLINE = ("base_all", "base_background", "base_probes", "subject_fidelity", "p
 def _figure(key: str, value: float) -> str:
     if "identical" in key or key == "strength_monotone":
         return f"{key} {'yes' if value == 1.0 else 'no'}"
-    if isinstance(value, float) and 0 <= value <= 1 and "points" not in key and "ratio" not in key:
+    if isinstance(value, float) and 0 <= value <= 1 and not any(w in key for w in ("points", "ratio", "seconds")):
         return f"{key} {value:.0%}"
     return f"{key} {value}"
 
