@@ -16,6 +16,7 @@ from ..core.image_prompt import (
 )
 from ..core.lora import parse_lora
 from ..core.lora_handle import with_lora
+from ..core.safeio import read_safetensors_header
 from .base import CATEGORY, PIPE, FTNode, file_signature
 
 BUILTIN = "[built-in] shapes-tiny"
@@ -143,8 +144,6 @@ class ImagePrompt(FTNode):
         return encoder
 
     def _auto_encoder(self, adapter: ImageAdapter) -> ImageEncoder:
-        from ..core.safeio import read_safetensors_header  # noqa: PLC0415 - headers only, no tensors
-
         fits = []
         for name in encoder_names()[1:]:
             path = host.resolve_model("clip_vision", name)

@@ -115,6 +115,10 @@ DEFAULTS: dict[str, dict] = {
     "FinetuneScoreHeldOutLoss": dict(holdout=1, every=0, patience=0),
     "FinetuneCombineScorers": dict(scorer_a=Ref("scorer:judge"), weight_a=1.0, floor_a=0.0, every=0, patience=0),
     "FinetuneEvaluateImages": dict(images=Ref("images")),
+    "FinetuneImagePrompt": dict(pipe=PIPE, image=Ref("images"), adapter_name="[built-in] shapes-tiny",
+                                clip_vision_name="auto", strength=1.0),
+    "FinetuneInstantID": dict(pipe=PIPE_XL, image=Ref("images"), instantid_name="nope.safetensors",
+                              controlnet_name="None", ip_strength=0.8, controlnet_strength=0.8),
 }
 
 
@@ -194,6 +198,20 @@ ROWS: list[Row] = [
         error=PromptValidationError, match="maximum", input="strength_text"),
     Row("AddLoRA-lora_name-chinese-ok", "AddLoRA", dict(lora=None, lora_name="中文/低秩.safetensors"), error=None,
         check=lambda out, res: len(out[0].patches) == 1),
+    # ------------------------------------------------------------------------------------------ image prompts
+    Row("FinetuneImagePrompt-adapter-for-another-model", "FinetuneImagePrompt", {}, match="cross-attention",
+        input="adapter_name"),
+    Row("FinetuneImagePrompt-adapter_name-missing", "FinetuneImagePrompt", dict(adapter_name="nope.safetensors"),
+        match="not found", input="adapter_name"),
+    Row("FinetuneImagePrompt-adapter_name-not-in-list-executor", "FinetuneImagePrompt",
+        dict(adapter_name="nope.safetensors"), via="executor", error=PromptValidationError,
+        match="not one of the choices", input="adapter_name"),
+    Row("FinetuneImagePrompt-strength-too-big-executor", "FinetuneImagePrompt", dict(strength=100.0), via="executor",
+        error=PromptValidationError, match="maximum", input="strength"),
+    Row("FinetuneInstantID-instantid_name-missing", "FinetuneInstantID", {}, match="not found",
+        input="instantid_name"),
+    Row("FinetuneInstantID-instantid_name-not-in-list-executor", "FinetuneInstantID", {}, via="executor",
+        error=PromptValidationError, match="not one of the choices", input="instantid_name"),
     # ------------------------------------------------------------------------------------------ NegativePrompt
     Row("NegativePrompt-empty-ok", "NegativePrompt", dict(text=""), error=None, check=_negative),
     Row("NegativePrompt-chinese-ok", "NegativePrompt", dict(text=CHINESE), error=None, check=_negative),
