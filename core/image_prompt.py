@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -52,7 +52,6 @@ __all__ = ["ImageAdapter", "ImagePromptPatch", "ControlHint", "adapter_from_stat
            "cross_attention_layers", "image_prompts", "attached", "check_adapter_fits", "build_projection",
            "project", "ip_state_dict", "ImagePromptAttention"]
 
-KINDS = ("linear", "resampler", "mlp")
 #: Width of every published resampler's attention heads (h94 and InstantID: dim_head=64).
 RESAMPLER_HEAD_DIM = 64
 #: InstantID's face embedding (insightface antelopev2 recognition model) is 512 wide.
@@ -420,6 +419,7 @@ class Attached:
     device: Any
     dtype: Any
     pixel_scale: int = 8  # image pixels per latent pixel (the ControlNet hint is drawn at the image's size)
+    hints: dict = field(default_factory=dict)  # (hint, size) -> the hint ready for the ControlNet
 
     def extend(self, context, uncond_rows: int = 0):
         """``context [B, L, D]`` with every prompt's tokens appended: the first ``uncond_rows`` rows get the
@@ -433,9 +433,21 @@ class Attached:
             parts.append(tokens.to(device=context.device, dtype=context.dtype))
         return torch.cat(parts, dim=1)
 
+    def _hint(self, hint: ControlHint, model_in):
+        """The hint image at the sampled image's size, on the UNet's device: resized and moved once per call."""
+        import torch  # noqa: PLC0415
+
+        size = (model_in.shape[-2] * self.pixel_scale, model_in.shape[-1] * self.pixel_scale)
+        key = (id(hint), size)
+        if key not in self.hints:
+            image = hint.image.float()
+            if tuple(image.shape[-2:]) != size:
+                image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            self.hints[key] = image.to(device=model_in.device, dtype=model_in.dtype)
+        return self.hints[key]
+
     def unet_kwargs(self, model_in, t, context, added) -> dict:
         """ControlNet residuals for the UNet call (InstantID's keypoint ControlNet); ``{}`` without one."""
-        import torch  # noqa: PLC0415
 
         down = mid = None
         end = context.shape[1]
@@ -448,11 +460,7 @@ class Attached:
             if p.control is None:
                 continue
             hint = p.control
-            size = (model_in.shape[-2] * self.pixel_scale, model_in.shape[-1] * self.pixel_scale)
-            image = hint.image.float()
-            if tuple(image.shape[-2:]) != size:
-                image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
-            image = image.to(device=model_in.device, dtype=model_in.dtype).expand(model_in.shape[0], -1, -1, -1)
+            image = self._hint(hint, model_in).expand(model_in.shape[0], -1, -1, -1)
             tokens = context[:, start:start + p.cond.shape[1]]
             d, m = hint.controlnet(model_in, t, encoder_hidden_states=tokens, controlnet_cond=image,
                                    conditioning_scale=float(hint.strength), added_cond_kwargs=added,
@@ -489,10 +497,3 @@ def attached(handle: ModelHandle) -> Iterator[Attached | None]:
     finally:
         for attn, original in zip(layers, originals):
             attn.processor = original
-
-
-def mean_tokens(tokens: Sequence[Any]):
-    """Several reference images: their tokens averaged (one prompt of the same length)."""
-    import torch  # noqa: PLC0415
-
-    return torch.stack(list(tokens)).mean(0)

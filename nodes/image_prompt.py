@@ -13,6 +13,7 @@ from ..core.image_prompt import (
     build_projection,
     check_adapter_fits,
     load_adapter,
+    project,
 )
 from ..core.lora import parse_lora
 from ..core.lora_handle import with_lora
@@ -194,9 +195,8 @@ class ImagePrompt(FTNode):
         else:  # hidden states: those of an all-zero normalised image
             features, zeros = hidden, encoder.zeros()[1]
         module = build_projection(adapter)
-        with torch.no_grad():
-            cond = module(features.float()).mean(0, keepdim=True)  # several references: their tokens averaged
-            uncond = module(zeros.float())
+        cond = project(adapter, features, module=module).mean(0, keepdim=True)  # several references: tokens averaged
+        uncond = project(adapter, zeros, module=module)
         out = pipe
         if adapter.extra:  # a LoRA shipped with the adapter (as IP-Adapter FaceID's): applied with it, same strength
             out = with_lora(out, self.adapter_lora(adapter, pipe), float(strength), float(strength))

@@ -16,6 +16,7 @@ from ..core.image_prompt import (
     build_projection,
     check_adapter_fits,
     load_adapter,
+    project,
 )
 from .base import CATEGORY, PIPE, FTNode, file_signature
 
@@ -148,9 +149,8 @@ class InstantID(FTNode):
             return (pipe, preview)
 
         module = build_projection(adapter)
-        with torch.no_grad():
-            cond = module(embedding.float().reshape(1, 1, FACE_EMBED_DIM))
-            uncond = module(torch.zeros(1, 1, FACE_EMBED_DIM))  # "no face": the projection of a zero embedding
+        cond = project(adapter, embedding.float().reshape(1, FACE_EMBED_DIM), module=module)
+        uncond = project(adapter, torch.zeros(1, FACE_EMBED_DIM), module=module)  # "no face": a zero embedding
         control = ControlHint(controlnet, hint, float(controlnet_strength)) if controlnet is not None else None
         patch = ImagePromptPatch(adapter, cond, uncond, float(ip_strength), control)
         return (pipe.with_patch(patch), preview)

@@ -187,6 +187,20 @@ def instance_backgrounds(concept: W.HeldOut) -> list[str]:
     return allowed_backgrounds(concept.color)[:-1]
 
 
+def subject_figures(model, subject: W.Spec, prompt: str, budget: Budget) -> dict[str, float]:
+    """Subject fidelity of ``prompt`` and prompt fidelity of "``prompt`` on a <b> background" for every allowed
+    background (each, and their mean): the measures every subject method shares."""
+    is_subject = lambda v: v.shape == subject.shape and v.color == subject.color  # noqa: E731
+    fig = {"subject_fidelity": share(generate(model, [prompt], budget), is_subject)}
+    per_bg = {}
+    for b in allowed_backgrounds(subject.color):
+        imgs = generate(model, [f"{prompt} on {article(b)} {b} background"], budget, seed0=2000)
+        per_bg[b] = share(imgs, lambda v, b=b: is_subject(v) and v.background == b)
+    fig["prompt_fidelity"] = sum(per_bg.values()) / len(per_bg)
+    fig.update({f"prompt_{b}": v for b, v in per_bg.items()})
+    return fig
+
+
 def dreambooth_row(pipe, concept: W.HeldOut, method: str, seed: int, budget: Budget, base_class_acc: float,
                    grid: dict | None = None) -> Row:
     subject = subject_spec(concept)
@@ -202,14 +216,7 @@ def dreambooth_row(pipe, concept: W.HeldOut, method: str, seed: int, budget: Bud
         trained = run_node(DreamBoothTrain, pipe=pipe, dataset=data, instance_prompt=prompt,
                            class_prompt=CLASS_PROMPT, method=method, seed=seed, **budget.db)[0]
     seconds = time.perf_counter() - t0
-    is_subject = lambda v: v.shape == subject.shape and v.color == subject.color  # noqa: E731
-    fig = {"subject_fidelity": share(generate(trained, [prompt], budget), is_subject)}
-    per_bg = {}
-    for b in allowed_backgrounds(subject.color):
-        imgs = generate(trained, [f"{prompt} on {article(b)} {b} background"], budget, seed0=2000)
-        per_bg[b] = share(imgs, lambda v, b=b: is_subject(v) and v.background == b)
-    fig["prompt_fidelity"] = sum(per_bg.values()) / len(per_bg)
-    fig.update({f"prompt_{b}": v for b, v in per_bg.items()})
+    fig = subject_figures(trained, subject, prompt, budget)
     acc = class_accuracy(trained, budget, subject.color)
     fig["class_drift_points"] = round(100 * (base_class_acc - acc), 1)
     if grid is not None:
@@ -230,14 +237,7 @@ def zero_shot_row(pipe, concept: W.HeldOut, budget: Budget) -> Row:
     t0 = time.perf_counter()
     adapted = run_node(ImagePrompt, pipe=pipe, image=reference_image(concept), adapter_name=BUILTIN_ADAPTER)[0]
     seconds = time.perf_counter() - t0
-    is_subject = lambda v: v.shape == subject.shape and v.color == subject.color  # noqa: E731
-    fig = {"subject_fidelity": share(generate(adapted, [ZERO_SHOT_PROMPT], budget), is_subject)}
-    per_bg = {}
-    for b in allowed_backgrounds(subject.color):
-        imgs = generate(adapted, [f"{ZERO_SHOT_PROMPT} on {article(b)} {b} background"], budget, seed0=2000)
-        per_bg[b] = share(imgs, lambda v, b=b: is_subject(v) and v.background == b)
-    fig["prompt_fidelity"] = sum(per_bg.values()) / len(per_bg)
-    fig.update({f"prompt_{b}": v for b, v in per_bg.items()})
+    fig = subject_figures(adapted, subject, ZERO_SHOT_PROMPT, budget)
     fig["training_seconds"] = 0.0
     return Row(ZERO_SHOT, concept.name, None, fig, seconds, "one reference image, no training")
 

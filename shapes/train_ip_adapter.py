@@ -63,6 +63,7 @@ from comfy_finetune.core.image_prompt import (
     build_projection,
     cross_attention_layers,
     ip_state_dict,
+    project,
 )
 from comfy_finetune.core.loading import SHAPES_FOLDER, load_diffusers_folder
 from comfy_finetune.core.lora import LoraWeights, to_kohya_state_dict
@@ -324,10 +325,8 @@ def reference_image(shape: str, color: str, background: str = "white", index: in
 def zero_shot(handle, adapter: ImageAdapter, encoder: ImageEncoder, image, strength: float = 1.0):
     """``handle`` with ``adapter`` on ``image`` (what the Apply Image Prompt node does for a linear adapter)."""
     embeds, _ = encoder.encode(image)
-    module = build_projection(adapter)
-    with torch.no_grad():
-        cond = module(embeds.mean(0, keepdim=True))
-        uncond = module(torch.zeros_like(embeds[:1]))
+    cond = project(adapter, embeds.mean(0, keepdim=True))
+    uncond = project(adapter, torch.zeros_like(embeds[:1]))
     return handle.with_patch(ImagePromptPatch(adapter, cond, uncond, strength))
 
 
