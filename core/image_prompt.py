@@ -448,7 +448,6 @@ class Attached:
 
     def unet_kwargs(self, model_in, t, context, added) -> dict:
         """ControlNet residuals for the UNet call (InstantID's keypoint ControlNet); ``{}`` without one."""
-
         down = mid = None
         end = context.shape[1]
         starts = []
